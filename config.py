@@ -1,0 +1,344 @@
+"""Configuration tree for the MOAT trainer (yacs), in the shape of the Swin-Transformer trainer.
+
+Precedence, lowest first: the defaults below, the YAML file given by ``--cfg`` (and the files
+named by its ``BASE:`` list, resolved relative to it), the named command-line flags, then
+``--opts KEY VALUE ...``. The result is frozen before anything is built, so no module can change
+it as a side effect. Unknown keys and values of the wrong type are errors, never ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode as CN
+
+_C = CN()
+
+# YAML files this one inherits from (paths relative to the file that names them).
+_C.BASE = [""]
+
+# -----------------------------------------------------------------------------
+# Data
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Images per process per micro-step (the global batch is this x world size x accumulation steps).
+_C.DATA.BATCH_SIZE = 128
+# Root of the dataset: holds TRAIN_SPLIT/ and VAL_SPLIT/ class folders.
+_C.DATA.DATA_PATH = ""
+# 'imagenet' (ImageNet-1k layout, 1000 classes expected) or 'imagefolder' (any class-folder tree).
+_C.DATA.DATASET = "imagenet"
+# Sub-folder names of the two splits under DATA_PATH.
+_C.DATA.TRAIN_SPLIT = "train"
+_C.DATA.VAL_SPLIT = "val"
+# Input resolution (square); must be divisible by 32 under global attention.
+_C.DATA.IMG_SIZE = 224
+# Resampling used by the train and eval transforms: 'bicubic', 'bilinear' or 'random'.
+_C.DATA.INTERPOLATION = "bicubic"
+# Eval transform: resize the short side to IMG_SIZE / CROP_PCT, then center-crop IMG_SIZE
+# (0.875 gives the classic 256 -> 224). 1.0 resizes straight to IMG_SIZE.
+_C.DATA.CROP_PCT = 0.875
+# Per-channel normalisation (ImageNet mean/std, as the authors train).
+_C.DATA.MEAN = [0.485, 0.456, 0.406]
+_C.DATA.STD = [0.229, 0.224, 0.225]
+# Pin host memory in the loaders (ignored on CPU-only runs).
+_C.DATA.PIN_MEMORY = True
+# Loader worker processes per training process.
+_C.DATA.NUM_WORKERS = 8
+# Skip (count and log once) unreadable or truncated images instead of failing fast.
+_C.DATA.SKIP_BAD_IMAGES = False
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Model family; only 'moat' exists.
+_C.MODEL.TYPE = "moat"
+# Variant: moat_0..moat_4, tiny_moat_0..tiny_moat_3, each also as <name>_no_pe.
+_C.MODEL.NAME = "moat_0"
+# Weights-only initialisation (a checkpoint of ours or a safetensors file); a head of another
+# shape is dropped. Resolution-agnostic: the relative-bias tables resize themselves.
+_C.MODEL.PRETRAINED = ""
+# Full training state to resume from; empty means auto-resume from the output folder.
+_C.MODEL.RESUME = ""
+# Number of classes of the head; checked against the number of class folders in the data.
+_C.MODEL.NUM_CLASSES = 1000
+# Dropout before the classifier.
+_C.MODEL.DROP_RATE = 0.0
+# Stochastic-depth rate; a negative value means the variant's published default.
+_C.MODEL.DROP_PATH_RATE = -1.0
+# Label smoothing (used when Mixup/CutMix are off; with them, folded into the soft targets).
+_C.MODEL.LABEL_SMOOTHING = 0.1
+_C.MODEL.MOAT = CN()
+# Average-pool size of the strided shortcut: 2 (classification) or 3 (dense tasks).
+_C.MODEL.MOAT.POOL_SIZE = 2
+# Attention window per MOAT stage (stage 3, stage 4); 0 means global attention over the whole map.
+_C.MODEL.MOAT.WINDOW_SIZE = [0, 0]
+
+# -----------------------------------------------------------------------------
+# Training
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# Learning rates for a total batch of 512; scaled linearly by the actual total batch / 512.
+_C.TRAIN.BASE_LR = 1e-3
+_C.TRAIN.WARMUP_LR = 1e-6
+_C.TRAIN.MIN_LR = 1e-5
+# Clip the global gradient norm to this value; 0 disables clipping (the norm is still logged).
+_C.TRAIN.CLIP_GRAD = 5.0
+# Resume from OUTPUT/.../last when it exists and MODEL.RESUME is empty.
+_C.TRAIN.AUTO_RESUME = True
+# Micro-steps per optimizer update (gradient accumulation).
+_C.TRAIN.ACCUMULATION_STEPS = 1
+# Re-compute blocks in backward to save memory (gradient checkpointing).
+_C.TRAIN.USE_CHECKPOINT = False
+# Compile the model with torch.compile.
+_C.TRAIN.COMPILE = False
+# Also save a resumable checkpoint every N optimizer steps inside an epoch; 0 disables.
+_C.TRAIN.SAVE_STEPS = 0
+# Layer-wise learning-rate decay for fine-tuning (1.0 disables): the head gets the full LR,
+# each earlier block the previous one's LR times this factor.
+_C.TRAIN.LAYER_DECAY = 1.0
+# Train only the head (linear probing); the backbone is frozen and kept in eval mode.
+_C.TRAIN.FREEZE_BACKBONE = False
+
+_C.TRAIN.LR_SCHEDULER = CN()
+# 'cosine', 'linear' or 'step'; all with linear warmup, stepped per optimizer update.
+_C.TRAIN.LR_SCHEDULER.NAME = "cosine"
+# Epoch interval between decays (step scheduler only).
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+# LR multiplier at each decay (step scheduler only).
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+
+_C.TRAIN.OPTIMIZER = CN()
+# 'adamw' or 'sgd'.
+_C.TRAIN.OPTIMIZER.NAME = "adamw"
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+_C.TRAIN.OPTIMIZER.BETAS = [0.9, 0.999]
+# SGD momentum and Nesterov.
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+_C.TRAIN.OPTIMIZER.NESTEROV = True
+
+_C.TRAIN.EMA = CN()
+# Keep an exponential moving average of the weights and validate it each epoch.
+_C.TRAIN.EMA.ENABLE = True
+_C.TRAIN.EMA.DECAY = 0.9999
+# Warm the decay up (timm ModelEmaV3 use_warmup) so short runs get a useful EMA.
+_C.TRAIN.EMA.WARMUP = True
+
+# -----------------------------------------------------------------------------
+# Augmentation
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+# Color jitter factor (used when AUTO_AUGMENT is empty).
+_C.AUG.COLOR_JITTER = 0.4
+# timm auto-augment policy string; empty disables it.
+_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+# Random erasing probability, mode and count.
+_C.AUG.REPROB = 0.25
+_C.AUG.REMODE = "pixel"
+_C.AUG.RECOUNT = 1
+# Mixup alpha (0 disables), CutMix alpha (0 disables), CutMix min/max ratio (empty = unused).
+_C.AUG.MIXUP = 0.8
+_C.AUG.CUTMIX = 1.0
+_C.AUG.CUTMIX_MINMAX = []
+# Probability of applying Mixup or CutMix to a batch, and of switching to CutMix when both on.
+_C.AUG.MIXUP_PROB = 1.0
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+# 'batch', 'pair' or 'elem'.
+_C.AUG.MIXUP_MODE = "batch"
+
+# -----------------------------------------------------------------------------
+# Testing
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Center-crop in the eval transform (False resizes straight to IMG_SIZE).
+_C.TEST.CROP = True
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Mixed precision: 'auto' (bf16 where the device supports it, else fp16 on CUDA, off on a CPU
+# without bf16), 'off', 'fp16' or 'bf16'.
+_C.AMP = "auto"
+# NVIDIA apex opt level (O0-O2); only valid when apex is installed; empty means torch.amp.
+_C.AMP_OPT_LEVEL = ""
+# Root of all outputs; a run writes to OUTPUT/MODEL.NAME/TAG.
+_C.OUTPUT = "output"
+_C.TAG = "default"
+# Keep an epoch checkpoint every SAVE_FREQ epochs, the newest KEEP_CHECKPOINTS of them.
+_C.SAVE_FREQ = 1
+_C.KEEP_CHECKPOINTS = 3
+# Log every PRINT_FREQ steps.
+_C.PRINT_FREQ = 10
+_C.SEED = 0
+# 'auto' (CUDA when available), 'cuda' or 'cpu'.
+_C.DEVICE = "auto"
+# Only validate a checkpoint / only measure throughput, then exit.
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+# Set by the launcher (LOCAL_RANK), never by hand.
+_C.LOCAL_RANK = 0
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+def _update_config_from_file(config: CN, cfg_file: str) -> None:
+    """Merge ``cfg_file`` into ``config``, its ``BASE`` files first."""
+    if not os.path.isfile(cfg_file):
+        raise ConfigError(f"config file not found: {cfg_file}")
+    try:
+        with open(cfg_file, "r") as f:
+            yaml_cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{cfg_file}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(yaml_cfg, dict):
+        raise ConfigError(f"{cfg_file}: expected a mapping of config keys at the top level")
+    for base in yaml_cfg.setdefault("BASE", [""]):
+        if base:
+            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
+    config.defrost()
+    try:
+        config.merge_from_file(cfg_file)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"{cfg_file}: {_yacs_message(e)}") from None
+    config.freeze()
+
+
+def _yacs_message(e: Exception) -> str:
+    msg = e.args[0] if e.args else str(e)
+    return str(msg).replace("\n", " ")
+
+
+def update_config(config: CN, args: argparse.Namespace) -> None:
+    """Apply ``--cfg``, the named flags and ``--opts`` to ``config`` (in that order)."""
+    _update_config_from_file(config, args.cfg)
+    config.defrost()
+    if getattr(args, "opts", None):
+        if len(args.opts) % 2:
+            raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {args.opts}")
+        try:
+            config.merge_from_list(args.opts)
+        except (KeyError, ValueError, AssertionError) as e:
+            raise ConfigError(f"--opts: {_yacs_message(e)}") from None
+
+    def _set(name: str, key: str, transform=lambda v: v) -> None:
+        value = getattr(args, name, None)
+        if value is not None and value is not False:
+            *parents, leaf = key.split(".")
+            target = config
+            for part in parents:
+                target = target[part]
+            target[leaf] = transform(value)
+
+    _set("batch_size", "DATA.BATCH_SIZE")
+    _set("data_path", "DATA.DATA_PATH")
+    _set("dataset", "DATA.DATASET")
+    _set("pretrained", "MODEL.PRETRAINED")
+    _set("resume", "MODEL.RESUME")
+    _set("accumulation_steps", "TRAIN.ACCUMULATION_STEPS")
+    _set("use_checkpoint", "TRAIN.USE_CHECKPOINT")
+    _set("compile", "TRAIN.COMPILE")
+    _set("amp", "AMP")
+    _set("amp_opt_level", "AMP_OPT_LEVEL")
+    _set("output", "OUTPUT")
+    _set("tag", "TAG")
+    _set("eval", "EVAL_MODE")
+    _set("throughput", "THROUGHPUT_MODE")
+    _set("seed", "SEED")
+    _set("device", "DEVICE")
+
+    # Launchers pass LOCAL_RANK in the environment (torchrun) or as --local-rank (older ones).
+    local_rank = os.environ.get("LOCAL_RANK", getattr(args, "local_rank", None))
+    config.LOCAL_RANK = int(local_rank) if local_rank is not None else 0
+
+    validate_config(config)
+    config.freeze()
+
+
+def validate_config(config: CN) -> None:
+    """Reject values no run could use, naming the key and what it accepts."""
+    from models import list_variants  # local import: keeps config importable without torch
+
+    def check(ok: bool, key: str, value: Any, accepted: str) -> None:
+        if not ok:
+            raise ConfigError(f"invalid {key}={value!r}: {accepted}")
+
+    variants = list_variants()
+    check(config.MODEL.TYPE == "moat", "MODEL.TYPE", config.MODEL.TYPE, "accepted: 'moat'")
+    check(config.MODEL.NAME in variants, "MODEL.NAME", config.MODEL.NAME,
+          "accepted: " + ", ".join(variants))
+    check(config.DATA.DATASET in ("imagenet", "imagefolder"), "DATA.DATASET",
+          config.DATA.DATASET, "accepted: 'imagenet', 'imagefolder'")
+    check(config.DATA.BATCH_SIZE > 0, "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE, "must be > 0")
+    check(config.DATA.IMG_SIZE > 0 and config.DATA.IMG_SIZE % 32 == 0, "DATA.IMG_SIZE",
+          config.DATA.IMG_SIZE, "must be a positive multiple of 32")
+    check(config.DATA.INTERPOLATION in ("bicubic", "bilinear", "random"), "DATA.INTERPOLATION",
+          config.DATA.INTERPOLATION, "accepted: 'bicubic', 'bilinear', 'random'")
+    check(0.0 < config.DATA.CROP_PCT <= 1.0, "DATA.CROP_PCT", config.DATA.CROP_PCT, "must be in (0, 1]")
+    check(len(config.DATA.MEAN) == 3 and len(config.DATA.STD) == 3, "DATA.MEAN/DATA.STD",
+          (config.DATA.MEAN, config.DATA.STD), "need three values each")
+    check(config.DATA.NUM_WORKERS >= 0, "DATA.NUM_WORKERS", config.DATA.NUM_WORKERS, "must be >= 0")
+    check(config.MODEL.NUM_CLASSES > 0, "MODEL.NUM_CLASSES", config.MODEL.NUM_CLASSES, "must be > 0")
+    check(config.MODEL.DROP_PATH_RATE < 1.0, "MODEL.DROP_PATH_RATE", config.MODEL.DROP_PATH_RATE,
+          "must be < 1 (negative = variant default)")
+    check(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0, "MODEL.LABEL_SMOOTHING",
+          config.MODEL.LABEL_SMOOTHING, "must be in [0, 1)")
+    check(config.MODEL.MOAT.POOL_SIZE in (2, 3), "MODEL.MOAT.POOL_SIZE", config.MODEL.MOAT.POOL_SIZE,
+          "accepted: 2, 3")
+    check(len(config.MODEL.MOAT.WINDOW_SIZE) == 2 and all(w >= 0 for w in config.MODEL.MOAT.WINDOW_SIZE),
+          "MODEL.MOAT.WINDOW_SIZE", config.MODEL.MOAT.WINDOW_SIZE,
+          "two non-negative ints (stage 3, stage 4; 0 = global)")
+    check(config.TRAIN.EPOCHS > 0, "TRAIN.EPOCHS", config.TRAIN.EPOCHS, "must be > 0")
+    check(0 <= config.TRAIN.WARMUP_EPOCHS, "TRAIN.WARMUP_EPOCHS", config.TRAIN.WARMUP_EPOCHS, "must be >= 0")
+    for key in ("BASE_LR", "WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "CLIP_GRAD"):
+        check(config.TRAIN[key] >= 0, f"TRAIN.{key}", config.TRAIN[key], "must be >= 0")
+    check(config.TRAIN.BASE_LR > 0, "TRAIN.BASE_LR", config.TRAIN.BASE_LR, "must be > 0")
+    check(config.TRAIN.ACCUMULATION_STEPS >= 1, "TRAIN.ACCUMULATION_STEPS",
+          config.TRAIN.ACCUMULATION_STEPS, "must be >= 1")
+    check(config.TRAIN.SAVE_STEPS >= 0, "TRAIN.SAVE_STEPS", config.TRAIN.SAVE_STEPS, "must be >= 0")
+    check(0.0 < config.TRAIN.LAYER_DECAY <= 1.0, "TRAIN.LAYER_DECAY", config.TRAIN.LAYER_DECAY,
+          "must be in (0, 1]")
+    check(config.TRAIN.LR_SCHEDULER.NAME in ("cosine", "linear", "step"), "TRAIN.LR_SCHEDULER.NAME",
+          config.TRAIN.LR_SCHEDULER.NAME, "accepted: 'cosine', 'linear', 'step'")
+    check(config.TRAIN.OPTIMIZER.NAME in ("adamw", "sgd"), "TRAIN.OPTIMIZER.NAME",
+          config.TRAIN.OPTIMIZER.NAME, "accepted: 'adamw', 'sgd'")
+    check(0.0 <= config.TRAIN.EMA.DECAY < 1.0, "TRAIN.EMA.DECAY", config.TRAIN.EMA.DECAY, "must be in [0, 1)")
+    check(config.AMP in ("auto", "off", "fp16", "bf16"), "AMP", config.AMP,
+          "accepted: 'auto', 'off', 'fp16', 'bf16'")
+    check(config.DEVICE in ("auto", "cuda", "cpu"), "DEVICE", config.DEVICE,
+          "accepted: 'auto', 'cuda', 'cpu'")
+    check(config.SAVE_FREQ >= 1, "SAVE_FREQ", config.SAVE_FREQ, "must be >= 1")
+    check(config.KEEP_CHECKPOINTS >= 0, "KEEP_CHECKPOINTS", config.KEEP_CHECKPOINTS, "must be >= 0")
+    check(config.PRINT_FREQ >= 1, "PRINT_FREQ", config.PRINT_FREQ, "must be >= 1")
+    check(config.AUG.MIXUP_MODE in ("batch", "pair", "elem"), "AUG.MIXUP_MODE", config.AUG.MIXUP_MODE,
+          "accepted: 'batch', 'pair', 'elem'")
+    check(len(config.AUG.CUTMIX_MINMAX) in (0, 2), "AUG.CUTMIX_MINMAX", config.AUG.CUTMIX_MINMAX,
+          "empty or two floats")
+
+
+def get_config(args: argparse.Namespace | None = None) -> CN:
+    """A fresh, frozen config: defaults, then ``args`` applied when given."""
+    config = _C.clone()
+    if args is not None:
+        update_config(config, args)
+    else:
+        config.freeze()
+    return config
+
+
+def config_to_dict(config: CN) -> dict:
+    """The config as plain Python containers (safe for ``torch.load(weights_only=True)``)."""
+    def convert(node):
+        if isinstance(node, CN):
+            return {k: convert(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [convert(v) for v in node]
+        return node
+    return convert(config)
