@@ -1,0 +1,720 @@
+"""MOAT: Alternating Mobile Convolution and Attention (Yang et al., ICLR 2023), in PyTorch.
+
+A faithful port of the authors' TensorFlow model (google-research/deeplab2 ``moat.py``,
+``moat_blocks.py``, ``moat_attention.py``); ``../shared/MOAT_SPEC.md`` lists the facts this file
+reproduces. Where the widely copied unofficial port differs (depthwise before expansion,
+max-pool shortcut, halved expansion on strided blocks, no final norm, bias tied to one input
+size) this file follows the official code.
+
+Layout: ``stem`` -> four ``stages`` (MBConv, MBConv, MOAT, MOAT; the first block of each has
+stride 2) -> ``head`` (mean pool -> LayerNorm -> Linear). Every variant is registered with timm
+(``timm.create_model('moat_0')``) once ``models`` is imported.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+__all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "create_moat", "list_variants"]
+
+HEAD_DIM = 32
+# Keras BatchNormalization(momentum=0.99, epsilon=1e-3) in PyTorch terms.
+BatchNorm2d = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
+LAYER_NORM_EPS = 1e-5
+# Native relative-bias window per MOAT stage (stage 3, stage 4): the 224-px feature-map sizes.
+_NATIVE_WINDOW = (14, 7)
+
+
+@dataclass(frozen=True)
+class MoatCfg:
+    """One MOAT variant: widths, depths and its published training facts."""
+    stem_width: Tuple[int, int]
+    depths: Tuple[int, int, int, int]
+    dims: Tuple[int, int, int, int]
+    drop_path_rate: float
+    pos_embed: bool = True
+    # Published ImageNet-1K top-1 and the resolution it was measured at (None when unpublished).
+    top1: Optional[float] = None
+    top1_img_size: int = 224
+    stage_types: Tuple[str, ...] = field(default=("mbconv", "mbconv", "moat", "moat"))
+
+
+_BASE_CFGS: Dict[str, MoatCfg] = {
+    "moat_0": MoatCfg((64, 64), (2, 3, 7, 2), (96, 192, 384, 768), 0.2, top1=83.3),
+    "moat_1": MoatCfg((64, 64), (2, 6, 14, 2), (96, 192, 384, 768), 0.3, top1=84.2),
+    "moat_2": MoatCfg((128, 128), (2, 6, 14, 2), (128, 256, 512, 1024), 0.3),
+    "moat_3": MoatCfg((160, 160), (2, 12, 28, 2), (160, 320, 640, 1280), 0.6),
+    "moat_4": MoatCfg((256, 256), (2, 12, 28, 2), (256, 512, 1024, 2048), 0.7),
+    "tiny_moat_0": MoatCfg((32, 32), (2, 3, 7, 2), (32, 64, 128, 256), 0.0, top1=76.6, top1_img_size=256),
+    "tiny_moat_1": MoatCfg((40, 40), (2, 3, 7, 2), (40, 80, 160, 320), 0.0, top1=79.2, top1_img_size=256),
+    "tiny_moat_2": MoatCfg((56, 56), (2, 3, 7, 2), (56, 112, 224, 448), 0.0, top1=81.7, top1_img_size=256),
+    "tiny_moat_3": MoatCfg((80, 80), (2, 3, 7, 2), (80, 160, 320, 640), 0.1, top1=83.3, top1_img_size=256),
+}
+# Every variant also exists without position embedding (no relative bias); no published top-1.
+MOAT_CFGS: Dict[str, MoatCfg] = {
+    **_BASE_CFGS,
+    **{f"{n}_no_pe": replace(c, pos_embed=False, top1=None) for n, c in _BASE_CFGS.items()},
+}
+
+
+def list_variants() -> List[str]:
+    """Names of all MOAT variants, as registered with timm."""
+    return list(MOAT_CFGS)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Official init: plain (not truncated) Normal(0, 0.02) kernels, zero biases; norms 1 / 0.
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class AvgPool2dTFSame(nn.Module):
+    """Average pool with TensorFlow 'SAME' padding that excludes padded cells from the mean.
+
+    Why hand-written: timm's ``AvgPool2dSame`` counts the zero padding in the mean and torch's
+    ``padding=`` pads both sides symmetrically; Keras pads right/bottom and excludes the pad.
+    Pool size 2 on the even maps MOAT sees needs no padding and runs as a plain ``avg_pool2d``.
+    """
+
+    def __init__(self, pool_size: int, stride: int = 2) -> None:
+        super().__init__()
+        self.pool_size = pool_size
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = _tf_same_pad(x.shape[-2:], self.pool_size, self.stride)
+        if not any(pad):
+            return F.avg_pool2d(x, self.pool_size, self.stride)
+        summed = F.avg_pool2d(F.pad(x, pad), self.pool_size, self.stride, divisor_override=1)
+        ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
+        counts = F.avg_pool2d(F.pad(ones, pad), self.pool_size, self.stride, divisor_override=1)
+        return summed / counts
+
+
+def _tf_same_pad(size: Sequence[int], kernel: int, stride: int) -> Tuple[int, int, int, int]:
+    """F.pad amounts (left, right, top, bottom) of TensorFlow 'SAME' padding."""
+    pads = []
+    for s in (size[1], size[0]):
+        total = max((math.ceil(s / stride) - 1) * stride + kernel - s, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+class Stem(nn.Module):
+    """3x3/2 conv (bias) -> BN -> GELU -> 3x3/1 conv (bias); the next block's pre-norm follows."""
+
+    def __init__(self, in_chans: int, widths: Tuple[int, int]) -> None:
+        super().__init__()
+        self.conv1 = create_conv2d(in_chans, widths[0], 3, stride=2, padding="same", bias=True)
+        self.norm1 = BatchNorm2d(widths[0])
+        self.act1 = nn.GELU()
+        self.conv2 = create_conv2d(widths[0], widths[1], 3, stride=1, padding="same", bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act1(self.norm1(self.conv1(x))))
+
+
+class MBConvBlock(nn.Module):
+    """Pre-norm inverted residual: BN -> 1x1 expand (4x out) -> BN-GELU -> 3x3 depthwise (stride)
+    -> BN-GELU -> [SE] -> 1x1 project (bias) -> drop path -> + shortcut.
+
+    The shortcut of a strided block is a 'SAME' average pool followed by a 1x1 conv (bias) only
+    when the channel count changes.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stride: int = 1,
+            expand_ratio: float = 4.0,
+            use_se: bool = True,
+            pool_size: int = 2,
+            drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        mid_chs = int(out_chs * expand_ratio)
+        if stride == 2:
+            pool = AvgPool2dTFSame(pool_size, 2)
+            proj = nn.Conv2d(in_chs, out_chs, 1, bias=True) if in_chs != out_chs else nn.Identity()
+            self.shortcut = nn.Sequential()
+            self.shortcut.add_module("pool", pool)
+            self.shortcut.add_module("conv", proj)
+        elif in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1, bias=True)
+        else:
+            self.shortcut = nn.Identity()
+        self.pre_norm = BatchNorm2d(in_chs)
+        self.conv1_1x1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
+        self.norm1 = BatchNorm2d(mid_chs)
+        self.act1 = nn.GELU()
+        self.conv2_kxk = create_conv2d(mid_chs, mid_chs, 3, stride=stride, padding="same",
+                                       depthwise=True, bias=False)
+        self.norm2 = BatchNorm2d(mid_chs)
+        self.act2 = nn.GELU()
+        self.se = (SEModule(mid_chs, rd_channels=max(1, int(0.25 * out_chs)), act_layer=nn.SiLU)
+                   if use_se else nn.Identity())
+        self.conv3_1x1 = nn.Conv2d(mid_chs, out_chs, 1, bias=True)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.shortcut(x)
+        x = self.conv1_1x1(self.pre_norm(x))
+        x = self.act1(self.norm1(x))
+        x = self.act2(self.norm2(self.conv2_kxk(x)))
+        x = self.conv3_1x1(self.se(x))
+        return self.drop_path(x) + shortcut
+
+
+class RelativePositionBias(nn.Module):
+    """Learned relative-position bias with a fixed-size table resized to any attention window.
+
+    The table keeps the official shape ``[heads, 2P-1, 2P-1]`` (P = 14 in stage 3, 7 in stage 4)
+    whatever the input, so one checkpoint serves every resolution. For an ``h x w`` window it is
+    resized bilinearly (half-pixel centres) to ``[heads, 2h-1, 2w-1]`` and gathered as
+    ``bias[n, (i, j), (x, y)] = table[n, x - i + h - 1, y - j + w - 1]`` (key minus query, the
+    official sign).
+
+    Caching: the gather index is built once per window size. The gathered bias itself is cached
+    when no gradient is needed (eval, ``torch.no_grad``) and re-used until the table changes
+    (tracked through its in-place version counter, which optimizer steps and ``load_state_dict``
+    bump); in training it is recomputed so gradients reach the table.
+    """
+
+    def __init__(self, num_heads: int, native_window: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.native_window = native_window
+        size = 2 * native_window - 1
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(num_heads, size, size))
+        self._index_cache: Dict[Tuple[int, int, torch.device], torch.Tensor] = {}
+        self._bias_cache: Dict[Tuple[int, int, torch.dtype, torch.device], Tuple[int, torch.Tensor]] = {}
+
+    @staticmethod
+    def build_index(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """``[h*w, h*w]`` flat indices into a ``[2h-1, 2w-1]`` table (query rows, key columns)."""
+        i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        i, j = i.flatten(), j.flatten()
+        rel_h = i[None, :] - i[:, None] + h - 1   # key row - query row
+        rel_w = j[None, :] - j[:, None] + w - 1   # key col - query col
+        return rel_h * (2 * w - 1) + rel_w
+
+    def _index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, device)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = self.build_index(h, w, device)
+            self._index_cache[key] = index
+        return index
+
+    def resized_table(self, h: int, w: int) -> torch.Tensor:
+        """The table resized to ``[heads, 2h-1, 2w-1]`` (the table itself at the native size)."""
+        table = self.relative_position_bias_table
+        size = (2 * h - 1, 2 * w - 1)
+        if tuple(table.shape[-2:]) == size:
+            return table
+        # antialias=False matches TF2's tf.image.resize(method='bilinear') default.
+        return F.interpolate(table.float()[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    def compute(self, h: int, w: int) -> torch.Tensor:
+        """Bias ``[heads, h*w, h*w]`` for an ``h x w`` window, always recomputed."""
+        table = self.resized_table(h, w)
+        index = self._index(h, w, table.device)
+        return table.flatten(1)[:, index]
+
+    def forward(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+        table = self.relative_position_bias_table
+        cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not _is_tracing()
+        if not cacheable:
+            return self.compute(h, w).to(dtype)
+        key = (h, w, dtype, table.device)
+        cached = self._bias_cache.get(key)
+        if cached is not None and cached[0] == table._version:
+            return cached[1]
+        bias = self.compute(h, w).to(dtype)
+        self._bias_cache = {k: v for k, v in self._bias_cache.items() if v[0] == table._version}
+        self._bias_cache[key] = (table._version, bias)
+        return bias
+
+    def _apply(self, fn, recurse=True):
+        # Device or dtype moves make cached tensors stale.
+        self._index_cache.clear()
+        self._bias_cache.clear()
+        return super()._apply(fn, recurse)
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over ``[B, H, W, C]`` maps, global or in non-overlapping windows.
+
+    q, k, v (one fused projection, each heads x 32 wide, with bias), scale 32^-0.5, optional
+    relative bias as an additive float mask, output projection with bias. ``fused_attn`` selects
+    ``F.scaled_dot_product_attention``; the explicit path (softmax in float32) is the reference.
+    """
+
+    fused_attn: bool = True
+
+    def __init__(
+            self,
+            dim: int,
+            window_size: Optional[int] = None,
+            native_window: int = 14,
+            pos_embed: bool = True,
+    ) -> None:
+        super().__init__()
+        if dim % HEAD_DIM:
+            raise ValueError(f"attention channels {dim} are not divisible by the head dim {HEAD_DIM}")
+        if window_size is not None and window_size <= 0:
+            raise ValueError(f"window_size must be a positive int or None (global), got {window_size}")
+        self.num_heads = dim // HEAD_DIM
+        self.scale = HEAD_DIM ** -0.5
+        self.window_size = window_size
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+        self.rel_pos = RelativePositionBias(self.num_heads, native_window) if pos_embed else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if self.window_size is None:
+            wh, ww = H, W
+        else:
+            wh = ww = self.window_size
+            if H % wh or W % ww:
+                raise ValueError(
+                    f"attention window {self.window_size} does not divide the {H}x{W} feature map; "
+                    f"pick a window that divides it or use global attention (window 0)")
+        x = _window_partition(x, wh, ww)  # [B * nW, wh * ww, C]
+        Bw, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.rel_pos(wh, ww, q.dtype) if self.rel_pos is not None else None
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        else:
+            x = explicit_attention(q, k, v, bias, self.scale)
+        x = self.proj(x.transpose(1, 2).reshape(Bw, N, C))
+        return _window_reverse(x, wh, ww, B, H, W)
+
+
+def explicit_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+) -> torch.Tensor:
+    """Reference attention ``softmax(q k^T * scale + bias) v`` with the softmax in float32."""
+    attn = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.float().softmax(dim=-1).to(v.dtype)
+    return attn @ v
+
+
+def _window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """``[B, H, W, C]`` -> ``[B * nW, wh * ww, C]`` (a plain flatten under global attention)."""
+    B, H, W, C = x.shape
+    if (wh, ww) == (H, W):
+        return x.reshape(B, H * W, C)
+    x = x.view(B, H // wh, wh, W // ww, ww, C).transpose(2, 3)
+    return x.reshape(-1, wh * ww, C)
+
+
+def _window_reverse(x: torch.Tensor, wh: int, ww: int, B: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of ``_window_partition``: back to ``[B, H, W, C]``."""
+    C = x.shape[-1]
+    if (wh, ww) == (H, W):
+        return x.reshape(B, H, W, C)
+    x = x.view(B, H // wh, W // ww, wh, ww, C).transpose(2, 3)
+    return x.reshape(B, H, W, C)
+
+
+class MOATBlock(nn.Module):
+    """MBConv without SE (own residual and drop path), then LayerNorm -> attention -> drop path
+    -> residual. No MLP, no layer scale. Both branches drop independently at the same rate."""
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            stride: int = 1,
+            window_size: Optional[int] = None,
+            native_window: int = 14,
+            pos_embed: bool = True,
+            pool_size: int = 2,
+            drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.mbconv = MBConvBlock(in_chs, out_chs, stride, use_se=False, pool_size=pool_size,
+                                  drop_path=drop_path)
+        self.attn_norm = nn.LayerNorm(out_chs, eps=LAYER_NORM_EPS)
+        self.attn = Attention(out_chs, window_size, native_window, pos_embed)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mbconv(x)
+        # NCHW -> NHWC is a free view when the model runs channels_last.
+        y = self.attn(self.attn_norm(x.permute(0, 2, 3, 1)))
+        return x + self.drop_path(y.permute(0, 3, 1, 2))
+
+
+class MoatStage(nn.Module):
+    """A stage of blocks; its first block has stride 2."""
+
+    def __init__(self, blocks: List[nn.Module]) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for block in self.blocks:
+                # Non-reentrant checkpointing restores the RNG, so drop path masks repeat exactly.
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+WindowArg = Union[None, int, Sequence[Optional[int]]]
+
+
+class MOAT(nn.Module):
+    """MOAT classifier / backbone. Input ``[B, in_chans, H, W]`` with H and W multiples of 32.
+
+    Args:
+        cfg: the variant (``MOAT_CFGS[name]``).
+        num_classes: classifier width (0 removes the classifier).
+        in_chans: input channels.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic-depth rate; block b of N gets ``rate * b / N``.
+        window_size: attention window for the two MOAT stages: None / 0 (global, default), an
+            int for both, or a pair (stage 3, stage 4).
+        pool_size: average-pool size of the strided shortcuts, 2 (classification) or 3.
+        global_pool: 'avg' (the official head) or '' (no pooling).
+    """
+
+    def __init__(
+            self,
+            cfg: MoatCfg,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            drop_rate: float = 0.0,
+            drop_path_rate: Optional[float] = None,
+            window_size: WindowArg = None,
+            pool_size: int = 2,
+            global_pool: str = "avg",
+            **kwargs,
+    ) -> None:
+        super().__init__()
+        if kwargs:
+            raise ValueError(f"unknown MOAT arguments: {sorted(kwargs)}")
+        if pool_size not in (2, 3):
+            raise ValueError(f"pool_size must be 2 or 3, got {pool_size}")
+        drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        windows = _parse_windows(window_size)
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.window_size = windows
+        self.num_features = self.head_hidden_size = cfg.dims[-1]
+        self.grad_checkpointing = False
+
+        self.stem = Stem(in_chans, cfg.stem_width)
+        self.feature_info = []
+        total_blocks = sum(cfg.depths)
+        block_idx = 0
+        in_chs = cfg.stem_width[1]
+        stages = []
+        moat_stage = 0
+        for stage_idx, (depth, dim, kind) in enumerate(zip(cfg.depths, cfg.dims, cfg.stage_types)):
+            blocks = []
+            for i in range(depth):
+                stride = 2 if i == 0 else 1
+                dpr = drop_path_rate * block_idx / total_blocks
+                if kind == "mbconv":
+                    blocks.append(MBConvBlock(in_chs, dim, stride, pool_size=pool_size, drop_path=dpr))
+                else:
+                    blocks.append(MOATBlock(
+                        in_chs, dim, stride, window_size=windows[moat_stage],
+                        native_window=_NATIVE_WINDOW[moat_stage], pos_embed=cfg.pos_embed,
+                        pool_size=pool_size, drop_path=dpr))
+                in_chs = dim
+                block_idx += 1
+            if kind == "moat":
+                moat_stage += 1
+            stages.append(MoatStage(blocks))
+            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (stage_idx + 2), module=f"stages.{stage_idx}"))
+        self.stages = nn.ModuleList(stages)
+        self.head = NormMlpClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=LAYER_NORM_EPS))
+        self.apply(_init_weights)
+        for m in self.modules():
+            if isinstance(m, RelativePositionBias):
+                nn.init.normal_(m.relative_position_bias_table, std=0.02)
+            elif isinstance(m, LayerNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------- timm API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Relative-bias tables (1-D params, norms and biases are excluded by the optimizer)."""
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups by depth, in timm's format (used for layer-wise LR decay)."""
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.blocks\.(\d+)", None)],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier with a freshly initialised one of ``num_classes`` outputs."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+        if isinstance(self.head.fc, nn.Linear):
+            _init_weights(self.head.fc)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+        if x.ndim != 4:
+            raise ValueError(f"MOAT expects a [B, C, H, W] input, got shape {tuple(x.shape)}")
+        H, W = x.shape[-2:]
+        if H % 32 or W % 32:
+            raise ValueError(f"input size {H}x{W} is not divisible by 32 (MOAT's output stride)")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C_in, H, W]`` -> last stage map ``[B, C, H/32, W/32]``."""
+        self._check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs for dense tasks, after GELU as the authors use them.
+
+        Args:
+            indices: stage indices (0-3) to return, or an int n for the last n; default all four.
+            norm: unused (MOAT has no per-stage norm); kept for timm's signature.
+            stop_early: stop after the last requested stage.
+            intermediates_only: return only the list of stage maps.
+        Returns:
+            ``(final_features, [stage maps [B, C_i, H/2^(i+2), W/2^(i+2)]])`` or just the list.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        if indices is None:
+            take = list(range(len(self.stages)))
+        elif isinstance(indices, int):
+            take = list(range(len(self.stages) - indices, len(self.stages)))
+        else:
+            take = [i if i >= 0 else len(self.stages) + i for i in indices]
+        if any(not 0 <= i < len(self.stages) for i in take):
+            raise ValueError(f"stage indices must be in 0..{len(self.stages) - 1}, got {indices}")
+        self._check_input(x)
+        intermediates = []
+        x = self.stem(x)
+        last = max(take) if stop_early else len(self.stages) - 1
+        for i, stage in enumerate(self.stages[: last + 1]):
+            x = stage(x)
+            if i in take:
+                intermediates.append(F.gelu(x))
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> List[int]:
+        """Drop stages after the last of ``indices`` (and the head) for backbone use."""
+        take = [len(self.stages) - indices + i for i in range(indices)] if isinstance(indices, int) else list(indices)
+        self.stages = self.stages[: max(take) + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+
+def _parse_windows(window_size: WindowArg) -> Tuple[Optional[int], Optional[int]]:
+    """Normalise the window argument to (stage 3, stage 4); 0 / None mean global attention."""
+    if window_size is None or isinstance(window_size, int):
+        windows = (window_size, window_size)
+    else:
+        windows = tuple(window_size)
+        if len(windows) != 2:
+            raise ValueError(f"window_size needs one value per MOAT stage (2), got {window_size}")
+    for w in windows:
+        if w is not None and (not isinstance(w, int) or w < 0):
+            raise ValueError(f"window sizes must be non-negative ints or None, got {window_size}")
+    return tuple(w if w else None for w in windows)
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "stem.conv1",
+        "classifier": "head.fc",
+        "fixed_input_size": False,
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+# timm picks these up at registration (module-level ``default_cfgs``). No weights are published
+# for PyTorch: ``pretrained=True`` needs ``pretrained_cfg_overlay=dict(file=...)``.
+default_cfgs = generate_default_cfgs({
+    name: _cfg(input_size=(3, c.top1_img_size, c.top1_img_size),
+               pool_size=(c.top1_img_size // 32, c.top1_img_size // 32))
+    for name, c in MOAT_CFGS.items()
+})
+
+
+def create_moat(name: str, pretrained: bool = False, **kwargs) -> MOAT:
+    """Build variant ``name`` (see ``list_variants()``); kwargs go to :class:`MOAT`."""
+    if name not in MOAT_CFGS:
+        raise ValueError(f"unknown MOAT variant {name!r}; accepted: {', '.join(MOAT_CFGS)}")
+    return build_model_with_cfg(
+        MOAT, name, pretrained,
+        cfg=MOAT_CFGS[name],
+        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+@register_model
+def moat_0(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_0", pretrained, **kwargs)
+
+
+@register_model
+def moat_1(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_1", pretrained, **kwargs)
+
+
+@register_model
+def moat_2(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_2", pretrained, **kwargs)
+
+
+@register_model
+def moat_3(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_3", pretrained, **kwargs)
+
+
+@register_model
+def moat_4(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_4", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_0(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_0", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_1(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_1", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_2(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_2", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_3(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_3", pretrained, **kwargs)
+
+
+@register_model
+def moat_0_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_0_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def moat_1_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_1_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def moat_2_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_2_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def moat_3_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_3_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def moat_4_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("moat_4_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_0_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_0_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_1_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_1_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_2_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_2_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def tiny_moat_3_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
+    return create_moat("tiny_moat_3_no_pe", pretrained, **kwargs)
