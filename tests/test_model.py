@@ -1,0 +1,366 @@
+"""The MOAT model family: official architecture facts, resolution agnosticism and the timm API."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+from models.moat import (MOAT_CFGS, AvgPool2dTFSame, Attention, MBConvBlock, MOATBlock,
+                         RelativePositionBias, create_moat, list_variants)
+
+# Official trainable-parameter counts (1000-class head) from deeplab2's moat_test.py.
+OFFICIAL_PARAMS = {
+    "moat_0": (27_846_892, 27_777_544),
+    "moat_1": (41_598_448, 41_467_864),
+    "moat_2": (73_422_408, 73_248_296),
+    "moat_3": (189_958_040, 189_536_280),
+    "moat_4": (483_214_184, 482_539_368),
+    "tiny_moat_0": (3_355_348, 3_332_232),
+    "tiny_moat_1": (5_122_895, 5_094_000),
+    "tiny_moat_2": (9_772_741, 9_732_288),
+    "tiny_moat_3": (19_534_390, 19_476_600),
+}
+PARAM_CASES = [(n, pe, counts[0] if pe else counts[1])
+               for n, counts in OFFICIAL_PARAMS.items() for pe in (True, False)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny(**kwargs) -> nn.Module:
+    return create_moat("tiny_moat_0", num_classes=10, **kwargs)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name,pe,expected", PARAM_CASES,
+                         ids=[f"{n}{'' if pe else '_no_pe'}" for n, pe, _ in PARAM_CASES])
+def test_trainable_parameter_count_equals_official(name, pe, expected):
+    with torch.device("meta"):  # the big variants cost nothing on the meta device
+        model = timm.create_model(name if pe else f"{name}_no_pe")
+    assert count_trainable(model) == expected
+
+
+def test_parameter_count_does_not_depend_on_input_size_or_window():
+    a = count_trainable(create_moat("tiny_moat_0"))
+    b = count_trainable(create_moat("tiny_moat_0", window_size=(14, 7), pool_size=3))
+    assert a == b == OFFICIAL_PARAMS["tiny_moat_0"][0]
+
+
+def test_all_variants_registered_in_timm_with_published_defaults():
+    names = set(timm.list_models("*moat*"))
+    assert set(list_variants()) <= names
+    assert len(list_variants()) == 18
+    with torch.device("meta"):
+        model = timm.create_model("moat_0", num_classes=10, drop_path_rate=0.1)
+    assert model.get_classifier().out_features == 10
+    last = model.stages[-1].blocks[-1]
+    n_blocks = sum(MOAT_CFGS["moat_0"].depths)
+    assert last.drop_path.drop_prob == pytest.approx(0.1 * (n_blocks - 1) / n_blocks)
+    with torch.device("meta"):
+        default = timm.create_model("moat_3")
+    n_blocks = sum(MOAT_CFGS["moat_3"].depths)
+    assert default.stages[-1].blocks[-1].drop_path.drop_prob == pytest.approx(0.6 * (n_blocks - 1) / n_blocks)
+
+
+def test_drop_path_rate_grows_linearly_and_covers_both_moat_branches():
+    model = create_moat("tiny_moat_0", drop_path_rate=0.4)
+    blocks = [b for s in model.stages for b in s.blocks]
+    n = len(blocks)
+    for b_idx, block in enumerate(blocks):
+        expected = 0.4 * b_idx / n
+        branches = [block.mbconv.drop_path, block.drop_path] if isinstance(block, MOATBlock) else [block.drop_path]
+        for dp in branches:
+            assert getattr(dp, "drop_prob", 0.0) == pytest.approx(expected)
+
+
+def test_block_structure_matches_official_facts():
+    model = create_moat("tiny_moat_0")
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
+    assert all(m.approximate == "none" for m in model.modules() if isinstance(m, nn.GELU))
+    first = model.stages[0].blocks[0]
+    assert isinstance(first.shortcut.pool, AvgPool2dTFSame)
+    assert isinstance(first.shortcut.conv, nn.Identity)  # tiny_moat_0 stage 1 is 32 -> 32
+    assert first.conv1_1x1.out_channels == 4 * 32  # expansion by OUTPUT channels on strided blocks
+    assert first.conv1_1x1.bias is None and first.conv3_1x1.bias is not None
+    assert first.conv2_kxk.stride == (2, 2) and first.conv2_kxk.groups == 128
+    assert isinstance(first.se.act, nn.SiLU) and first.se.fc1.out_channels == 8
+    moat_block = model.stages[2].blocks[0]
+    assert isinstance(moat_block.mbconv.se, nn.Identity)
+    assert moat_block.attn.rel_pos.relative_position_bias_table.shape == (4, 27, 27)
+    assert model.stages[3].blocks[0].attn.rel_pos.relative_position_bias_table.shape == (8, 13, 13)
+    assert isinstance(model.stages[1].blocks[0].shortcut.conv, nn.Conv2d)
+    assert model.head.norm.eps == 1e-5
+    assert create_moat("tiny_moat_0_no_pe").stages[2].blocks[0].attn.rel_pos is None
+
+
+def test_init_is_normal_002_with_zero_biases():
+    model = create_moat("moat_0")
+    w = model.stages[2].blocks[0].attn.qkv.weight
+    assert abs(w.std().item() - 0.02) < 1e-3 and abs(w.mean().item()) < 1e-3
+    assert w.abs().max().item() > 2.5 * 0.02  # plain normal, not truncated at 2 std
+    assert torch.count_nonzero(model.stages[2].blocks[0].attn.qkv.bias) == 0
+    table = model.stages[2].blocks[0].attn.rel_pos.relative_position_bias_table
+    assert abs(table.std().item() - 0.02) < 2e-3
+
+
+@pytest.mark.parametrize("size", [224, 256, 384])
+def test_output_shape_at_several_input_sizes(size):
+    model = tiny().eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, size, size)).shape == (1, 10)
+        assert model.forward_features(torch.randn(1, 3, size, size)).shape == (1, 256, size // 32, size // 32)
+
+
+def test_non_square_input():
+    with torch.no_grad():
+        assert tiny().eval()(torch.randn(1, 3, 64, 96)).shape == (1, 10)
+
+
+def test_window_attention_at_448():
+    model = tiny(window_size=(14, 7)).eval()
+    assert model.stages[2].blocks[0].attn.window_size == 14
+    assert model.stages[3].blocks[0].attn.window_size == 7
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 448, 448)).shape == (1, 10)
+
+
+def test_window_attention_equals_global_when_window_is_the_whole_map():
+    model = tiny().eval()
+    windowed = tiny(window_size=(4, 2)).eval()
+    windowed.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)  # maps of 4x4 and 2x2 in the MOAT stages
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), windowed(x))
+
+
+def test_window_partition_round_trip_matches_manual_windows():
+    attn = Attention(64, window_size=2, native_window=14).eval()
+    x = torch.randn(1, 4, 4, 64)
+    with torch.no_grad():
+        out = attn(x)
+        # Each 2x2 window attends only inside itself: run the top-left window alone.
+        ref = Attention(64, window_size=None, native_window=14).eval()
+        ref.load_state_dict(attn.state_dict())
+        torch.testing.assert_close(out[:, :2, :2], ref(x[:, :2, :2]))
+
+
+def test_bad_arguments_raise_value_error_naming_the_value():
+    with pytest.raises(ValueError, match="moat_9"):
+        create_moat("moat_9")
+    model = tiny().eval()
+    with pytest.raises(ValueError, match="100x100"):
+        model(torch.randn(1, 3, 100, 100))
+    with pytest.raises(ValueError, match="window 5"):
+        tiny(window_size=(5, 0)).eval()(torch.randn(1, 3, 224, 224))
+    with pytest.raises(ValueError, match="48"):
+        Attention(48)
+    with pytest.raises(ValueError, match="pool_size"):
+        tiny(pool_size=4)
+
+
+def test_tf_same_average_pool_excludes_padding():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    out = AvgPool2dTFSame(3, 2)(x)
+    # Keras 'SAME' pads one row/col at the bottom/right and averages only real cells.
+    assert out[0, 0, 0, 0] == x[0, 0, 0:3, 0:3].mean()
+    assert out[0, 0, 1, 1] == x[0, 0, 2:4, 2:4].mean()
+    torch.testing.assert_close(AvgPool2dTFSame(2, 2)(x), F.avg_pool2d(x, 2, 2))
+
+
+def test_strided_conv_uses_tf_same_alignment():
+    block = MBConvBlock(8, 8, stride=2)
+    dw = block.conv2_kxk
+    x = torch.randn(1, 32, 8, 8)
+    ref = F.conv2d(F.pad(x, (0, 1, 0, 1)), dw.weight, None, 2, 0, 1, dw.groups)
+    torch.testing.assert_close(dw(x), ref)
+
+
+def reference_bias(table: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Spec formula written with loops: bias[n, (i,j), (x,y)] = table'[n, x-i+h-1, y-j+w-1]."""
+    resized = F.interpolate(table[None], size=(2 * h - 1, 2 * w - 1), mode="bilinear", align_corners=False)[0]
+    bias = torch.empty(table.shape[0], h * w, h * w)
+    for i in range(h):
+        for j in range(w):
+            for x in range(h):
+                for y in range(w):
+                    bias[:, i * w + j, x * w + y] = resized[:, x - i + h - 1, y - j + w - 1]
+    return bias
+
+
+@pytest.mark.parametrize("h,w", [(7, 7), (3, 4), (9, 9)])
+def test_relative_bias_gather_and_resize_follow_the_spec(h, w):
+    rel = RelativePositionBias(num_heads=2, native_window=7)
+    nn.init.normal_(rel.relative_position_bias_table, std=1.0)
+    got = rel.compute(h, w)
+    torch.testing.assert_close(got, reference_bias(rel.relative_position_bias_table.detach(), h, w))
+
+
+def test_relative_bias_at_native_size_is_the_table_itself():
+    rel = RelativePositionBias(num_heads=2, native_window=7)
+    assert rel.resized_table(7, 7) is rel.relative_position_bias_table
+
+
+def test_relative_bias_is_cached_without_grad_and_refreshed_when_the_table_changes():
+    rel = RelativePositionBias(num_heads=2, native_window=7)
+    with torch.no_grad():
+        first = rel(5, 5, torch.float32)
+        assert rel(5, 5, torch.float32) is first
+        rel.relative_position_bias_table.add_(1.0)  # what an optimizer step does
+        refreshed = rel(5, 5, torch.float32)
+    assert refreshed is not first
+    torch.testing.assert_close(refreshed, first + 1.0)
+    # With grad enabled the bias is recomputed and differentiable.
+    biased = rel(5, 5, torch.float32)
+    assert biased.requires_grad
+    biased.sum().backward()
+    assert rel.relative_position_bias_table.grad.abs().sum() > 0
+
+
+def test_same_weights_run_at_two_resolutions_with_fixed_table_shapes():
+    model = tiny().eval()
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+        model(torch.randn(1, 3, 288, 288))  # stage-3 table resized 27x27 -> 35x35
+    assert {k: v.shape for k, v in model.state_dict().items()} == shapes
+    reloaded = tiny().eval()
+    reloaded.load_state_dict(model.state_dict())
+    x = torch.randn(1, 3, 288, 288)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reloaded(x))
+
+
+def set_fused(model: nn.Module, fused: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = fused
+
+
+@pytest.mark.parametrize("size,window", [(256, None), (448, (14, 7))])
+def test_sdpa_equals_explicit_attention(size, window):
+    model = tiny(window_size=window).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        fused = model(x)
+        set_fused(model, False)
+        explicit = model(x)
+    torch.testing.assert_close(fused, explicit, rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_reaches_every_parameter_including_relative_tables():
+    model = tiny(drop_path_rate=0.1).train()
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+    assert len(model.no_weight_decay()) == 9  # one table per MOAT block (7 + 2)
+
+
+def test_eval_output_of_a_sample_does_not_depend_on_the_rest_of_the_batch():
+    model = tiny().eval()
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[:1], model(x[:1]), rtol=1e-4, atol=1e-5)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(1)
+    model = tiny(drop_path_rate=0.3).train()
+    ckpt = copy.deepcopy(model)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 64, 64)
+
+    def grads(m):
+        torch.manual_seed(123)
+        m(x).square().sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    recomputed = {"n": 0}
+    original = MBConvBlock.forward
+
+    def counting_forward(self, inp):
+        recomputed["n"] += 1
+        return original(self, inp)
+
+    g_plain = grads(model)
+    MBConvBlock.forward = counting_forward
+    try:
+        g_ckpt = grads(ckpt)
+    finally:
+        MBConvBlock.forward = original
+    # Every block runs once forward and once again during backward.
+    assert recomputed["n"] == 2 * sum(len(s.blocks) for s in ckpt.stages)
+    for n in g_plain:
+        torch.testing.assert_close(g_plain[n], g_ckpt[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_channels_last_gives_the_same_output():
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_runs_forward_and_backward_on_cpu():
+    model = tiny().train()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    table = model.stages[2].blocks[0].attn.rel_pos.relative_position_bias_table
+    assert table.grad is not None and table.grad.dtype == torch.float32
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 3, 256, 256)).dtype == torch.bfloat16
+
+
+def test_reset_classifier_and_forward_head():
+    model = tiny().eval()
+    model.reset_classifier(5)
+    assert model.get_classifier().out_features == 5 and model.num_classes == 5
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert model.forward_head(feats).shape == (1, 5)
+        assert model.forward_head(feats, pre_logits=True).shape == (1, 256)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, 256)
+
+
+def test_forward_intermediates_give_four_stage_maps_after_gelu():
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, feats = model.forward_intermediates(x)
+        assert [tuple(f.shape) for f in feats] == [(1, 32, 16, 16), (1, 64, 8, 8), (1, 128, 4, 4), (1, 256, 2, 2)]
+        torch.testing.assert_close(feats[-1], F.gelu(final))
+        backbone = timm.create_model("tiny_moat_0", features_only=True).eval()
+        backbone.load_state_dict(model.state_dict(), strict=False)
+        assert [f.shape[1] for f in backbone(x)] == [32, 64, 128, 256]
+
+
+def test_build_model_reads_the_trainer_config():
+    from config import get_config
+    cfg = get_config()
+    cfg.defrost()
+    cfg.MODEL.NAME = "tiny_moat_1_no_pe"
+    cfg.MODEL.NUM_CLASSES = 7
+    cfg.MODEL.MOAT.WINDOW_SIZE = [14, 0]
+    cfg.TRAIN.USE_CHECKPOINT = True
+    model = models.build_model(cfg)
+    assert model.num_classes == 7 and model.grad_checkpointing
+    assert model.stages[2].blocks[0].attn.window_size == 14 and model.stages[3].blocks[0].attn.window_size is None
+    assert model.stages[2].blocks[0].attn.rel_pos is None
+    assert model.stages[-1].blocks[-1].drop_path.__class__ is nn.Identity  # tiny_moat_1 default rate 0.0
