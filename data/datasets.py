@@ -1,0 +1,165 @@
+"""Class-folder datasets with one-line errors for bad data, and per-sample seeded augmentation.
+
+``ClassFolderDataset`` is torchvision's ``ImageFolder`` plus three things the trainer needs:
+
+* every data problem (missing path or split, no class folders, an empty class folder, an
+  unreadable or truncated image) is a ``DataError`` whose message is one line naming the path;
+* with ``skip_bad_images`` an unreadable file is replaced by the next readable index
+  (deterministic), and each bad file is logged once and counted across loader workers;
+* a key ``(index, seed)`` (what ``ResumableSampler`` yields) runs the random transform under
+  RNGs seeded from ``seed`` alone, so a sample's augmentation does not depend on the worker, the
+  number of workers or how many samples came before it: a run resumed mid-epoch draws exactly
+  the augmentations the uninterrupted run would have drawn.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+# The key the training sampler yields: (dataset index, per-sample augmentation seed).
+SampleKey = tuple[int, int]
+
+# torch's DataLoader re-raises a worker's exception as ``type(exc)(msg)`` where ``msg`` is
+# "Caught DataError in DataLoader worker process N.\nOriginal Traceback ...\n...DataError: <ours>".
+_WORKER_MESSAGE = re.compile(r"^Caught \w+ in DataLoader worker process")
+_ORIGINAL_LINE = re.compile(r"(?:^|\n)(?:[\w.]+\.)?DataError: (.*)\s*$")
+
+
+class DataError(ValueError):
+    """A problem with the data on disk; its message is one line that names the path.
+
+    When raised inside a DataLoader worker, torch re-raises it in the main process as
+    ``DataError(<multi-line worker traceback>)``; the constructor recovers the original one-line
+    message from it (kept whole in ``worker_traceback``) so ``str(err)`` still names the file.
+    """
+
+    def __init__(self, message: str = "", *args: Any) -> None:
+        self.worker_traceback: str | None = None
+        if isinstance(message, str) and _WORKER_MESSAGE.match(message):
+            found = _ORIGINAL_LINE.search(message)
+            if found:
+                self.worker_traceback = message
+                message = found.group(1).strip()
+        super().__init__(message, *args)
+
+
+class _SeededRNG:
+    """Seed python/numpy/torch-CPU global RNGs for one sample, then restore their states.
+
+    timm's transforms draw from the global RNGs (``random``, ``np.random``, ``torch``), so
+    seeding them is the only way to make them reproducible; restoring afterwards keeps a
+    ``NUM_WORKERS=0`` loader from disturbing the main process's RNG streams (dropout, Mixup).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self._states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(self.seed)
+        np.random.seed(self.seed % (1 << 32))
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: Any) -> None:
+        py_state, np_state, torch_state = self._states
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def _check_split_dir(root: str) -> None:
+    """Raise a DataError naming ``root`` when it is missing or holds no class folders."""
+    if not os.path.isdir(root):
+        raise DataError(f"split folder not found: {root} (DATA.TRAIN_SPLIT / DATA.VAL_SPLIT)")
+    if not any(e.is_dir() for e in os.scandir(root)):
+        raise DataError(f"no class folders in {root} (expected {root}/<class name>/<images>)")
+
+
+class ClassFolderDataset(ImageFolder):
+    """``ImageFolder`` whose data problems are one-line ``DataError``s naming the path.
+
+    Indexing takes an int (transform uses the current global RNGs) or a ``(index, seed)`` key
+    (transform runs under RNGs seeded from ``seed``; see the module docstring).
+    Returns ``(image, target)`` with ``image`` whatever ``transform`` makes ([3, H, W] tensors
+    with ours).
+    """
+
+    def __init__(self, root: str, transform: Callable | None = None,
+                 skip_bad_images: bool = False) -> None:
+        _check_split_dir(root)
+        super().__init__(root, transform=transform, allow_empty=True)
+        counts = np.bincount([t for _, t in self.samples], minlength=len(self.classes))
+        if (counts == 0).any():
+            empty = self.classes[int(np.flatnonzero(counts == 0)[0])]
+            raise DataError(f"empty class folder (no {'/'.join(IMG_EXTENSIONS)} files): "
+                            f"{os.path.join(root, empty)}")
+        self.skip_bad_images = skip_bad_images
+        # One flag per sample in shared memory: DataLoader workers (forked or spawned) see and
+        # set the same flags, so a bad file is logged once per process group and counted here.
+        self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    @property
+    def num_skipped(self) -> int:
+        """How many distinct files were found unreadable and skipped so far."""
+        return int(self._bad.sum())
+
+    @property
+    def skipped_files(self) -> list[str]:
+        """Paths of the files skipped so far."""
+        return [self.samples[i][0] for i in torch.nonzero(self._bad).flatten().tolist()]
+
+    def _load(self, index: int) -> tuple[Any, int]:
+        """The decoded image and target of ``index``, or of the next readable sample when skipping."""
+        n = len(self.samples)
+        for offset in range(n):
+            i = (index + offset) % n
+            if self._bad[i]:
+                continue
+            path, target = self.samples[i]
+            try:
+                return self.loader(path), target
+            except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, ...
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                if not self.skip_bad_images:
+                    raise DataError(f"unreadable image {path} ({reason}); set "
+                                    f"DATA.SKIP_BAD_IMAGES True to skip such files") from e
+                self._bad[i] = 1
+                logger.warning("skipping unreadable image %s (%s); %d skipped so far",
+                               path, reason, self.num_skipped)
+        raise DataError(f"no readable image left in {self.root}")
+
+    def __getitem__(self, key: int | SampleKey) -> tuple[Any, int]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample, target = self._load(index)
+        if self.transform is not None:
+            if seed is None:
+                sample = self.transform(sample)
+            else:
+                with _SeededRNG(seed):
+                    sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+def check_same_classes(train: ClassFolderDataset, val: ClassFolderDataset) -> None:
+    """Raise a DataError naming both split paths and the first class that differs."""
+    if train.classes == val.classes:
+        return
+    only_train = sorted(set(train.classes) - set(val.classes))
+    only_val = sorted(set(val.classes) - set(train.classes))
+    first = min(only_train[:1] + only_val[:1])
+    side, other = (train.root, val.root) if first in only_train else (val.root, train.root)
+    raise DataError(f"class folders differ between {train.root} ({len(train.classes)} classes) "
+                    f"and {val.root} ({len(val.classes)} classes): first difference "
+                    f"'{first}' is in {side} but not in {other}")
