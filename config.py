@@ -129,6 +129,8 @@ _C.TRAIN.EMA.ENABLE = True
 _C.TRAIN.EMA.DECAY = 0.9999
 # Warm the decay up (timm ModelEmaV3 use_warmup) so short runs get a useful EMA.
 _C.TRAIN.EMA.WARMUP = True
+# Choose best.pth by the EMA's top-1 instead of the raw model's (both are logged every epoch).
+_C.TRAIN.EMA.SELECT_BEST = False
 
 # -----------------------------------------------------------------------------
 # Augmentation
@@ -312,6 +314,8 @@ def validate_config(config: CN) -> None:
     check(0.0 <= config.TRAIN.EMA.DECAY < 1.0, "TRAIN.EMA.DECAY", config.TRAIN.EMA.DECAY, "must be in [0, 1)")
     check(config.AMP in ("auto", "off", "fp16", "bf16"), "AMP", config.AMP,
           "accepted: 'auto', 'off', 'fp16', 'bf16'")
+    check(config.AMP_OPT_LEVEL in ("", "O0", "O1", "O2"), "AMP_OPT_LEVEL", config.AMP_OPT_LEVEL,
+          "accepted: '' (torch.amp), 'O0', 'O1', 'O2' (NVIDIA apex)")
     check(config.DEVICE in ("auto", "cuda", "cpu"), "DEVICE", config.DEVICE,
           "accepted: 'auto', 'cuda', 'cpu'")
     check(config.SAVE_FREQ >= 1, "SAVE_FREQ", config.SAVE_FREQ, "must be >= 1")

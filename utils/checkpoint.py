@@ -1,0 +1,291 @@
+"""Checkpoint files: atomic saves, safe loads, retention, auto-resume choice, RNG state.
+
+Every load goes through ``load_file`` with ``torch.load(weights_only=True)`` (or safetensors), so
+a file carrying pickled code is refused instead of executed. Every failure a user can cause
+(missing file, not a checkpoint, truncated file, another variant's weights) becomes a
+``UserError`` with one line that names the path.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pickle
+import random
+import re
+import tempfile
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import UserError
+
+LAST = "last.pth"
+BEST = "best.pth"
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
+
+
+# ----------------------------------------------------------------------------------------- saving
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. Windows: directories cannot be opened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def atomic_link(src: str, dst: str) -> None:
+    """Make ``dst`` a hard link to ``src`` (a copy where links are unsupported), atomically."""
+    directory = os.path.dirname(os.path.abspath(dst))
+    tmp = os.path.join(directory, f".{os.path.basename(dst)}.{os.getpid()}.tmp")
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    _fsync_dir(directory)
+
+
+class CheckpointSaver:
+    """Owns the files of one run: ``last.pth``, ``best.pth`` and the newest ``keep`` of
+    ``epoch_{N}.pth`` (every ``save_freq`` epochs). ``best``/``epoch`` are hard links to the
+    ``last`` file they were taken from, so a save writes the weights once."""
+
+    def __init__(self, output_dir: str, save_freq: int, keep: int) -> None:
+        self.output_dir = output_dir
+        self.save_freq = save_freq
+        self.keep = keep
+
+    def save(self, state: Dict[str, Any], epoch: int, epoch_done: bool, is_best: bool) -> List[str]:
+        """Write ``state``; returns the paths written."""
+        last = os.path.join(self.output_dir, LAST)
+        atomic_save(state, last)
+        written = [last]
+        if epoch_done and is_best:
+            atomic_link(last, os.path.join(self.output_dir, BEST))
+            written.append(os.path.join(self.output_dir, BEST))
+        if epoch_done and self.keep > 0 and (epoch + 1) % self.save_freq == 0:
+            path = os.path.join(self.output_dir, f"epoch_{epoch}.pth")
+            atomic_link(last, path)
+            written.append(path)
+            for old in self.epoch_checkpoints()[self.keep:]:
+                os.unlink(old)
+        return written
+
+    def epoch_checkpoints(self) -> List[str]:
+        """``epoch_{N}.pth`` files, newest epoch first."""
+        found = []
+        for name in os.listdir(self.output_dir):
+            m = _EPOCH_RE.match(name)
+            if m:
+                found.append((int(m.group(1)), os.path.join(self.output_dir, name)))
+        return [p for _, p in sorted(found, reverse=True)]
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_file(path: str) -> Dict[str, Any]:
+    """Load a checkpoint or weights file safely (``weights_only=True`` / safetensors) to CPU."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint path is a directory, not a file: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+        try:
+            return load_safetensors(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():
+            raise UserError(
+                f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain "
+                "containers, which could run code (checkpoints are loaded with weights_only=True)"
+            ) from None
+        raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? "
+                        f"({_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def model_state_from(obj: Dict[str, Any], path: str, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The model weights inside a loaded file: our checkpoints (``model``/``model_ema``), common
+    wrappers (``state_dict``), or a bare state dict; ``module.`` / ``_orig_mod.`` prefixes go."""
+    if prefer_ema and isinstance(obj.get("model_ema"), dict):
+        sd = obj["model_ema"]
+    elif isinstance(obj.get("model"), dict):
+        sd = obj["model"]
+    elif isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+    else:
+        sd = obj
+    if not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise UserError(f"{path}: not a model checkpoint (no 'model' state dict of tensors inside)")
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _classifier_keys(model: nn.Module) -> List[str]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    for name, module in model.named_modules():
+        if module is head:
+            return [f"{name}.{p}" for p, _ in module.named_parameters()]
+    return []
+
+
+def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
+                       drop_mismatched_head: bool = False) -> List[str]:
+    """Load ``state_dict`` into ``model``; returns the head keys dropped (fine-tuning on new classes).
+
+    Any other difference (shape, missing or unexpected keys: usually a checkpoint of another
+    variant) is a ``UserError`` that lists the keys.
+    """
+    own = model.state_dict()
+    state_dict = dict(state_dict)
+    dropped = []
+    if drop_mismatched_head:
+        for key in _classifier_keys(model):
+            if key in state_dict and state_dict[key].shape != own[key].shape:
+                dropped.append(key)
+                del state_dict[key]
+    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state_dict and k not in dropped]
+    unexpected = [k for k in state_dict if k not in own]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:6]))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): " + ", ".join(missing[:6]))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:6]))
+    if problems:
+        more = " ..." if max(len(mismatched), len(missing), len(unexpected)) > 6 else ""
+        raise UserError(f"{source}: weights do not fit the model (another variant or class count?): "
+                        + " | ".join(problems) + more)
+    model.load_state_dict(state_dict, strict=not dropped)
+    return dropped
+
+
+# ---------------------------------------------------------------------------------- auto-resume
+def resume_candidates(output_dir: str) -> List[str]:
+    """Checkpoints in ``output_dir`` that could resume the run, newest first (``last`` wins ties)."""
+    if not os.path.isdir(output_dir):
+        return []
+    paths = [p for p in glob.glob(os.path.join(output_dir, "*.pth")) if os.path.isfile(p)]
+    rank = {LAST: 0, BEST: 2}
+    return sorted(paths, key=lambda p: (-os.path.getmtime(p), rank.get(os.path.basename(p), 1), p))
+
+
+def find_resumable(output_dir: str, warn) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """The newest checkpoint in ``output_dir`` that loads; each unusable one is ``warn``-ed once."""
+    for path in resume_candidates(output_dir):
+        try:
+            obj = load_file(path)
+        except UserError as e:
+            warn(f"skipping unusable checkpoint: {e}")
+            continue
+        if "optimizer" not in obj or "epoch" not in obj:
+            warn(f"skipping {path}: weights only, not a resumable training checkpoint")
+            continue
+        return path, obj
+    return None
+
+
+# ----------------------------------------------------------------------------------------- RNG
+def capture_rng_state(device: torch.device) -> Dict[str, Any]:
+    """Python, NumPy, torch CPU and (current) CUDA generator states, as plain containers and
+    tensors so the checkpoint still loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
+    """Inverse of ``capture_rng_state``."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# --------------------------------------------------------------------------------- config diffs
+# Keys that may differ between launches of the same run without mixing two experiments.
+_LAUNCH_KEYS = {"LOCAL_RANK", "EVAL_MODE", "THROUGHPUT_MODE", "MODEL.RESUME", "TRAIN.AUTO_RESUME",
+                "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.DATA_PATH", "PRINT_FREQ", "DEVICE"}
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any],
+                       ignore: Iterable[str] = _LAUNCH_KEYS) -> List[str]:
+    """``KEY: old -> new`` for every config key that differs (launch-only keys ignored)."""
+    a, b = _flatten(old), _flatten(new)
+    ignore = set(ignore)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
