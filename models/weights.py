@@ -1,0 +1,299 @@
+"""Load a trained MOAT for inference, from a trainer checkpoint or an exported safetensors file.
+
+One loader serves ``tools/predict.py``, ``tools/export.py`` and ``hubconf.py`` so the three agree
+on which weights (raw or EMA) a file yields, on the class names, and on the preprocessing: the
+eval transform is rebuilt from the saved config with the trainer's own ``build_transform``, never
+re-implemented, so predictions match validation exactly.
+
+Files understood:
+
+* a trainer checkpoint (``torch.save`` dict: ``model``, optional ``model_ema``, ``config``,
+  ``class_names``, ``model_name``, ``epoch``), loaded with ``weights_only=True``;
+* a safetensors file written by :func:`save_safetensors` (weights plus metadata: variant, class
+  names, preprocessing, model arguments);
+* a bare state dict or a foreign safetensors file, when the caller names the variant (default
+  preprocessing and generic class names then apply).
+
+Every problem (missing file, wrong variant, class-count mismatch, weights of another shape) is a
+``UserError`` with a one-line message.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from yacs.config import CfgNode
+
+from utils import UserError
+from utils.checkpoint import load_file, load_model_weights, model_state_from
+
+from .build import build_model
+from .moat import list_variants
+
+__all__ = [
+    "ModelMeta", "UserError", "build_eval_transform", "config_from_dict", "load_model_for_inference",
+    "preprocessing_from_config", "save_safetensors", "safetensors_metadata",
+]
+
+# Keys of the safetensors metadata (all values are strings, as the format requires).
+META_FORMAT = "moat.format"       # version of this metadata layout
+META_VARIANT = "moat.variant"
+META_NUM_CLASSES = "moat.num_classes"
+META_CLASS_NAMES = "moat.class_names"       # JSON list
+META_PREPROCESSING = "moat.preprocessing"   # JSON dict, see preprocessing_from_config
+META_MODEL_ARGS = "moat.model_args"         # JSON dict: window_size, pool_size
+META_WEIGHTS = "moat.weights"               # 'ema' or 'raw'
+META_EPOCH = "moat.epoch"
+_FORMAT_VERSION = "1"
+
+
+@dataclass
+class ModelMeta:
+    """What a weights file says about its model, beyond the tensors.
+
+    ``config`` is a full (frozen) trainer config: the saved one for trainer checkpoints, the
+    defaults updated from the metadata for safetensors files. ``preprocessing`` is its eval
+    part (``img_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``, ``crop``).
+    """
+    variant: str
+    num_classes: int
+    class_names: List[str]
+    preprocessing: Dict[str, Any]
+    config: CfgNode
+    weights: str                    # 'ema' or 'raw': which weights were loaded
+    source: str                     # the file path
+    epoch: Optional[int] = None
+    model_args: Dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ config
+def config_from_dict(saved: Dict[str, Any]) -> CfgNode:
+    """A frozen config: today's defaults overlaid with ``saved`` (a ``config_to_dict`` tree).
+
+    Keys the current defaults no longer know are skipped rather than rejected: an old
+    checkpoint must stay loadable after the config grows or loses a key.
+    """
+    from config import get_config  # the repo-root config module
+
+    config = get_config().clone()
+    config.defrost()
+
+    def overlay(node: CfgNode, values: Dict[str, Any]) -> None:
+        for key, value in values.items():
+            if key not in node:
+                continue
+            if isinstance(node[key], CfgNode):
+                if isinstance(value, dict):
+                    overlay(node[key], value)
+            elif isinstance(node[key], (list, tuple)) and isinstance(value, (list, tuple)):
+                node[key] = type(node[key])(value)
+            else:
+                node[key] = value
+
+    overlay(config, saved)
+    config.freeze()
+    return config
+
+
+def preprocessing_from_config(config: CfgNode) -> Dict[str, Any]:
+    """The eval preprocessing of ``config`` as plain JSON-able values (for export metadata).
+
+    'random' interpolation is a training augmentation; the eval transform uses bicubic, so the
+    resolved value is what is recorded.
+    """
+    interpolation = config.DATA.INTERPOLATION
+    return {
+        "img_size": int(config.DATA.IMG_SIZE),
+        "crop_pct": float(config.DATA.CROP_PCT),
+        "interpolation": "bicubic" if interpolation == "random" else interpolation,
+        "mean": [float(v) for v in config.DATA.MEAN],
+        "std": [float(v) for v in config.DATA.STD],
+        "crop": bool(config.TEST.CROP),
+    }
+
+
+def _config_from_metadata(variant: str, num_classes: int, preprocessing: Dict[str, Any],
+                          model_args: Dict[str, Any]) -> CfgNode:
+    """Defaults updated with what a safetensors file records (the rest does not affect eval)."""
+    data = {}
+    keys = {"img_size": "IMG_SIZE", "crop_pct": "CROP_PCT", "interpolation": "INTERPOLATION",
+            "mean": "MEAN", "std": "STD"}
+    for key, cfg_key in keys.items():
+        if key in preprocessing:
+            data[cfg_key] = preprocessing[key]
+    tree: Dict[str, Any] = {"DATA": data, "MODEL": {"NAME": variant, "NUM_CLASSES": num_classes}}
+    if "crop" in preprocessing:
+        tree["TEST"] = {"CROP": bool(preprocessing["crop"])}
+    moat = {}
+    if "window_size" in model_args:
+        moat["WINDOW_SIZE"] = [int(w or 0) for w in model_args["window_size"]]
+    if "pool_size" in model_args:
+        moat["POOL_SIZE"] = int(model_args["pool_size"])
+    if moat:
+        tree["MODEL"]["MOAT"] = moat
+    return config_from_dict(tree)
+
+
+def build_eval_transform(meta: ModelMeta) -> Callable:
+    """PIL image -> ``[3, img_size, img_size]`` tensor, exactly the trainer's eval transform."""
+    from data.transforms import build_transform  # repo-root data package; keeps this import light
+
+    return build_transform(False, meta.config)
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _head_classes(state_dict: Dict[str, torch.Tensor]) -> Optional[int]:
+    weight = state_dict.get("head.fc.weight")
+    return int(weight.shape[0]) if weight is not None else None
+
+
+def _read_safetensors_metadata(path: str) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def _json_field(metadata: Dict[str, str], key: str, path: str, default: Any) -> Any:
+    if key not in metadata:
+        return default
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: metadata field {key!r} is not valid JSON") from None
+
+
+def load_model_for_inference(
+        path: str,
+        variant: Optional[str] = None,
+        device: str | torch.device = "cpu",
+        use_ema: Optional[bool] = None,
+) -> Tuple[nn.Module, ModelMeta]:
+    """The model stored in ``path``, in eval mode on ``device``, and what the file says about it.
+
+    Args:
+        path: a trainer checkpoint, a safetensors file from ``tools/export.py``, or a bare state
+            dict / foreign safetensors file (then ``variant`` is required).
+        variant: the expected variant. When the file names one, a different ``variant`` is an
+            error (loading moat_0 weights as tiny_moat_0 can only fail later, less clearly).
+        device: where the model goes.
+        use_ema: None (default) takes the EMA weights when the checkpoint has them, because the
+            trainer validates and reports the EMA as its model when EMA is on; True requires
+            them; False takes the raw weights. A safetensors file holds one set and ignores it
+            unless True is asked of a file exported without EMA.
+
+    The number of classes comes from the weights' head; class names or a config that disagree
+    with it are a class-count mismatch error.
+    """
+    if variant is not None and variant not in list_variants():
+        raise UserError(f"unknown MOAT variant {variant!r}; accepted: {', '.join(list_variants())}")
+    obj = load_file(path)  # one-line UserError for missing, unreadable or unsafe files
+    is_safetensors = path.endswith(".safetensors")
+    model_args: Dict[str, Any] = {}
+    epoch = None
+    if is_safetensors:
+        metadata = _read_safetensors_metadata(path)
+        state_dict = model_state_from(obj, path)
+        saved_variant = metadata.get(META_VARIANT)
+        class_names = _json_field(metadata, META_CLASS_NAMES, path, None)
+        preprocessing = _json_field(metadata, META_PREPROCESSING, path, {})
+        model_args = _json_field(metadata, META_MODEL_ARGS, path, {})
+        weights = metadata.get(META_WEIGHTS, "raw")
+        if use_ema and weights != "ema":
+            raise UserError(f"{path}: EMA weights requested, but this file holds the {weights} weights")
+        saved_classes = int(metadata[META_NUM_CLASSES]) if META_NUM_CLASSES in metadata else None
+        epoch = int(metadata[META_EPOCH]) if metadata.get(META_EPOCH, "").lstrip("-").isdigit() else None
+        saved_config = None
+    else:
+        has_ema = isinstance(obj.get("model_ema"), dict)
+        if use_ema and not has_ema:
+            raise UserError(f"{path}: EMA weights requested (--ema), but the checkpoint has no "
+                            f"'model_ema' (trained with TRAIN.EMA.ENABLE False?)")
+        take_ema = has_ema if use_ema is None else bool(use_ema)
+        state_dict = model_state_from(obj, path, prefer_ema=take_ema)
+        weights = "ema" if take_ema else "raw"
+        saved_config = obj.get("config") if isinstance(obj.get("config"), dict) else None
+        saved_variant = obj.get("model_name") or (saved_config or {}).get("MODEL", {}).get("NAME")
+        class_names = obj.get("class_names")
+        saved_classes = (saved_config or {}).get("MODEL", {}).get("NUM_CLASSES")
+        preprocessing = {}
+        epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
+
+    if saved_variant is not None and saved_variant not in list_variants():
+        raise UserError(f"{path}: holds weights of unknown variant {saved_variant!r}; "
+                        f"accepted: {', '.join(list_variants())}")
+    if variant is not None and saved_variant is not None and variant != saved_variant:
+        raise UserError(f"wrong variant: {path} holds {saved_variant} weights, not {variant}")
+    variant = variant or saved_variant
+    if variant is None:
+        raise UserError(f"{path}: the file does not name its variant; pass it explicitly "
+                        f"(e.g. --variant moat_0)")
+
+    num_classes = _head_classes(state_dict)
+    if num_classes is None:
+        raise UserError(f"{path}: no classifier weights ('head.fc.weight') in the file")
+    if saved_classes is not None and int(saved_classes) != num_classes:
+        raise UserError(f"{path}: class-count mismatch: the weights have {num_classes} classes, "
+                        f"the metadata says {saved_classes}")
+    if class_names is not None and len(class_names) != num_classes:
+        raise UserError(f"{path}: class-count mismatch: the weights have {num_classes} classes, "
+                        f"but {len(class_names)} class names are stored")
+    class_names = [str(c) for c in class_names] if class_names is not None else \
+        [f"class_{i}" for i in range(num_classes)]
+
+    if saved_config is not None:
+        config = config_from_dict(saved_config)
+        config.defrost()
+        config.MODEL.NAME = variant
+        config.MODEL.NUM_CLASSES = num_classes
+        config.freeze()
+        model_args = {"window_size": [int(w) for w in config.MODEL.MOAT.WINDOW_SIZE],
+                      "pool_size": int(config.MODEL.MOAT.POOL_SIZE)}
+    else:
+        config = _config_from_metadata(variant, num_classes, preprocessing, model_args)
+    # Inference needs none of the training-time options (gradient checkpointing, drop path).
+    config.defrost()
+    config.TRAIN.USE_CHECKPOINT = False
+    config.freeze()
+
+    model = build_model(config)
+    load_model_weights(model, state_dict, path if not is_safetensors else f"{path} ({variant})")
+    model.to(device).eval()
+    meta = ModelMeta(variant=variant, num_classes=num_classes, class_names=class_names,
+                     preprocessing=preprocessing_from_config(config), config=config, weights=weights,
+                     source=path, epoch=epoch, model_args=model_args)
+    return model, meta
+
+
+# ------------------------------------------------------------------------------------------ saving
+def safetensors_metadata(meta: ModelMeta) -> Dict[str, str]:
+    """The string-valued metadata :func:`load_model_for_inference` reads back."""
+    return {
+        "format": "pt",
+        META_FORMAT: _FORMAT_VERSION,
+        META_VARIANT: meta.variant,
+        META_NUM_CLASSES: str(meta.num_classes),
+        META_CLASS_NAMES: json.dumps(list(meta.class_names)),
+        META_PREPROCESSING: json.dumps(meta.preprocessing, sort_keys=True),
+        META_MODEL_ARGS: json.dumps(meta.model_args, sort_keys=True),
+        META_WEIGHTS: meta.weights,
+        META_EPOCH: "" if meta.epoch is None else str(meta.epoch),
+    }
+
+
+def save_safetensors(model: nn.Module, meta: ModelMeta, path: str) -> str:
+    """Write ``model``'s weights (only) and ``meta`` to ``path``; returns ``path``.
+
+    Buffers such as BatchNorm running statistics are included (they are weights for inference);
+    tensors are copied to contiguous CPU memory, as safetensors requires.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(state, path, metadata=safetensors_metadata(meta))
+    return path
