@@ -140,6 +140,9 @@ _C.AUG = CN()
 _C.AUG.COLOR_JITTER = 0.4
 # timm auto-augment policy string; empty disables it.
 _C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
+# Scale and aspect-ratio ranges of the train random-resized crop (timm's defaults).
+_C.AUG.SCALE = [0.08, 1.0]
+_C.AUG.RATIO = [0.75, 1.3333333333333333]
 # Random erasing probability, mode and count.
 _C.AUG.REPROB = 0.25
 _C.AUG.REMODE = "pixel"
@@ -323,6 +326,10 @@ def validate_config(config: CN) -> None:
     check(config.PRINT_FREQ >= 1, "PRINT_FREQ", config.PRINT_FREQ, "must be >= 1")
     check(config.AUG.MIXUP_MODE in ("batch", "pair", "elem"), "AUG.MIXUP_MODE", config.AUG.MIXUP_MODE,
           "accepted: 'batch', 'pair', 'elem'")
+    check(len(config.AUG.SCALE) == 2 and 0 < config.AUG.SCALE[0] <= config.AUG.SCALE[1] <= 1,
+          "AUG.SCALE", config.AUG.SCALE, "two floats 0 < min <= max <= 1")
+    check(len(config.AUG.RATIO) == 2 and 0 < config.AUG.RATIO[0] <= config.AUG.RATIO[1],
+          "AUG.RATIO", config.AUG.RATIO, "two floats 0 < min <= max")
     check(len(config.AUG.CUTMIX_MINMAX) in (0, 2), "AUG.CUTMIX_MINMAX", config.AUG.CUTMIX_MINMAX,
           "empty or two floats")
 

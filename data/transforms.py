@@ -21,6 +21,8 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         return create_transform(
             input_size=data.IMG_SIZE,
             is_training=True,
+            scale=tuple(aug.SCALE),
+            ratio=tuple(aug.RATIO),
             color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
             auto_augment=aug.AUTO_AUGMENT or None,
             re_prob=aug.REPROB,
