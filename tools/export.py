@@ -1,0 +1,266 @@
+"""Export a trained MOAT to safetensors, TorchScript and/or ONNX.
+
+    python tools/export.py output/tiny_moat_0/default/best.pth --format safetensors onnx torchscript --check
+    python tools/export.py best.pth --format onnx --no-ema --img-size 384 -o exports/moat_0_384
+
+Outputs ``<output>.safetensors``, ``<output>.torchscript.pt`` and ``<output>.onnx``; the default
+``<output>`` is the checkpoint's path without extension plus ``-ema`` or ``-raw`` (which weights
+went in). Weights: EMA when the checkpoint has them, unless ``--no-ema``.
+
+* safetensors: weights only, plus metadata (variant, class names JSON, preprocessing JSON:
+  img_size, crop_pct, interpolation, mean, std, crop; model args) that ``models.weights``,
+  ``tools/predict.py`` and ``hubconf.py`` read back.
+* TorchScript: ``torch.jit.trace`` of the eval model; the same metadata rides along as the
+  extra file ``moat_meta.json``. Like the ONNX graph below, the trace accepts any batch and,
+  with global attention, any multiple of 32 as H and W.
+* ONNX: input ``input`` ``[B, 3, H, W]`` -> output ``logits`` ``[B, num_classes]``, the metadata
+  as ``metadata_props``. Batch is always dynamic. Image size: with the default global attention
+  the legacy (TorchScript-based) exporter gives a graph whose H and W are dynamic too, valid for
+  any multiple of 32 (the relative-bias resize and gather are traced as shape-driven ops; the
+  Python shape branches it freezes - zero 'SAME' padding, global-attention reshape - take the
+  same path at every multiple of 32). Windowed attention (MODEL.MOAT.WINDOW_SIZE) or
+  ``--static-size`` gives a fixed ``--img-size``. ``--dynamo`` uses the torch.export-based
+  exporter instead (needs ``onnxscript``; batch only: with dynamic H/W it did not finish in
+  5 minutes on tiny_moat_0, and it is ~6x slower than the legacy exporter for a fixed size).
+
+``--check`` reloads the safetensors file and compares the tensors, and compares TorchScript and
+ONNX (onnxruntime) outputs with PyTorch on random inputs at two batch sizes, plus a non-square
+size when the size is dynamic; it fails with exit code 1 above ``--atol`` / ``--rtol``.
+torch >= 2.9 calls TorchScript and the legacy ONNX exporter deprecated; those notices are
+silenced here because they are, today, the exporters that keep the image size dynamic.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import warnings
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # run as a script: make the repo's packages importable
+    sys.path.insert(0, _REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from models.weights import (ModelMeta, UserError, load_model_for_inference, save_safetensors,  # noqa: E402
+                            safetensors_metadata)
+
+FORMATS = ("safetensors", "torchscript", "onnx")
+EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
+DEFAULT_OPSET = 18
+ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
+
+
+class CheckFailed(RuntimeError):
+    """An exported model disagrees with PyTorch beyond the tolerance."""
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "MOAT export", add_help=add_help,
+        description="Export a trained MOAT to safetensors / TorchScript / ONNX.",
+        epilog="ONNX image size: dynamic (any multiple of 32) with global attention and the "
+               "default legacy exporter; fixed --img-size with windowed attention, --static-size "
+               "or --dynamo. Batch is always dynamic.")
+    parser.add_argument("checkpoint", help="trainer checkpoint (.pth) or exported .safetensors")
+    parser.add_argument("--format", nargs="+", choices=FORMATS, default=["safetensors"],
+                        help="one or more output formats (default: safetensors)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="output path without extension (default: the checkpoint's, "
+                             "plus -ema / -raw)")
+    parser.add_argument("--variant", default=None,
+                        help="expected variant; required only for files that do not name theirs")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="use_ema", action="store_true", default=None,
+                     help="export the EMA weights (error if the checkpoint has none)")
+    ema.add_argument("--no-ema", dest="use_ema", action="store_false", default=None,
+                     help="export the raw weights (default: EMA when present)")
+    parser.add_argument("--img-size", type=int, default=None,
+                        help="trace / fixed ONNX input size (default: the training DATA.IMG_SIZE)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument("--static-size", action="store_true",
+                        help="ONNX: fixed --img-size even where a dynamic size is possible")
+    parser.add_argument("--dynamo", action="store_true",
+                        help="ONNX: torch.export-based exporter (needs onnxscript; dynamic batch only)")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the exported models with PyTorch (onnxruntime for ONNX)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="--check absolute tolerance")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="--check relative tolerance")
+    return parser
+
+
+def output_paths(base: str, formats: Sequence[str]) -> Dict[str, str]:
+    """``{format: base + extension}`` (a base that already ends in its one format's extension stays)."""
+    if len(formats) == 1 and base.endswith(EXTENSIONS[formats[0]]):
+        return {formats[0]: base}
+    return {fmt: base + EXTENSIONS[fmt] for fmt in formats}
+
+
+def meta_json(meta: ModelMeta) -> str:
+    """The safetensors metadata as one JSON object (TorchScript extra file, ONNX props source)."""
+    return json.dumps(safetensors_metadata(meta), sort_keys=True)
+
+
+def supports_dynamic_size(model: nn.Module) -> bool:
+    """True for global attention in both MOAT stages (the traced graph then fits every size)."""
+    return all(w is None for w in getattr(model, "window_size", (None, None)))
+
+
+def _example(batch: int, img_size: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, img_size, img_size, generator=generator)
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Silence the tracer's warnings about frozen Python shape branches (the module docstring says
+    why they hold at every multiple of 32; ``--check`` verifies it) and the legacy-exporter notice."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # torch >= 2.9 flags both TorchScript and the legacy ONNX exporter as deprecated; they are
+        # still what exports this model with a dynamic image size (see the module docstring).
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+        warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export")
+        yield
+
+
+def export_torchscript(model: nn.Module, meta: ModelMeta, path: str, img_size: int) -> str:
+    """``torch.jit.trace`` of the eval model, with ``moat_meta.json`` as an extra file."""
+    with _quiet_tracing(), torch.no_grad():
+        traced = torch.jit.trace(model, _example(2, img_size), check_trace=False)
+        torch.jit.save(traced, path, _extra_files={"moat_meta.json": meta_json(meta)})
+    return path
+
+
+def export_onnx(model: nn.Module, meta: ModelMeta, path: str, img_size: int,
+                opset: int = DEFAULT_OPSET, dynamic_size: bool = True, dynamo: bool = False) -> str:
+    """ONNX with a dynamic batch (and dynamic H, W when ``dynamic_size``); metadata as props."""
+    import onnx
+
+    if dynamo and dynamic_size:
+        raise UserError("--dynamo exports a fixed image size only; add --static-size")
+    example = (_example(2, img_size),)
+    with _quiet_tracing(), torch.no_grad():
+        if dynamo:
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError:
+                raise UserError("--dynamo needs the onnxscript package (pip install onnxscript)") from None
+            program = torch.onnx.export(
+                model, example, dynamo=True, opset_version=opset, input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT], verbose=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}})
+            program.save(path)
+        else:
+            axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+            torch.onnx.export(
+                model, example, path, dynamo=False, opset_version=opset,
+                input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: {0: "batch"}})
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, safetensors_metadata(meta))
+    onnx.save(proto, path)
+    return path
+
+
+def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> float:
+    diff = float(np.abs(got - want).max())
+    if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=rtol):
+        raise CheckFailed(f"{name}: output differs from PyTorch (shape {got.shape} vs {want.shape}, "
+                          f"max abs diff {diff:.3g}, atol {atol}, rtol {rtol})")
+    return diff
+
+
+def check_cases(img_size: int, dynamic_size: bool) -> List[Tuple[int, int, int]]:
+    """(batch, H, W) inputs to compare: two batch sizes, plus a non-square size when dynamic."""
+    cases = [(1, img_size, img_size), (3, img_size, img_size)]
+    if dynamic_size:
+        cases.append((2, img_size + 32, img_size))
+    return cases
+
+
+def check_export(model: nn.Module, fmt: str, path: str, cases: Sequence[Tuple[int, int, int]],
+                 atol: float = 1e-4, rtol: float = 1e-3) -> float:
+    """Max abs difference between ``path`` (a TorchScript or ONNX file) and ``model`` over
+    ``cases``; raises ``CheckFailed`` above tolerance."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        run = lambda x: session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0]  # noqa: E731
+    elif fmt == "torchscript":
+        with _quiet_tracing():
+            scripted = torch.jit.load(path, map_location="cpu")
+        run = lambda x: scripted(x).numpy()  # noqa: E731
+    else:
+        raise ValueError(f"no output check for format {fmt!r}")
+    model = model.to("cpu").eval()
+    worst = 0.0
+    for i, (batch, h, w) in enumerate(cases):
+        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(100 + i))
+        with torch.no_grad():
+            want = model(x).numpy()
+            got = run(x)
+        worst = max(worst, _compare(f"{fmt} {path} at input {batch}x3x{h}x{w}", got, want, atol, rtol))
+    return worst
+
+
+def export(args: argparse.Namespace) -> Dict[str, str]:
+    """Write the requested formats; returns ``{format: path}``."""
+    model, meta = load_model_for_inference(args.checkpoint, variant=args.variant, use_ema=args.use_ema)
+    img_size = args.img_size or meta.preprocessing["img_size"]
+    if img_size <= 0 or img_size % 32:
+        raise UserError(f"--img-size must be a positive multiple of 32 (MOAT's output stride), got {img_size}")
+    base = args.output or os.path.splitext(args.checkpoint)[0] + f"-{meta.weights}"
+    paths = output_paths(base, list(dict.fromkeys(args.format)))
+    if any(os.path.abspath(p) == os.path.abspath(args.checkpoint) for p in paths.values()):
+        raise UserError(f"the output would overwrite the input {args.checkpoint}; pick another --output")
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    dynamic_size = supports_dynamic_size(model) and not args.static_size and not args.dynamo
+    if not supports_dynamic_size(model) and "onnx" in paths and not args.static_size:
+        print(f"export.py: note: windowed attention: ONNX image size fixed at {img_size}", file=sys.stderr)
+
+    for fmt, path in paths.items():
+        if fmt == "safetensors":
+            save_safetensors(model, meta, path)
+        elif fmt == "torchscript":
+            export_torchscript(model, meta, path, img_size)
+        else:
+            export_onnx(model, meta, path, img_size, args.opset, dynamic_size, args.dynamo)
+        print(f"wrote {fmt}: {path} ({meta.variant}, {meta.weights} weights, {meta.num_classes} classes)")
+        if args.check and fmt == "safetensors":
+            reloaded, _ = load_model_for_inference(path)
+            ref, new = model.state_dict(), reloaded.state_dict()
+            if any(not torch.equal(ref[k], new[k]) for k in ref):
+                raise CheckFailed(f"{path}: reloaded weights differ from the exported model")
+            print("  check: reloaded weights equal")
+        elif args.check:
+            cases = check_cases(img_size, dynamic_size)
+            diff = check_export(model, fmt, path, cases, args.atol, args.rtol)
+            print(f"  check: max abs diff {diff:.2e} vs PyTorch over inputs "
+                  + ", ".join(f"{b}x3x{h}x{w}" for b, h, w in cases))
+    return paths
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns 0, 1 when --check fails, 2 for a user error."""
+    args = get_args_parser().parse_args(argv)
+    try:
+        export(args)
+    except UserError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 2
+    except CheckFailed as e:
+        print(f"export.py: check failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
