@@ -131,12 +131,14 @@ def load_file(path: str) -> Dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():
+        text = str(e)
+        if "Unsupported global" in text or "Unsupported class" in text:
             raise UserError(
                 f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain "
                 "containers, which could run code (checkpoints are loaded with weights_only=True)"
             ) from None
-        raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(e)})") from None
+        detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler" in text else text
+        raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(detail)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
         raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? "
                         f"({_first_line(e)})") from None

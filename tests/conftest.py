@@ -1,0 +1,114 @@
+"""Shared fixtures for the trainer tests: a tiny PNG class-folder tree, a tiny-config writer,
+a ``main.py`` subprocess runner and one reference 2-epoch run reused by several test files."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# oneDNN's AVX-512 kernels are JIT-compiled per new tensor shape, which costs seconds per shape on
+# some CPUs (seen on AMD EPYC CI-class VMs); AVX2 kernels compile in milliseconds. Set before torch
+# is imported so in-process runs and the subprocesses (they inherit the environment) both use it.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+# One thread per process: the tiny test model gains nothing from more, and OpenMP threads that
+# spin-wait on a busy 2-core runner make steps 10-50x slower. The subprocesses inherit it, and
+# equal thread counts keep the bit-exact resume comparisons meaningful.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from PIL import Image  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+CLASSES = ["red", "green", "blue"]
+COLORS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
+
+# Tiny but complete: RandAugment, random erasing, Mixup/CutMix and EMA stay on (the defaults),
+# so the bit-exact resume tests exercise every random stream. 8 train images per class at batch 4
+# give 6 steps per epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
+TINY_CONFIG = {
+    "BASE": [os.path.join(REPO, "configs", "tiny_moat_0.yaml")],
+    "DATA": {"IMG_SIZE": 32, "NUM_WORKERS": 0, "DATASET": "imagefolder", "BATCH_SIZE": 4,
+             "PIN_MEMORY": False},
+    "MODEL": {"NUM_CLASSES": 3},
+    # BASE_LR is per 512 images: 0.1 x 4 / 512 = 7.8e-4 at batch 4.
+    "TRAIN": {"EPOCHS": 2, "WARMUP_EPOCHS": 1, "BASE_LR": 0.1, "MIN_LR": 1e-3, "WARMUP_LR": 1e-4},
+    "AMP": "off",
+    "PRINT_FREQ": 1,
+    "SEED": 0,
+}
+
+
+def make_image_tree(root: str, train_per_class: int = 8, val_per_class: int = 3,
+                    classes=CLASSES, size: int = 40) -> str:
+    """Noisy solid-colour PNGs, one colour per class (learnable in a few steps)."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name, color in zip(classes, COLORS):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                pixels = np.asarray(color)[None, None, :] + rng.normal(0, 30, (size, size, 3))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+                    os.path.join(folder, f"{i}.png"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory) -> str:
+    """A shared, read-only tiny dataset (tests that damage data make their own copy)."""
+    return make_image_tree(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory):
+    """``tiny_cfg(**overrides)`` -> path of a YAML with TINY_CONFIG plus nested overrides."""
+    folder = tmp_path_factory.mktemp("cfg")
+    counter = [0]
+
+    def write(**sections) -> str:
+        cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_CONFIG.items()}
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+        counter[0] += 1
+        path = os.path.join(folder, f"tiny_{counter[0]}.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        return path
+
+    return write
+
+
+def cli_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(args, launcher=None, timeout=..)``: ``python main.py ARGS`` (or through
+    ``python -m torch.distributed.run`` with ``launcher=['--nproc_per_node=2']``) in the repo."""
+    def run(args, launcher=None, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+        prefix = [sys.executable]
+        if launcher is not None:
+            prefix += ["-m", "torch.distributed.run", "--standalone", *launcher]
+        return subprocess.run([*prefix, "main.py", *map(str, args)], cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout, env=env or cli_env())
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, image_tree, tiny_cfg, run_cli) -> str:
+    """Output folder of one uninterrupted 2-epoch CPU run of ``main.py`` (TINY_CONFIG)."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    proc = run_cli(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", out, "--tag", "ref"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return os.path.join(out, "tiny_moat_0", "ref")

@@ -1,0 +1,90 @@
+"""Config tree: BASE inheritance, precedence of flags and --opts, and one-line errors for
+unknown keys, wrong types and invalid values (each naming the key and what is accepted)."""
+from __future__ import annotations
+
+import pytest
+
+from config import ConfigError, config_to_dict, get_config
+from main import get_args_parser
+
+
+def _args(*argv):
+    return get_args_parser().parse_args(list(argv))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_base_files_merge_first_and_the_child_overrides_them(tmp_path):
+    _write(tmp_path / "base.yaml", "TRAIN:\n  EPOCHS: 7\n  BASE_LR: 0.002\n")
+    child = _write(tmp_path / "child.yaml", "BASE: ['base.yaml']\nTRAIN:\n  EPOCHS: 9\n")
+    config = get_config(_args("--cfg", child))
+    assert config.TRAIN.EPOCHS == 9 and config.TRAIN.BASE_LR == 0.002
+
+
+def test_flags_override_yaml_and_opts_override_everything(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "DATA:\n  BATCH_SIZE: 16\n")
+    config = get_config(_args("--cfg", cfg, "--batch-size", "32", "--tag", "x",
+                              "--opts", "TRAIN.EPOCHS", "3", "MODEL.NAME", "tiny_moat_1"))
+    assert (config.DATA.BATCH_SIZE, config.TAG, config.TRAIN.EPOCHS, config.MODEL.NAME) == \
+        (32, "x", 3, "tiny_moat_1")
+    assert config.is_frozen()
+
+
+def test_every_variant_config_file_loads(tmp_path):
+    import glob
+    import os
+    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+    assert len(files) >= 18
+    for path in files:
+        config = get_config(_args("--cfg", path))
+        assert os.path.basename(path).startswith(config.MODEL.NAME)
+        if path.endswith("_384_ft.yaml"):
+            assert config.DATA.IMG_SIZE == 384
+
+
+@pytest.mark.parametrize("opts, key, accepted", [
+    (["TRAIN.NOT_A_KEY", "1"], "TRAIN.NOT_A_KEY", "Non-existent"),
+    (["TRAIN.EPOCHS", "many"], "TRAIN.EPOCHS", "Type mismatch"),
+    (["TRAIN.BASE_LR", "-0.1"], "TRAIN.BASE_LR", "must be"),
+    (["DATA.BATCH_SIZE", "0"], "DATA.BATCH_SIZE", "must be > 0"),
+    (["MODEL.NAME", "moat_9"], "MODEL.NAME", "tiny_moat_0"),
+    (["TRAIN.OPTIMIZER.NAME", "lion"], "TRAIN.OPTIMIZER.NAME", "'adamw', 'sgd'"),
+    (["TRAIN.LR_SCHEDULER.NAME", "poly"], "TRAIN.LR_SCHEDULER.NAME", "'cosine', 'linear', 'step'"),
+    (["AMP_OPT_LEVEL", "O7"], "AMP_OPT_LEVEL", "'O1'"),
+])
+def test_bad_values_are_one_line_errors_naming_key_and_accepted_values(tmp_path, opts, key, accepted):
+    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\n")
+    with pytest.raises(ConfigError) as err:
+        get_config(_args("--cfg", cfg, "--opts", *opts))
+    msg = str(err.value)
+    assert "\n" not in msg and key in msg and accepted in msg
+
+
+def test_unknown_key_in_yaml_is_an_error(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "TRAIN:\n  EPOCH: 3\n")
+    with pytest.raises(ConfigError, match="EPOCH"):
+        get_config(_args("--cfg", cfg))
+
+
+def test_unknown_flag_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        get_args_parser().parse_args(["--cfg", "x.yaml", "--epochs", "3"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --epochs" in capsys.readouterr().err
+
+
+def test_old_launchers_local_rank_flag_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\n")
+    assert get_config(_args("--cfg", cfg, "--local_rank", "1")).LOCAL_RANK == 1
+    assert get_config(_args("--cfg", cfg, "--local-rank", "1")).LOCAL_RANK == 1
+
+
+def test_config_to_dict_is_plain_containers_for_weights_only_checkpoints(tmp_path):
+    import torch
+    d = config_to_dict(get_config())
+    torch.save({"config": d}, tmp_path / "c.pth")
+    assert torch.load(tmp_path / "c.pth", weights_only=True)["config"] == d

@@ -1,0 +1,67 @@
+"""LR schedules stepped per optimizer update: warmup start/end values, final values, step
+decay, and layer-decay scales applied by the scheduler."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from config import get_config
+from lr_scheduler import build_scheduler
+
+UPDATES_PER_EPOCH = 10
+
+
+def _run(name, epochs=10, warmup_epochs=2, **extra):
+    config = get_config().clone()
+    config.defrost()
+    config.merge_from_list(["TRAIN.EPOCHS", epochs, "TRAIN.WARMUP_EPOCHS", warmup_epochs,
+                            "TRAIN.LR_SCHEDULER.NAME", name,
+                            *[x for k, v in extra.items() for x in (k.replace("__", "."), v)]])
+    config.freeze()
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.5}], lr=1.0)
+    scheduler = build_scheduler(config, optimizer, UPDATES_PER_EPOCH, warmup_lr=0.01, min_lr=0.001)
+    lrs = [optimizer.param_groups[0]["lr"]]  # before the first update
+    scaled = [optimizer.param_groups[1]["lr"]]
+    for t in range(1, epochs * UPDATES_PER_EPOCH + 1):
+        scheduler.step_update(t)
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scaled.append(optimizer.param_groups[1]["lr"])
+    return lrs, scaled
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "step"])
+def test_warmup_starts_at_warmup_lr_and_ends_at_base_lr(name):
+    lrs, _ = _run(name)
+    warmup_end = 2 * UPDATES_PER_EPOCH
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[warmup_end // 2] == pytest.approx(0.01 + (1 - 0.01) / 2)  # linear ramp
+    assert lrs[warmup_end] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:warmup_end], lrs[1:warmup_end + 1]))
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_decay_reaches_min_lr_at_the_end(name):
+    lrs, _ = _run(name)
+    assert lrs[-1] == pytest.approx(0.001)
+    middle = (2 * UPDATES_PER_EPOCH + len(lrs) - 1) // 2
+    expect_middle = 0.001 + (1 - 0.001) * 0.5  # both are half-way at the midpoint of the decay
+    assert lrs[middle] == pytest.approx(expect_middle, rel=1e-3)
+
+
+def test_step_schedule_multiplies_by_decay_rate_every_decay_epochs():
+    lrs, _ = _run("step", TRAIN__LR_SCHEDULER__DECAY_EPOCHS=3, TRAIN__LR_SCHEDULER__DECAY_RATE=0.1)
+    w = 2 * UPDATES_PER_EPOCH
+    assert lrs[w + 3 * UPDATES_PER_EPOCH - 1] == pytest.approx(1.0)
+    assert lrs[w + 3 * UPDATES_PER_EPOCH] == pytest.approx(0.1)
+    assert lrs[w + 6 * UPDATES_PER_EPOCH] == pytest.approx(0.01)
+
+
+def test_layer_decay_scale_is_applied_to_every_value():
+    lrs, scaled = _run("cosine")
+    assert scaled == pytest.approx([0.5 * v for v in lrs])
+
+
+def test_zero_warmup_starts_at_base_lr():
+    lrs, _ = _run("cosine", warmup_epochs=0)
+    assert lrs[0] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.001)
