@@ -127,6 +127,7 @@ def _quiet_tracing() -> Iterator[None]:
         # still what exports this model with a dynamic image size (see the module docstring).
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
         warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
         yield
 
 
