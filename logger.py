@@ -12,15 +12,20 @@ _DATEFMT = "%Y-%m-%d %H:%M:%S"
 def create_logger(output_dir: str, rank: int = 0, name: str = "moat") -> logging.Logger:
     """A logger owned by this run (not module-global state shared between runs).
 
+    Warnings that reach the root logger (libraries, the data pipeline's "skipping unreadable
+    image ...") are forwarded to this logger, so they land in the run's log files too.
     Calling it again (e.g. a second run in one process, as tests do) replaces the handlers
     instead of stacking duplicates.
     """
     logger = logging.getLogger(f"{name}.rank{rank}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    root = logging.getLogger()
+    for owner in (logger, root):
+        for handler in list(owner.handlers):
+            if owner is logger or isinstance(handler, _ForwardTo):
+                owner.removeHandler(handler)
+                handler.close()
 
     formatter = logging.Formatter(_FMT, datefmt=_DATEFMT)
     if rank == 0:
@@ -34,4 +39,16 @@ def create_logger(output_dir: str, rank: int = 0, name: str = "moat") -> logging
         file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
+    root.addHandler(_ForwardTo(logger))
     return logger
+
+
+class _ForwardTo(logging.Handler):
+    """Root-logger handler that hands WARNING+ records to the run's logger."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__(level=logging.WARNING)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.handle(record)

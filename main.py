@@ -480,9 +480,6 @@ def _restore(trainer: Trainer, path: str, obj: Dict[str, Any], steps_per_epoch: 
     if missing:
         raise UserError(f"{path}: not a resumable training checkpoint (missing {', '.join(missing)}); "
                         "use --pretrained to start from its weights")
-    if obj.get("model_name", trainer.config.MODEL.NAME) != trainer.config.MODEL.NAME:
-        raise UserError(f"{path}: a checkpoint of {obj['model_name']}, but MODEL.NAME is "
-                        f"{trainer.config.MODEL.NAME}")
     load_model_weights(trainer.model, model_state_from(obj, path), path)
     _check_class_names(obj, trainer.class_names, path, trainer.logger)
     try:

@@ -139,7 +139,9 @@ def load_file(path: str) -> Dict[str, Any]:
             ) from None
         detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler" in text else text
         raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(detail)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - parsing an arbitrary user file fails in arbitrary ways
+        # (zip reader RuntimeError, EOFError, IndexError/TypeError from the unpickler on garbage):
+        # each means "this file is not a checkpoint we can read".
         raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? "
                         f"({_first_line(e)})") from None
     if not isinstance(obj, dict):

@@ -1,0 +1,272 @@
+"""Crash safety (issue 5): bit-exact resume after SIGKILL and after SIGTERM mid-epoch, divergence
+that never overwrites a good checkpoint, one-line errors for bad data, config and checkpoints,
+refusal of checkpoints carrying code, and a warning when an output folder holds another config.
+
+The kill/SIGTERM tests run ``main.py`` as real subprocesses and compare their final ``last.pth``
+tensor by tensor with the uninterrupted ``conftest.reference_run`` (same config and seed).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import main as trainer
+from conftest import REPO, cli_env
+
+RUN = ("tiny_moat_0", "default")
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a_path, b_path):
+    """Model, EMA and optimizer state of two checkpoints are bit-identical."""
+    a, b = _load(a_path), _load(b_path)
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+    for key in ("model", "model_ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in pa:
+            assert torch.equal(torch.as_tensor(pa[k]), torch.as_tensor(pb[k])), f"optimizer {k} differs"
+
+
+def _start(args):
+    return subprocess.Popen([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_log(proc, log_path, needle, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                if needle in f.read():
+                    return
+        if proc.poll() is not None:
+            pytest.fail(f"run ended (rc {proc.returncode}) before '{needle}': {proc.stderr.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"timed out waiting for '{needle}'")
+
+
+def _sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _copy_run(src_dir, dst_root, names=("last.pth", "config.yaml", "summary.csv"), rename=None):
+    dst = os.path.join(dst_root, *RUN)
+    os.makedirs(dst, exist_ok=True)
+    for name in names:
+        shutil.copy2(os.path.join(src_dir, name), os.path.join(dst, (rename or {}).get(name, name)))
+    return dst
+
+
+# ------------------------------------------------------------------------------- exact resume
+def test_sigkill_after_an_epoch_then_auto_resume_is_bit_identical(reference_run, image_tree, tiny_cfg,
+                                                                  run_cli, tmp_path):
+    args = ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", tmp_path]
+    run_dir = os.path.join(tmp_path, *RUN)
+    proc = _start(args)
+    _wait_for_log(proc, os.path.join(run_dir, "log_rank0.txt"), "(epoch 0, batch 6, step 6)")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed during epoch 1, not finished
+    assert _load(os.path.join(run_dir, "last.pth"))["epoch"] == 0
+
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "auto-resuming from" in open(os.path.join(run_dir, "log_rank0.txt")).read()
+    assert_same_training_state(os.path.join(run_dir, "last.pth"), os.path.join(reference_run, "last.pth"))
+
+
+def test_sigterm_mid_epoch_checkpoints_the_position_exits_0_and_resumes_bit_identically(
+        reference_run, image_tree, tiny_cfg, run_cli, tmp_path):
+    args = ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", tmp_path]
+    run_dir = os.path.join(tmp_path, *RUN)
+    log_path = os.path.join(run_dir, "log_rank0.txt")
+    proc = _start(args)
+    _wait_for_log(proc, log_path, "Train: [1/2][1/6]")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in open(log_path).read()
+    stopped = _load(os.path.join(run_dir, "last.pth"))
+    assert stopped["epoch"] == 1 and not stopped["epoch_complete"] and 2 <= stopped["batches_done"] <= 6
+    assert stopped["step"] == 6 + stopped["batches_done"]
+
+    # Resume, also saving every 2 updates (periodic mid-epoch checkpoints; no effect on the math).
+    resumed = run_cli(args + ["--opts", "TRAIN.SAVE_STEPS", "2"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    log = open(log_path).read()
+    assert f"epoch 1, batch {stopped['batches_done']}, step {stopped['step']}" in log
+    assert "TRAIN.SAVE_STEPS: 0 -> 2" in log  # the config-change warning names the key
+    assert_same_training_state(os.path.join(run_dir, "last.pth"), os.path.join(reference_run, "last.pth"))
+
+
+def test_periodic_step_checkpoints_record_the_position_inside_the_epoch(image_tree, tiny_cfg, tmp_path):
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0, "SAVE_STEPS": 2, "EMA": {"ENABLE": False}})
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
+    log = open(os.path.join(tmp_path, *RUN, "log_rank0.txt")).read()
+    assert "saved last.pth (epoch 0, batch 2, step 2)" in log
+    assert "saved last.pth (epoch 0, batch 4, step 4)" in log
+    assert "(epoch 0, batch 6, step 6)" in log
+
+
+# ------------------------------------------------------------------------------- divergence
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+        reference_run, image_tree, tiny_cfg, tmp_path, capsys):
+    run_dir = _copy_run(reference_run, str(tmp_path), names=("epoch_0.pth",),
+                        rename={"epoch_0.pth": "last.pth"})
+    good = _sha(os.path.join(run_dir, "last.pth"))
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
+                         "--opts", "TRAIN.BASE_LR", "1e30", "TRAIN.CLIP_GRAD", "0.0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and err.count("\n") == 0
+    assert "non-finite loss" in err and "epoch 1" in err
+    assert _sha(os.path.join(run_dir, "last.pth")) == good
+    assert not glob.glob(os.path.join(run_dir, "epoch_*.pth")) and not os.path.exists(os.path.join(run_dir, "best.pth"))
+
+
+# ---------------------------------------------------------------------------------- bad input
+def _empty_class(root):
+    for f in glob.glob(os.path.join(root, "train", "blue", "*")):
+        os.unlink(f)
+    return os.path.join(root, "train", "blue")
+
+
+def _class_mismatch(root):
+    os.rename(os.path.join(root, "val", "blue"), os.path.join(root, "val", "purple"))
+    return os.path.join(root, "val")
+
+
+def _truncated_image(root):
+    path = os.path.join(root, "train", "red", "0.png")
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:60])
+    return path
+
+
+@pytest.mark.parametrize("damage", [_empty_class, _class_mismatch, _truncated_image])
+def test_bad_data_is_a_one_line_error_naming_the_path(damage, image_tree, tiny_cfg, tmp_path, capsys):
+    root = str(tmp_path / "data")
+    shutil.copytree(image_tree, root)
+    needle = damage(root)
+    code = trainer.main(["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", root,
+                         "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and needle in err, err
+
+
+def test_missing_data_path_is_a_one_line_error(tiny_cfg, tmp_path, capsys):
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", str(tmp_path / "nope"), "--output", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and str(tmp_path / "nope") in err
+
+
+def test_skip_bad_images_option_trains_and_logs_each_skipped_file_once(image_tree, tiny_cfg, tmp_path):
+    root = str(tmp_path / "data")
+    shutil.copytree(image_tree, root)
+    bad = _truncated_image(root)
+    cfg = tiny_cfg(DATA={"SKIP_BAD_IMAGES": True}, TRAIN={"EPOCHS": 2, "EMA": {"ENABLE": False}})
+    assert trainer.main(["--cfg", cfg, "--data-path", root, "--output", str(tmp_path / "out")]) == 0
+    log = open(os.path.join(tmp_path, "out", *RUN, "log_rank0.txt")).read()
+    assert log.count(f"skipping unreadable image {bad}") == 1
+
+
+@pytest.mark.parametrize("opts, needle", [
+    (["TRAIN.NO_SUCH", "1"], "TRAIN.NO_SUCH"),
+    (["TRAIN.EPOCHS", "abc"], "TRAIN.EPOCHS"),
+    (["TRAIN.BASE_LR", "-1.0"], "TRAIN.BASE_LR"),
+    (["DATA.BATCH_SIZE", "0"], "DATA.BATCH_SIZE"),
+    (["MODEL.NAME", "resnet50"], "accepted: moat_0"),
+    (["TRAIN.OPTIMIZER.NAME", "adam"], "accepted: 'adamw', 'sgd'"),
+    (["TRAIN.LR_SCHEDULER.NAME", "poly"], "accepted: 'cosine', 'linear', 'step'"),
+])
+def test_bad_config_is_a_one_line_error_naming_key_and_accepted_values(opts, needle, image_tree, tiny_cfg,
+                                                                       tmp_path, capsys):
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
+                         "--opts", *opts])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and needle in err, err
+
+
+# --------------------------------------------------------------------------- bad checkpoints
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _bad_checkpoint(kind, tmp_path, reference_run):
+    path = tmp_path / f"{kind}.pth"
+    if kind == "missing":
+        return str(path), "checkpoint not found"
+    if kind == "text":
+        path.write_text("this is not a checkpoint\n")
+        return str(path), "not a"
+    if kind == "truncated":
+        data = open(os.path.join(reference_run, "last.pth"), "rb").read()
+        path.write_bytes(data[: len(data) // 3])
+        return str(path), "truncated or corrupt"
+    if kind == "other_variant":
+        from config import get_config
+        from models import build_model
+        config = get_config().clone()
+        config.defrost()
+        config.merge_from_list(["MODEL.NAME", "tiny_moat_1", "MODEL.NUM_CLASSES", 3])
+        torch.save({"model": build_model(config).state_dict(), "model_name": "tiny_moat_1", "epoch": 0,
+                    "optimizer": {}}, path)
+        return str(path), "shape mismatch"
+    if kind == "malicious":
+        torch.save({"model": {}, "x": _Exploit(str(tmp_path / "pwned"))}, path)
+        return str(path), "refused to load"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("flag", [["--resume"], ["--pretrained"], ["--eval", "--resume"]])
+@pytest.mark.parametrize("kind", ["missing", "text", "truncated", "other_variant", "malicious"])
+def test_bad_checkpoints_are_one_line_errors_and_code_never_runs(flag, kind, reference_run, image_tree, tiny_cfg,
+                                                                 tmp_path, capsys):
+    path, needle = _bad_checkpoint(kind, tmp_path, reference_run)
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path / "out"),
+                         *flag, path])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and needle in err and path in err, err
+    assert not (tmp_path / "pwned").exists()
+    assert not glob.glob(os.path.join(tmp_path, "out", *RUN, "*.pth"))
+
+
+def test_auto_resume_skips_a_malicious_checkpoint_with_a_warning(image_tree, tiny_cfg, tmp_path):
+    run_dir = os.path.join(tmp_path, *RUN)
+    os.makedirs(run_dir)
+    torch.save({"model": {}, "x": _Exploit(str(tmp_path / "pwned"))}, os.path.join(run_dir, "last.pth"))
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "EMA": {"ENABLE": False}})
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
+    log = open(os.path.join(run_dir, "log_rank0.txt")).read()
+    assert "skipping unusable checkpoint" in log and "refused to load" in log
+    assert not (tmp_path / "pwned").exists()
+    assert _load(os.path.join(run_dir, "last.pth"))["epoch"] == 0  # trained fresh, then saved
+
+
+# ----------------------------------------------------------------------------------- outputs
+def test_output_folder_with_another_config_warns_naming_the_keys(reference_run, image_tree, tiny_cfg, tmp_path):
+    run_dir = _copy_run(reference_run, str(tmp_path))
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
+                         "--opts", "TRAIN.WEIGHT_DECAY", "0.1"])
+    assert code == 0  # nothing left to train: both epochs are done
+    log = open(os.path.join(run_dir, "log_rank0.txt")).read()
+    assert "holds a run with a different config" in log and "TRAIN.WEIGHT_DECAY: 0.05 -> 0.1" in log
