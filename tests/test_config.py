@@ -33,16 +33,19 @@ def test_flags_override_yaml_and_opts_override_everything(tmp_path):
     assert config.is_frozen()
 
 
-def test_every_variant_config_file_loads(tmp_path):
+def test_every_config_file_loads_and_every_variant_has_one():
     import glob
     import os
-    files = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
-    assert len(files) >= 18
-    for path in files:
-        config = get_config(_args("--cfg", path))
-        assert os.path.basename(path).startswith(config.MODEL.NAME)
-        if path.endswith("_384_ft.yaml"):
-            assert config.DATA.IMG_SIZE == 384
+
+    from models import list_variants
+    folder = os.path.join(os.path.dirname(__file__), "..", "configs")
+    for path in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
+        get_config(_args("--cfg", path))
+    for variant in list_variants():
+        assert get_config(_args("--cfg", os.path.join(folder, f"{variant}.yaml"))).MODEL.NAME == variant
+        if variant.startswith("moat_") and not variant.endswith("_no_pe"):
+            ft = get_config(_args("--cfg", os.path.join(folder, f"{variant}_384_ft.yaml")))
+            assert (ft.MODEL.NAME, ft.DATA.IMG_SIZE) == (variant, 384)
 
 
 @pytest.mark.parametrize("opts, key, accepted", [
