@@ -298,6 +298,10 @@ class Trainer:
             "class_names": list(self.class_names),
             "model_name": self.config.MODEL.NAME,
             "world_size": self.info.world_size,
+            # The data order is a function of these (the sampler permutes by SEED + epoch); a
+            # mid-epoch resume skips batches_done x batch_size samples of this rank's order.
+            "data_order": {"seed": self.config.SEED, "epoch": epoch, "batches_done": batches_done,
+                           "batch_size": self.config.DATA.BATCH_SIZE},
             "rng_state": rng,
             "torch_version": str(torch.__version__),
         }
@@ -396,7 +400,7 @@ def train(config, model: nn.Module, class_names: List[str], loader_train, loader
                       CheckpointSaver(output_dir, config.SAVE_FREQ, config.KEEP_CHECKPOINTS),
                       class_names, PreemptionFlag(), writer)
 
-    start_epoch, start_batch, rng_state = 0, 0, None
+    start_epoch, start_batch, rng_state = config.TRAIN.START_EPOCH, 0, None
     if resume is not None:
         start_epoch, start_batch, rng_state = _restore(trainer, *resume, steps_per_epoch)
     if rng_state is not None and start_batch == 0:
@@ -576,7 +580,11 @@ def train_one_epoch(t: Trainer, loader, epoch: int, steps_per_epoch: int, start_
         if idx % config.PRINT_FREQ == 0 or idx + 1 == steps_per_epoch:
             t.check_finite(epoch)
             loss_meter.update(loss.item())
-            norm_meter.update(float(grad_norm))
+            norm = float(grad_norm)
+            if math.isfinite(norm):  # fp16 overflow steps (skipped by the scaler) stay out of the mean
+                norm_meter.update(norm)
+            else:
+                norm_meter.val = norm
             lr = t.optimizer.param_groups[-1]["lr"]
             eta = datetime.timedelta(seconds=int(batch_time.avg * (steps_per_epoch - idx - 1)))
             t.logger.info(
