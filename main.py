@@ -413,43 +413,53 @@ def train(config, model: nn.Module, class_names: List[str], loader_train, loader
     logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {steps_per_epoch} "
                 f"steps/epoch, best.pth chosen by the {best_by}'s top-1")
     start_time = time.time()
-    with trainer.preemption:
-        for epoch in range(start_epoch, config.TRAIN.EPOCHS):
-            epoch_start = time.time()
-            sampler = loader_train.sampler
-            if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch)
-            if start_batch:
-                if not hasattr(sampler, "set_start_index"):
-                    raise UserError("this checkpoint stopped mid-epoch but the train sampler cannot "
-                                    "skip ahead (no set_start_index)")
-                sampler.set_start_index(start_batch * loader_train.batch_size)
-            else:
-                trainer.epoch_loss = [0.0, 0.0]
-            preempted = train_one_epoch(trainer, loader_train, epoch, steps_per_epoch, start_batch, rng_state)
-            start_batch, rng_state = 0, None
-            if preempted:
-                logger.info(f"stopped by {trainer.preemption.signal_name}: checkpoint written, "
-                            "the next start resumes from it")
-                return 0
+    try:
+        with trainer.preemption:
+            return _train_epochs(trainer, config, loader_train, loader_val, start_epoch, start_batch,
+                                 rng_state, steps_per_epoch, best_by, output_dir, start_time)
+    finally:
+        if writer is not None:
+            writer.close()
 
-            metrics = validate(config, loader_val, model, autocast, info, logger, name="model")
-            ema_metrics = (validate(config, loader_val, ema.module, autocast, info, logger, name="ema")
-                           if ema is not None else {})
-            acc1 = (ema_metrics if best_by == "ema" else metrics)["acc1"]
-            is_best = acc1 > trainer.max_accuracy
-            trainer.max_accuracy = max(trainer.max_accuracy, acc1)
-            logger.info(f"max accuracy ({best_by}): {trainer.max_accuracy:.2f}%")
-            row = _epoch_row(trainer, epoch, metrics, ema_metrics, time.time() - epoch_start)
-            if info.is_primary:
-                _append_summary(output_dir, row)
-                _log_epoch_scalars(writer, row)
-            trainer.save(epoch, steps_per_epoch, epoch_complete=True, is_best=is_best)
 
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
-    logger.info(f"training time {total}")
-    if writer is not None:
-        writer.close()
+def _train_epochs(trainer: Trainer, config, loader_train, loader_val, start_epoch: int, start_batch: int,
+                  rng_state, steps_per_epoch: int, best_by: str, output_dir: str, start_time: float) -> int:
+    """The epoch loop: train, validate (model and EMA), record, save. Returns the exit code."""
+    info, logger, model, ema = trainer.info, trainer.logger, trainer.model, trainer.ema
+    for epoch in range(start_epoch, config.TRAIN.EPOCHS):
+        epoch_start = time.time()
+        sampler = loader_train.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if start_batch:
+            if not hasattr(sampler, "set_start_index"):
+                raise UserError("this checkpoint stopped mid-epoch but the train sampler cannot "
+                                "skip ahead (no set_start_index)")
+            sampler.set_start_index(start_batch * loader_train.batch_size)
+        else:
+            trainer.epoch_loss = [0.0, 0.0]
+        preempted = train_one_epoch(trainer, loader_train, epoch, steps_per_epoch, start_batch, rng_state)
+        start_batch, rng_state = 0, None
+        if preempted:
+            logger.info(f"stopped by {trainer.preemption.signal_name}: checkpoint written, "
+                        "the next start resumes from it")
+            return 0
+
+        metrics = validate(config, loader_val, model, trainer.autocast, info, logger, name="model")
+        ema_metrics = (validate(config, loader_val, ema.module, trainer.autocast, info, logger, name="ema")
+                       if ema is not None else {})
+        acc1 = (ema_metrics if best_by == "ema" else metrics)["acc1"]
+        # The first finished epoch always writes best.pth, even at 0% accuracy.
+        is_best = acc1 > trainer.max_accuracy or not os.path.exists(os.path.join(output_dir, "best.pth"))
+        trainer.max_accuracy = max(trainer.max_accuracy, acc1)
+        logger.info(f"max accuracy ({best_by}): {trainer.max_accuracy:.2f}%")
+        row = _epoch_row(trainer, epoch, metrics, ema_metrics, time.time() - epoch_start)
+        if info.is_primary:
+            _append_summary(output_dir, row)
+            _log_epoch_scalars(trainer.writer, row)
+        trainer.save(epoch, steps_per_epoch, epoch_complete=True, is_best=is_best)
+
+    logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return 0
 
 
