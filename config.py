@@ -75,6 +75,10 @@ _C.MODEL.MOAT = CN()
 _C.MODEL.MOAT.POOL_SIZE = 2
 # Attention window per MOAT stage (stage 3, stage 4); 0 means global attention over the whole map.
 _C.MODEL.MOAT.WINDOW_SIZE = [0, 0]
+# BatchNorm running-stat momentum (PyTorch convention). 0.01 is the official value (Keras 0.99),
+# right for ImageNet-length schedules; runs of a few thousand steps need ~0.1, or the running
+# statistics lag the weights and eval accuracy collapses while train loss looks fine.
+_C.MODEL.MOAT.BN_MOMENTUM = 0.01
 
 # -----------------------------------------------------------------------------
 # Training
@@ -297,6 +301,8 @@ def validate_config(config: CN) -> None:
           config.MODEL.LABEL_SMOOTHING, "must be in [0, 1)")
     check(config.MODEL.MOAT.POOL_SIZE in (2, 3), "MODEL.MOAT.POOL_SIZE", config.MODEL.MOAT.POOL_SIZE,
           "accepted: 2, 3")
+    check(0.0 < config.MODEL.MOAT.BN_MOMENTUM <= 1.0, "MODEL.MOAT.BN_MOMENTUM",
+          config.MODEL.MOAT.BN_MOMENTUM, "must be in (0, 1]")
     check(len(config.MODEL.MOAT.WINDOW_SIZE) == 2 and all(w >= 0 for w in config.MODEL.MOAT.WINDOW_SIZE),
           "MODEL.MOAT.WINDOW_SIZE", config.MODEL.MOAT.WINDOW_SIZE,
           "two non-negative ints (stage 3, stage 4; 0 = global)")

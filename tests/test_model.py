@@ -364,3 +364,13 @@ def test_build_model_reads_the_trainer_config():
     assert model.stages[2].blocks[0].attn.window_size == 14 and model.stages[3].blocks[0].attn.window_size is None
     assert model.stages[2].blocks[0].attn.rel_pos is None
     assert model.stages[-1].blocks[-1].drop_path.__class__ is nn.Identity  # tiny_moat_1 default rate 0.0
+
+
+def test_build_model_applies_the_configured_batchnorm_momentum():
+    from config import get_config
+    cfg = get_config()
+    cfg.defrost()
+    cfg.MODEL.NAME = "tiny_moat_0"
+    assert all(m.momentum == 0.01 for m in models.build_model(cfg).modules() if isinstance(m, nn.BatchNorm2d))
+    cfg.MODEL.MOAT.BN_MOMENTUM = 0.1
+    assert all(m.momentum == 0.1 for m in models.build_model(cfg).modules() if isinstance(m, nn.BatchNorm2d))
