@@ -224,3 +224,25 @@ def test_torchrun_two_processes_train_and_eval_equals_one_process_eval(image_tre
     assert two[3] == one[3] == 9  # every val image exactly once, no padding duplicates
     assert two[0] == one[0] and two[1] == one[1]
     assert two[2] == pytest.approx(one[2], abs=1e-3)  # logged with 4 decimals
+
+
+def test_linear_probe_trains_only_the_classifier_and_keeps_batchnorm_statistics(reference_run, image_tree,
+                                                                                tiny_cfg, tmp_path):
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "FREEZE_BACKBONE": True, "EMA": {"ENABLE": False}})
+    pretrained = os.path.join(reference_run, "best.pth")
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path),
+                         "--pretrained", pretrained]) == 0
+    new = torch.load(os.path.join(tmp_path, "tiny_moat_0", "default", "last.pth"), weights_only=True)["model"]
+    old = torch.load(pretrained, weights_only=True)["model"]
+    changed = {k for k in old if not torch.equal(old[k], new[k])}
+    assert changed == {"head.fc.weight", "head.fc.bias"}  # BN running stats included in "unchanged"
+
+
+def test_fp16_with_grad_scaler_trains_on_cpu_and_saves_the_scaler(image_tree, tiny_cfg, tmp_path):
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "EMA": {"ENABLE": False}})
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path),
+                         "--amp", "fp16"]) == 0
+    ckpt = torch.load(os.path.join(tmp_path, "tiny_moat_0", "default", "last.pth"), weights_only=True)
+    assert ckpt["scaler"]["scale"] > 0 and ckpt["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert "mixed precision: torch.float16" in read_log(os.path.join(tmp_path, "tiny_moat_0", "default"))
