@@ -112,3 +112,15 @@ def reference_run(tmp_path_factory, image_tree, tiny_cfg, run_cli) -> str:
     proc = run_cli(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", out, "--tag", "ref"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return os.path.join(out, "tiny_moat_0", "ref")
+
+
+@pytest.fixture(scope="session")
+def ddp_reference(tmp_path_factory, image_tree, tiny_cfg, run_cli):
+    """``(cfg, args, run_dir)`` of one uninterrupted 2-process ``torchrun`` CPU run: 1 epoch,
+    gradient accumulation 2 over 3 micro-batches per rank (a no_sync micro-step, 2 updates)."""
+    out = str(tmp_path_factory.mktemp("ddp_reference"))
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "EMA": {"ENABLE": False}})
+    args = ["--cfg", cfg, "--data-path", image_tree, "--accumulation-steps", "2"]
+    proc = run_cli(args + ["--output", out], launcher=["--nproc_per_node=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cfg, args, os.path.join(out, "tiny_moat_0", "default")

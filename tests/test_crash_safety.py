@@ -270,3 +270,26 @@ def test_output_folder_with_another_config_warns_naming_the_keys(reference_run, 
     assert code == 0  # nothing left to train: both epochs are done
     log = open(os.path.join(run_dir, "log_rank0.txt")).read()
     assert "holds a run with a different config" in log and "TRAIN.WEIGHT_DECAY: 0.05 -> 0.1" in log
+
+
+def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identically(ddp_reference, run_cli, tmp_path):
+    _, args, reference_dir = ddp_reference
+    args = args + ["--output", tmp_path]
+    run_dir = os.path.join(tmp_path, *RUN)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.Popen([*launcher, "main.py", *map(str, args)], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_log(proc, os.path.join(run_dir, "log_rank0.txt"), "Train: [0/1][0/3]")
+    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    proc.communicate(timeout=120)
+    for rank in (0, 1):
+        assert "stopped by SIGTERM" in open(os.path.join(run_dir, f"log_rank{rank}.txt")).read()
+    stopped = _load(os.path.join(run_dir, "last.pth"))
+    assert not stopped["epoch_complete"] and len(stopped["rng_state"]) == 2
+
+    resumed = run_cli(args, launcher=["--nproc_per_node=2"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _load(os.path.join(run_dir, "last.pth")), _load(os.path.join(reference_dir, "last.pth"))
+    assert a["step"] == b["step"] == 2
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name

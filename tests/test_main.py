@@ -205,13 +205,8 @@ def test_cli_user_error_has_no_traceback(run_cli, tiny_cfg, tmp_path):
     assert str(tmp_path / "missing") in proc.stderr
 
 
-def test_torchrun_two_processes_train_and_eval_equals_one_process_eval(image_tree, tiny_cfg, run_cli, tmp_path):
-    # Gradient accumulation 2 over 3 micro-batches per rank: one no_sync micro-step, two updates.
-    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "EMA": {"ENABLE": False}})
-    proc = run_cli(["--cfg", cfg, "--data-path", image_tree, "--output", tmp_path / "ddp",
-                    "--accumulation-steps", "2"], launcher=["--nproc_per_node=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dir = os.path.join(tmp_path, "ddp", "tiny_moat_0", "default")
+def test_torchrun_two_processes_train_and_eval_equals_one_process_eval(ddp_reference, image_tree, tmp_path):
+    cfg, _, run_dir = ddp_reference
     assert os.path.isfile(os.path.join(run_dir, "log_rank1.txt"))
     ckpt = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng_state"]) == 2
