@@ -99,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def run(config) -> int:
     """Join the process group, do the work, and always leave the group again."""
-    info = init_distributed(config.DEVICE)
+    info = init_distributed(config.DEVICE, config.LOCAL_RANK)
     clean = False
     try:
         code = _run(config, info)
@@ -441,8 +441,8 @@ def _train_epochs(trainer: Trainer, config, loader_train, loader_val, start_epoc
         preempted = train_one_epoch(trainer, loader_train, epoch, steps_per_epoch, start_batch, rng_state)
         start_batch, rng_state = 0, None
         if preempted:
-            logger.info(f"stopped by {trainer.preemption.signal_name}: checkpoint written, "
-                        "the next start resumes from it")
+            logger.info(f"stopped by {trainer.preemption.signal_name or 'a signal on another rank'}: "
+                        "checkpoint written, the next start resumes from it")
             return 0
 
         metrics = validate(config, loader_val, model, trainer.autocast, info, logger, name="model")
@@ -458,6 +458,11 @@ def _train_epochs(trainer: Trainer, config, loader_train, loader_val, start_epoc
             _append_summary(output_dir, row)
             _log_epoch_scalars(trainer.writer, row)
         trainer.save(epoch, steps_per_epoch, epoch_complete=True, is_best=is_best)
+        if any_rank(trainer.preemption.requested, info) and epoch + 1 < config.TRAIN.EPOCHS:
+            # Signalled during validation: the epoch checkpoint just written is the resume point.
+            logger.info(f"stopped by {trainer.preemption.signal_name or 'a signal on another rank'} "
+                        "after the epoch's checkpoint; the next start resumes from it")
+            return 0
 
     logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     return 0

@@ -52,11 +52,15 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed(device_name: str) -> DistInfo:
-    """Join the process group the launcher describes (if any) and pick this process's device."""
+def init_distributed(device_name: str, local_rank: int = 0) -> DistInfo:
+    """Join the process group the launcher describes (if any) and pick this process's device.
+
+    ``local_rank`` is the fallback for old launchers that pass ``--local-rank`` but do not set
+    LOCAL_RANK in the environment.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", str(local_rank)))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = resolve_device(device_name, local_rank)
 
