@@ -115,6 +115,20 @@ def _tf_same_pad(size: Sequence[int], kernel: int, stride: int) -> Tuple[int, in
     return tuple(pads)
 
 
+class SqueezeExcite(SEModule):
+    """timm's ``SEModule`` (same parameters, same values) with a cheaper squeeze gradient.
+
+    ``x.mean`` backward writes ``grad / (H*W)`` at the full expanded size; the backward of
+    ``sum`` is a free broadcast and the division runs on the pooled ``[B, C, 1, 1]`` tensor.
+    Accumulating in float32 then rounding keeps it bit-identical to ``mean`` under bf16 too.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_se = x.sum((2, 3), keepdim=True, dtype=torch.float32).div(x.shape[-2] * x.shape[-1]).to(x.dtype)
+        x_se = self.fc2(self.act(self.bn(self.fc1(x_se))))
+        return x * self.gate(x_se)
+
+
 class Stem(nn.Module):
     """3x3/2 conv (bias) -> BN -> GELU -> 3x3/1 conv (bias); the next block's pre-norm follows."""
 
@@ -167,7 +181,7 @@ class MBConvBlock(nn.Module):
                                        depthwise=True, bias=False)
         self.norm2 = BatchNorm2d(mid_chs)
         self.act2 = nn.GELU()
-        self.se = (SEModule(mid_chs, rd_channels=max(1, int(0.25 * out_chs)), act_layer=nn.SiLU)
+        self.se = (SqueezeExcite(mid_chs, rd_channels=max(1, int(0.25 * out_chs)), act_layer=nn.SiLU)
                    if use_se else nn.Identity())
         self.conv3_1x1 = nn.Conv2d(mid_chs, out_chs, 1, bias=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -235,7 +249,10 @@ class RelativePositionBias(nn.Module):
         """Bias ``[heads, h*w, h*w]`` for an ``h x w`` window, always recomputed."""
         table = self.resized_table(h, w)
         index = self._index(h, w, table.device)
-        return table.flatten(1)[:, index]
+        # index_select (backward: index_add_) rather than advanced indexing (backward: a sorting
+        # index_put_ with accumulate): same values, a cheaper gradient in training.
+        n = h * w
+        return table.flatten(1).index_select(1, index.flatten()).view(-1, n, n)
 
     def forward(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
         table = self.relative_position_bias_table
@@ -306,7 +323,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.rel_pos(wh, ww, q.dtype) if self.rel_pos is not None else None
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            # A 4-D mask: torch's CPU flash kernel takes only 2-D / 4-D masks and silently falls
+            # back to the (5x slower) math path for the 3-D one.
+            mask = bias.unsqueeze(0) if bias is not None else None
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:
             x = explicit_attention(q, k, v, bias, self.scale)
         x = self.proj(x.transpose(1, 2).reshape(Bw, N, C))
