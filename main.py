@@ -163,7 +163,8 @@ def _check_and_save_config(config, output_dir: str, logger) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             old = yaml.safe_load(f) or {}
-        diffs = config_differences(old, config_to_dict(config))
+        # Keys the old run's code did not have yet count as their defaults, not as changes.
+        diffs = config_differences(_deep_merge(config_to_dict(get_config()), old), config_to_dict(config))
         if diffs:
             logger.warning(f"{output_dir} holds a run with a different config ({'; '.join(diffs)}); "
                            "resuming from it mixes two experiments: use another --tag or --output "
@@ -172,6 +173,13 @@ def _check_and_save_config(config, output_dir: str, logger) -> None:
     with open(tmp, "w") as f:
         f.write(config.dump())
     os.replace(tmp, path)
+
+
+def _deep_merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -410,8 +418,12 @@ def train(config, model: nn.Module, class_names: List[str], loader_train, loader
         _rewrite_summary(output_dir, keep_before=start_epoch)
 
     best_by = "ema" if (config.TRAIN.EMA.SELECT_BEST and ema is not None) else "model"
-    logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {steps_per_epoch} "
-                f"steps/epoch, best.pth chosen by the {best_by}'s top-1")
+    if start_epoch >= config.TRAIN.EPOCHS:
+        logger.info(f"all {config.TRAIN.EPOCHS} epochs are done: nothing to train "
+                    "(raise TRAIN.EPOCHS to continue)")
+    else:
+        logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {steps_per_epoch} "
+                    f"steps/epoch, best.pth chosen by the {best_by}'s top-1")
     start_time = time.time()
     try:
         with trainer.preemption:

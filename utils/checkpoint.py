@@ -271,8 +271,10 @@ def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
 
 # --------------------------------------------------------------------------------- config diffs
 # Keys that may differ between launches of the same run without mixing two experiments.
+# OUTPUT/TAG: a run folder that was moved or copied is still the same run.
 _LAUNCH_KEYS = {"LOCAL_RANK", "EVAL_MODE", "THROUGHPUT_MODE", "MODEL.RESUME", "TRAIN.AUTO_RESUME",
-                "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.DATA_PATH", "PRINT_FREQ", "DEVICE"}
+                "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.DATA_PATH", "PRINT_FREQ", "DEVICE",
+                "OUTPUT", "TAG"}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
