@@ -135,6 +135,12 @@ def _run(config, info: DistInfo) -> int:
     logger.info(f"device {info.device}, world size {info.world_size}, rank {info.rank}, "
                 f"threads {torch.get_num_threads()}, output {output_dir}")
     seed_everything(config.SEED + info.rank)
+    if info.device.type == "cuda":
+        # Fixed input sizes: let cuDNN pick the fastest kernels; TF32 for the fp32 matmuls/convs
+        # that autocast leaves (bit-exact resume is a CPU guarantee, see README).
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     amp_dtype = None if config.AMP_OPT_LEVEL else resolve_amp_dtype(config.AMP, info.device)
     autocast = autocast_factory(info.device, amp_dtype)
