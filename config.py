@@ -338,6 +338,10 @@ def validate_config(config: CN) -> None:
           "AUG.RATIO", config.AUG.RATIO, "two floats 0 < min <= max")
     check(len(config.AUG.CUTMIX_MINMAX) in (0, 2), "AUG.CUTMIX_MINMAX", config.AUG.CUTMIX_MINMAX,
           "empty or two floats")
+    mixing = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or len(config.AUG.CUTMIX_MINMAX) > 0
+    check(not mixing or config.DATA.BATCH_SIZE % 2 == 0, "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE,
+          "must be even while Mixup/CutMix is on (timm mixes each batch with its flipped self); "
+          "or set AUG.MIXUP 0 AUG.CUTMIX 0")
 
 
 def get_config(args: argparse.Namespace | None = None) -> CN:

@@ -57,6 +57,7 @@ def test_every_config_file_loads_and_every_variant_has_one():
     (["TRAIN.OPTIMIZER.NAME", "lion"], "TRAIN.OPTIMIZER.NAME", "'adamw', 'sgd'"),
     (["TRAIN.LR_SCHEDULER.NAME", "poly"], "TRAIN.LR_SCHEDULER.NAME", "'cosine', 'linear', 'step'"),
     (["AMP_OPT_LEVEL", "O7"], "AMP_OPT_LEVEL", "'O1'"),
+    (["DATA.BATCH_SIZE", "5"], "DATA.BATCH_SIZE", "even while Mixup/CutMix is on"),
 ])
 def test_bad_values_are_one_line_errors_naming_key_and_accepted_values(tmp_path, opts, key, accepted):
     cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\n")
