@@ -293,3 +293,17 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identically(ddp
     assert a["step"] == b["step"] == 2
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
+
+
+def test_auto_resume_skips_a_truncated_last_checkpoint_and_uses_the_newest_good_one(
+        reference_run, image_tree, tiny_cfg, tmp_path):
+    run_dir = _copy_run(reference_run, str(tmp_path), names=("epoch_0.pth", "config.yaml"))
+    data = open(os.path.join(reference_run, "last.pth"), "rb").read()
+    with open(os.path.join(run_dir, "last.pth"), "wb") as f:  # a save torn by a crash (no atomic rename)
+        f.write(data[: len(data) // 2])
+    assert trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path)]) == 0
+    log = open(os.path.join(run_dir, "log_rank0.txt")).read()
+    warning = [line for line in log.splitlines() if "skipping unusable checkpoint" in line]
+    assert len(warning) == 1 and "last.pth" in warning[0] and "truncated or corrupt" in warning[0]
+    assert "auto-resuming from " + os.path.join(run_dir, "epoch_0.pth") in log
+    assert_same_training_state(os.path.join(run_dir, "last.pth"), os.path.join(reference_run, "last.pth"))
