@@ -374,3 +374,62 @@ def test_build_model_applies_the_configured_batchnorm_momentum():
     assert all(m.momentum == 0.01 for m in models.build_model(cfg).modules() if isinstance(m, nn.BatchNorm2d))
     cfg.MODEL.MOAT.BN_MOMENTUM = 0.1
     assert all(m.momentum == 0.1 for m in models.build_model(cfg).modules() if isinstance(m, nn.BatchNorm2d))
+
+
+# ------------------------------------------------------------ speed paths equal the plain path
+def test_squeeze_excite_equals_timm_semodule_in_values_and_gradients():
+    from timm.layers import SEModule
+    from models.moat import SqueezeExcite
+    fast = SqueezeExcite(64, rd_channels=8, act_layer=nn.SiLU)
+    plain = SEModule(64, rd_channels=8, act_layer=nn.SiLU)
+    plain.load_state_dict(fast.state_dict())
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 64, 6, 6).contiguous(memory_format=memory_format)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_fast, out_plain = fast(xa), plain(xb)
+        assert torch.equal(out_fast, out_plain)
+        g = torch.randn_like(out_fast)
+        out_fast.backward(g)
+        out_plain.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 accumulation keeps bf16 exact too
+        xb16 = torch.randn(2, 64, 6, 6).bfloat16()
+        assert torch.equal(fast(xb16), plain(xb16))
+
+
+def test_bias_gather_gradient_equals_advanced_indexing():
+    rel = RelativePositionBias(num_heads=3, native_window=7)
+    nn.init.normal_(rel.relative_position_bias_table, std=1.0)
+    table = rel.relative_position_bias_table
+    index = rel.build_index(7, 7)
+    g = torch.randn(3, 49, 49)
+    rel.compute(7, 7).backward(g)
+    fast_grad = table.grad.clone()
+    table.grad = None
+    table.flatten(1)[:, index].backward(g)  # the plain gather
+    torch.testing.assert_close(fast_grad, table.grad)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_step_gradients_equal_the_explicit_reference_path(channels_last):
+    """The fused path (SDPA, fast SE, gather) gives the same loss and gradients as the plain
+    explicit-attention path, in both memory layouts."""
+    torch.manual_seed(3)
+    fast = tiny().train()
+    ref = copy.deepcopy(fast)
+    set_fused(ref, False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fast = fast.to(memory_format=fmt)
+    x = torch.randn(2, 3, 64, 64)
+    loss_fast = fast(x.contiguous(memory_format=fmt)).logsumexp(-1).sum()
+    loss_ref = ref(x).logsumexp(-1).sum()
+    loss_fast.backward()
+    loss_ref.backward()
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-5)
+    ref_params = dict(ref.named_parameters())
+    # Tolerance relative to the largest gradient: some gradients are analytically zero (a bias
+    # right before a BatchNorm), so a per-tensor relative error would compare rounding noise.
+    scale = max(p.grad.abs().max() for p in ref.parameters())
+    for n, p in fast.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-3, atol=5e-5 * scale, msg=n)
