@@ -424,15 +424,16 @@ def train(config, model: nn.Module, class_names: List[str], loader_train, loader
         _rewrite_summary(output_dir, keep_before=start_epoch)
 
     best_by = "ema" if (config.TRAIN.EMA.SELECT_BEST and ema is not None) else "model"
-    if start_epoch >= config.TRAIN.EPOCHS:
-        logger.info(f"all {config.TRAIN.EPOCHS} epochs are done: nothing to train "
-                    "(raise TRAIN.EPOCHS to continue)")
-    else:
-        logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, {steps_per_epoch} "
-                    f"steps/epoch, best.pth chosen by the {best_by}'s top-1")
     start_time = time.time()
     try:
         with trainer.preemption:
+            # Logged once SIGTERM/SIGINT are handled: from here on a signal means "checkpoint and stop".
+            if start_epoch >= config.TRAIN.EPOCHS:
+                logger.info(f"all {config.TRAIN.EPOCHS} epochs are done: nothing to train "
+                            "(raise TRAIN.EPOCHS to continue)")
+            else:
+                logger.info(f"start training: epochs {start_epoch}..{config.TRAIN.EPOCHS - 1}, "
+                            f"{steps_per_epoch} steps/epoch, best.pth chosen by the {best_by}'s top-1")
             return _train_epochs(trainer, config, loader_train, loader_val, start_epoch, start_batch,
                                  rng_state, steps_per_epoch, best_by, output_dir, start_time)
     finally:

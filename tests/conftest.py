@@ -116,10 +116,10 @@ def reference_run(tmp_path_factory, image_tree, tiny_cfg, run_cli) -> str:
 
 @pytest.fixture(scope="session")
 def ddp_reference(tmp_path_factory, image_tree, tiny_cfg, run_cli):
-    """``(cfg, args, run_dir)`` of one uninterrupted 2-process ``torchrun`` CPU run: 1 epoch,
-    gradient accumulation 2 over 3 micro-batches per rank (a no_sync micro-step, 2 updates)."""
+    """``(cfg, args, run_dir)`` of one uninterrupted 2-process ``torchrun`` CPU run: 2 epochs,
+    gradient accumulation 2 over 3 micro-batches per rank (a no_sync micro-step, 2 updates each)."""
     out = str(tmp_path_factory.mktemp("ddp_reference"))
-    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "EMA": {"ENABLE": False}})
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 2, "EMA": {"ENABLE": False}})
     args = ["--cfg", cfg, "--data-path", image_tree, "--accumulation-steps", "2"]
     proc = run_cli(args + ["--output", out], launcher=["--nproc_per_node=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -209,7 +209,7 @@ def test_torchrun_two_processes_train_and_eval_equals_one_process_eval(ddp_refer
     cfg, _, run_dir = ddp_reference
     assert os.path.isfile(os.path.join(run_dir, "log_rank1.txt"))
     ckpt = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
-    assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["rng_state"]) == 2
+    assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng_state"]) == 2
     two = accuracies(read_log(run_dir))["model"]
 
     code = trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path / "one"),
