@@ -60,6 +60,9 @@ _C.MODEL.NAME = "moat_0"
 # Weights-only initialisation (a checkpoint of ours or a safetensors file); a head of another
 # shape is dropped. Resolution-agnostic: the relative-bias tables resize themselves.
 _C.MODEL.PRETRAINED = ""
+# From a checkpoint that holds EMA weights, initialise from the EMA (the better model after a full
+# run, and what the authors released); False takes the raw weights.
+_C.MODEL.PRETRAINED_EMA = True
 # Full training state to resume from; empty means auto-resume from the output folder.
 _C.MODEL.RESUME = ""
 # Number of classes of the head; checked against the number of class folders in the data.

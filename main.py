@@ -393,7 +393,7 @@ def train(config, model: nn.Module, class_names: List[str], loader_train, loader
     # Weights: an explicit --resume wins, then auto-resume from the output folder, then --pretrained.
     resume = _choose_resume(config, output_dir, info, logger)
     if resume is None and config.MODEL.PRETRAINED:
-        _load_pretrained(config.MODEL.PRETRAINED, model, logger)
+        _load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
     ema = None
     if config.TRAIN.EMA.ENABLE:
         ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP)
@@ -504,10 +504,12 @@ def _choose_resume(config, output_dir: str, info: DistInfo, logger):
     return path, load_file(path)
 
 
-def _load_pretrained(path: str, model: nn.Module, logger) -> None:
+def _load_pretrained(path: str, model: nn.Module, use_ema: bool, logger) -> None:
     obj = load_file(path)
-    dropped = load_model_weights(model, model_state_from(obj, path), path, drop_mismatched_head=True)
-    logger.info(f"loaded pretrained weights from {path}"
+    use_ema = use_ema and isinstance(obj.get("model_ema"), dict)
+    dropped = load_model_weights(model, model_state_from(obj, path, prefer_ema=use_ema), path,
+                                 drop_mismatched_head=True)
+    logger.info(f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
                 + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh"
                    if dropped else ""))
 

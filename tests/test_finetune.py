@@ -26,6 +26,12 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _init_weights(path: str) -> dict:
+    """The weights ``--pretrained`` starts from: the EMA when the checkpoint has one."""
+    obj = _load(path)
+    return obj.get("model_ema") or obj["model"]
+
+
 def _log(run_dir: str) -> str:
     with open(os.path.join(run_dir, "log_rank0.txt")) as f:
         return f.read()
@@ -75,7 +81,7 @@ def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shape
     run_dir = _train(run_cli, cfg, image_tree, str(tmp_path), pretrained)
 
     log = _log(run_dir)
-    assert f"loaded pretrained weights from {pretrained}" in log and "dropped the head" not in log
+    assert f"loaded pretrained EMA weights from {pretrained}" in log and "dropped the head" not in log
     ckpt, old = _load(os.path.join(run_dir, "last.pth")), _load(pretrained)
     # Weights only: a fresh run (epoch 0, its own optimizer steps), not a resume of epoch 1.
     assert (ckpt["epoch"], ckpt["step"]) == (0, 6) and "resumed" not in log
@@ -133,7 +139,7 @@ def test_linear_probe_trains_only_the_new_head_and_keeps_backbone_bit_identical(
     run_dir = _train(run_cli, cfg, two_class_tree, str(tmp_path), pretrained)
 
     assert "dropped the head (head.fc.weight, head.fc.bias)" in _log(run_dir)
-    old = _load(pretrained)["model"]
+    old = _init_weights(pretrained)
     epochs = [_load(os.path.join(run_dir, f"epoch_{e}.pth"))["model"] for e in (0, 1)]
     for new in epochs:
         assert new.keys() == old.keys()

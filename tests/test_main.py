@@ -146,7 +146,7 @@ def test_pretrained_fine_tunes_at_another_resolution_and_class_count(reference_r
     assert code == 0
     run_dir = os.path.join(tmp_path, "out", "tiny_moat_0", "default")
     log = read_log(run_dir)
-    assert "loaded pretrained weights" in log and "dropped the head (head.fc.weight, head.fc.bias)" in log
+    assert "loaded pretrained EMA weights" in log and "dropped the head (head.fc.weight, head.fc.bias)" in log
     new = torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)["model"]
     old = torch.load(os.path.join(reference_run, "best.pth"), weights_only=True)["model"]
     assert new["head.fc.weight"].shape == (2, old["head.fc.weight"].shape[1])
@@ -228,7 +228,7 @@ def test_linear_probe_trains_only_the_classifier_and_keeps_batchnorm_statistics(
     assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path),
                          "--pretrained", pretrained]) == 0
     new = torch.load(os.path.join(tmp_path, "tiny_moat_0", "default", "last.pth"), weights_only=True)["model"]
-    old = torch.load(pretrained, weights_only=True)["model"]
+    old = torch.load(pretrained, weights_only=True)["model_ema"]  # --pretrained takes the EMA
     changed = {k for k in old if not torch.equal(old[k], new[k])}
     assert changed == {"head.fc.weight", "head.fc.bias"}  # BN running stats included in "unchanged"
 
