@@ -43,6 +43,18 @@ def create_logger(output_dir: str, rank: int = 0, name: str = "moat") -> logging
     return logger
 
 
+def close_logger(name: str = "moat") -> None:
+    """Undo ``create_logger``: close the run's files and stop forwarding root warnings to it, so a
+    later run (or other code) in the same process is not affected by this one."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, _ForwardTo) and handler.target.name.startswith(f"{name}.rank"):
+            root.removeHandler(handler)
+            for owned in list(handler.target.handlers):
+                handler.target.removeHandler(owned)
+                owned.close()
+
+
 class _ForwardTo(logging.Handler):
     """Root-logger handler that hands WARNING+ records to the run's logger."""
 

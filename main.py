@@ -30,7 +30,7 @@ from timm.utils import ModelEmaV3
 
 from config import ConfigError, config_to_dict, get_config
 from data import DataError
-from logger import create_logger
+from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, scaled_lrs
 from utils import NonFiniteLossError, UserError
@@ -106,6 +106,7 @@ def run(config) -> int:
         clean = True
         return code
     finally:
+        close_logger()
         teardown(info, clean=clean)
 
 
