@@ -31,4 +31,4 @@ test: setup dataset-package
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 clean-demo:
-	rm -rf output/demo data_cache/fashion_mnist
+	rm -rf output/demo data_cache
