@@ -229,6 +229,8 @@ class RelativePositionBias(nn.Module):
         return rel_h * (2 * w - 1) + rel_w
 
     def _index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        if _is_tracing():  # keep tracers/exporters from seeing new tensor attributes
+            return self.build_index(h, w, device)
         key = (h, w, device)
         index = self._index_cache.get(key)
         if index is None:
@@ -256,7 +258,9 @@ class RelativePositionBias(nn.Module):
 
     def forward(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
         table = self.relative_position_bias_table
-        cacheable = not (torch.is_grad_enabled() and table.requires_grad) and not _is_tracing()
+        # Inference tensors (a model built under torch.inference_mode) have no version counter.
+        cacheable = (not (torch.is_grad_enabled() and table.requires_grad) and not _is_tracing()
+                     and not table.is_inference())
         if not cacheable:
             return self.compute(h, w).to(dtype)
         key = (h, w, dtype, table.device)

@@ -433,3 +433,10 @@ def test_training_step_gradients_equal_the_explicit_reference_path(channels_last
     scale = max(p.grad.abs().max() for p in ref.parameters())
     for n, p in fast.named_parameters():
         torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-3, atol=5e-5 * scale, msg=n)
+
+
+def test_model_built_and_run_under_inference_mode():
+    with torch.inference_mode():
+        model = tiny().eval()
+        first = model(torch.ones(1, 3, 64, 64))
+        torch.testing.assert_close(model(torch.ones(1, 3, 64, 64)), first)
