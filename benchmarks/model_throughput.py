@@ -71,11 +71,12 @@ class Row:
     gmacs: float = float("nan")
     peak_mib: float = float("nan")
 
+    batch: int = 0
+    stat: Callable[[List[float]], float] = statistics.median
+
     @property
     def img_s(self) -> float:
-        return self.batch / statistics.median(self.times) if self.times else float("nan")
-
-    batch: int = 0
+        return self.batch / self.stat(self.times) if self.times else float("nan")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -93,6 +94,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
+    p.add_argument("--stat", default="median", choices=["median", "min"],
+                   help="step-time statistic behind img/s and the ratios; 'min' estimates the "
+                        "uncontended speed on a machine shared with bursty jobs")
     p.add_argument("--adamw", default="fused", choices=["fused", "foreach", "loop"],
                    help="AdamW implementation for train rows (same for every row)")
     p.add_argument("--baseline", action="append", default=[],
@@ -162,7 +166,7 @@ def build_row(spec: RowSpec, args, device: torch.device) -> Row:
             with torch.inference_mode(), autocast():
                 fwd(x)
 
-    row = Row(spec, step, batch=args.batch_size)
+    row = Row(spec, step, batch=args.batch_size, stat=min if args.stat == "min" else statistics.median)
     row.model = model  # kept for the FLOP count
     row.input = x
     return row
@@ -295,7 +299,10 @@ def main(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     peaks: Dict[RowSpec, int] = {}
-    for _ in range(args.steps):  # round-robin: one step of every row per repeat
+    for rep in range(args.steps):  # round-robin: one step of every row per repeat
+        if rep:
+            print(f"repeat {rep}/{args.steps}: " + ", ".join(
+                f"{r.spec.label} {r.times[-1] * 1e3:.0f} ms" for r in rows.values()), file=sys.stderr, flush=True)
         for row in rows.values():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -309,12 +316,13 @@ def main(args) -> None:
     for spec, peak in peaks.items():
         rows[spec].peak_mib = peak / 2 ** 20
 
-    print(machine_line(args, device) + f" (load at timing start {start_load:.2f})")
-    print(f"batch {args.batch_size}, {args.img_size}px, warmup {args.warmup}, median of {args.steps} "
-          f"interleaved steps, AdamW {args.adamw}")
+    print(machine_line(args, device).replace("load avg", "load avg at end") + f" (1-min load at timing start {start_load:.2f})")
+    end_load = os.getloadavg()[0]
+    print(f"batch {args.batch_size}, {args.img_size}px, warmup {args.warmup}, {args.stat} of {args.steps} "
+          f"interleaved steps, AdamW {args.adamw}; load avg at end {end_load:.2f}")
     print()
     bases = args.baseline
-    head = ["row", "img/s", "ms/step", "GMACs/img", "GMAC/s", "peak MiB"] + [f"x {b}" for b in bases]
+    head = ["row", "img/s", "ms/step (median)", "ms/step (min)", "GMACs/img", "GMAC/s", "peak MiB"] + [f"x {b}" for b in bases]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     results = []
@@ -324,7 +332,7 @@ def main(args) -> None:
         for b in bases:
             ref = rows.get(_matches(b, spec))
             ratios.append(row.img_s / ref.img_s if ref else float("nan"))
-        cells = [spec.label, f"{row.img_s:.2f}", f"{med * 1e3:.0f}", f"{row.gmacs:.2f}",
+        cells = [spec.label, f"{row.img_s:.2f}", f"{med * 1e3:.0f}", f"{min(row.times) * 1e3:.0f}", f"{row.gmacs:.2f}",
                  f"{row.gmacs * row.img_s:.1f}", f"{row.peak_mib:.0f}"] + [
                     "-" if r != r else f"{r:.2f}" for r in ratios]
         print("| " + " | ".join(cells) + " |")
