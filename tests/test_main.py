@@ -191,7 +191,7 @@ def test_mixup_gives_soft_target_cross_entropy_and_plain_ce_otherwise():
 ])
 def test_user_errors_are_one_line_on_stderr_with_exit_code_2(extra, needle, image_tree, tiny_cfg, tmp_path, capsys):
     if "--device" in extra and torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
+        pytest.skip("CUDA is available here")  # reason: this error only exists without CUDA
     argv = ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path), *extra]
     assert trainer.main(argv) == 2
     err = capsys.readouterr().err.strip()
