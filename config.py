@@ -1,8 +1,8 @@
 """Configuration tree for the MOAT trainer (yacs), in the shape of the Swin-Transformer trainer.
 
 Precedence, lowest first: the defaults below, the YAML file given by ``--cfg`` (and the files
-named by its ``BASE:`` list, resolved relative to it), the named command-line flags, then
-``--opts KEY VALUE ...``. The result is frozen before anything is built, so no module can change
+named by its ``BASE:`` list, resolved relative to it), ``--opts KEY VALUE ...``, then the named
+command-line flags (``--batch-size`` etc.), as in the Swin trainer. The result is frozen before anything is built, so no module can change
 it as a side effect. Unknown keys and values of the wrong type are errors, never ignored.
 """
 from __future__ import annotations
@@ -197,6 +197,27 @@ _C.THROUGHPUT_MODE = False
 _C.LOCAL_RANK = 0
 
 
+# argparse destination of each named flag -> the config key it sets.
+_FLAG_KEYS = {
+    "batch_size": "DATA.BATCH_SIZE",
+    "data_path": "DATA.DATA_PATH",
+    "dataset": "DATA.DATASET",
+    "pretrained": "MODEL.PRETRAINED",
+    "resume": "MODEL.RESUME",
+    "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
+    "use_checkpoint": "TRAIN.USE_CHECKPOINT",
+    "compile": "TRAIN.COMPILE",
+    "amp": "AMP",
+    "amp_opt_level": "AMP_OPT_LEVEL",
+    "output": "OUTPUT",
+    "tag": "TAG",
+    "eval": "EVAL_MODE",
+    "throughput": "THROUGHPUT_MODE",
+    "seed": "SEED",
+    "device": "DEVICE",
+}
+
+
 class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
 
@@ -229,7 +250,7 @@ def _yacs_message(e: Exception) -> str:
 
 
 def update_config(config: CN, args: argparse.Namespace) -> None:
-    """Apply ``--cfg``, the named flags and ``--opts`` to ``config`` (in that order)."""
+    """Apply ``--cfg``, ``--opts`` and the named flags to ``config`` (in that order)."""
     _update_config_from_file(config, args.cfg)
     config.defrost()
     if getattr(args, "opts", None):
@@ -240,31 +261,14 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
         except (KeyError, ValueError, AssertionError) as e:
             raise ConfigError(f"--opts: {_yacs_message(e)}") from None
 
-    def _set(name: str, key: str, transform=lambda v: v) -> None:
-        value = getattr(args, name, None)
-        if value is not None and value is not False:
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None and value is not False:  # unset flags leave the config alone
             *parents, leaf = key.split(".")
             target = config
             for part in parents:
                 target = target[part]
-            target[leaf] = transform(value)
-
-    _set("batch_size", "DATA.BATCH_SIZE")
-    _set("data_path", "DATA.DATA_PATH")
-    _set("dataset", "DATA.DATASET")
-    _set("pretrained", "MODEL.PRETRAINED")
-    _set("resume", "MODEL.RESUME")
-    _set("accumulation_steps", "TRAIN.ACCUMULATION_STEPS")
-    _set("use_checkpoint", "TRAIN.USE_CHECKPOINT")
-    _set("compile", "TRAIN.COMPILE")
-    _set("amp", "AMP")
-    _set("amp_opt_level", "AMP_OPT_LEVEL")
-    _set("output", "OUTPUT")
-    _set("tag", "TAG")
-    _set("eval", "EVAL_MODE")
-    _set("throughput", "THROUGHPUT_MODE")
-    _set("seed", "SEED")
-    _set("device", "DEVICE")
+            target[leaf] = value
 
     # Launchers pass LOCAL_RANK in the environment (torchrun) or as --local-rank (older ones).
     local_rank = os.environ.get("LOCAL_RANK", getattr(args, "local_rank", None))
