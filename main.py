@@ -63,16 +63,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="initialise from these weights only (MODEL.PRETRAINED)")
     p.add_argument("--resume", help="resume (or with --eval, evaluate) this checkpoint (MODEL.RESUME)")
     p.add_argument("--accumulation-steps", type=int, help="micro-steps per update (TRAIN.ACCUMULATION_STEPS)")
-    p.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing (saves memory)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (TRAIN.COMPILE)")
+    # Switches default to None (not False) so that an absent flag leaves the config alone.
+    p.add_argument("--use-checkpoint", action="store_true", default=None,
+                   help="gradient checkpointing (saves memory)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (TRAIN.COMPILE)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory layout for the model and its inputs (CHANNELS_LAST, default on)")
     p.add_argument("--amp", choices=["off", "fp16", "bf16"],
                    help="mixed precision (default: bf16 where supported, else fp16 on CUDA)")
     p.add_argument("--amp-opt-level", choices=["O0", "O1", "O2"],
                    help="NVIDIA apex AMP level (only when apex is installed)")
     p.add_argument("--output", help="root of all outputs (OUTPUT); a run writes OUTPUT/MODEL.NAME/TAG")
     p.add_argument("--tag", help="run name (TAG)")
-    p.add_argument("--eval", action="store_true", help="only validate the checkpoint, then exit")
-    p.add_argument("--throughput", action="store_true", help="only measure inference img/s, then exit")
+    p.add_argument("--eval", action="store_true", default=None, help="only validate the checkpoint, then exit")
+    p.add_argument("--throughput", action="store_true", default=None,
+                   help="only measure inference img/s, then exit")
     p.add_argument("--seed", type=int, help="SEED")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="DEVICE")
     # Old launchers (torch.distributed.launch) pass this; torchrun sets LOCAL_RANK instead.
@@ -108,6 +113,11 @@ def run(config) -> int:
     finally:
         close_logger()
         teardown(info, clean=clean)
+
+
+def memory_format_of(config) -> torch.memory_format:
+    """Layout of the model's parameters and of every batch fed to it (``CHANNELS_LAST``)."""
+    return torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
 
 
 def output_dir_of(config) -> str:
@@ -149,13 +159,14 @@ def _run(config, info: DistInfo) -> int:
 
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
     class_names = [str(c) for c in dataset_train.classes]
-    model = build_model(config).to(info.device)
+    model = build_model(config).to(info.device, memory_format=memory_format_of(config))
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model {config.MODEL.NAME}: {n_params / 1e6:.2f}M params, {len(class_names)} classes, "
+    logger.info(f"model {config.MODEL.NAME}: {n_params / 1e6:.2f}M params, "
+                f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
                 f"{len(dataset_train)} train / {len(dataset_val)} val images")
 
     if config.THROUGHPUT_MODE:
-        throughput(loader_val, model, autocast, info, logger)
+        throughput(loader_val, model, autocast, info, logger, memory_format_of(config))
         return 0
     if config.EVAL_MODE:
         return evaluate_checkpoint(config, model, loader_val, dataset_val, autocast, info, logger, output_dir)
@@ -230,8 +241,9 @@ def validate(config, loader, model: nn.Module, autocast, info: DistInfo, logger,
     totals = ClassificationTotals(info.device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     start = time.time()
+    fmt = memory_format_of(config)
     for idx, (images, target) in enumerate(loader):
-        images = images.to(info.device, non_blocking=True)
+        images = images.to(info.device, non_blocking=True, memory_format=fmt)
         target = target.to(info.device, non_blocking=True)
         with autocast():
             output = model(images)
@@ -247,11 +259,12 @@ def validate(config, loader, model: nn.Module, autocast, info: DistInfo, logger,
 
 @torch.no_grad()
 def throughput(loader, model: nn.Module, autocast, info: DistInfo, logger,
+               memory_format: torch.memory_format = torch.contiguous_format,
                warmup: int = 10, iters: int = 30) -> float:
     """Inference images/s on the loader's first batch, after ``warmup`` untimed passes."""
     model.eval()
     images, _ = next(iter(loader))
-    images = images.to(info.device, non_blocking=True)
+    images = images.to(info.device, non_blocking=True, memory_format=memory_format)
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     with autocast():
         for _ in range(warmup):
@@ -585,9 +598,10 @@ def train_one_epoch(t: Trainer, loader, epoch: int, steps_per_epoch: int, start_
     if rng_state is not None:
         # Mid-epoch resume: the iterator drew its seed; now continue the saved random streams.
         restore_rng_state(rng_state, info.device)
+    fmt = memory_format_of(config)
     end = time.time()
     for idx, (samples, targets) in enumerate(iterator, start=start_batch):
-        samples = samples.to(info.device, non_blocking=True)
+        samples = samples.to(info.device, non_blocking=True, memory_format=fmt)
         targets = targets.to(info.device, non_blocking=True)
         if t.mixup_fn is not None:
             samples, targets = t.mixup_fn(samples, targets)

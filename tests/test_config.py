@@ -33,6 +33,21 @@ def test_flags_override_yaml_and_opts_override_everything(tmp_path):
     assert config.is_frozen()
 
 
+@pytest.mark.parametrize("yaml_value,flags,expected", [
+    ("true", [], True), ("false", [], False),  # an absent switch leaves the file's value
+    ("true", ["--no-channels-last"], False), ("false", ["--channels-last"], True),
+])
+def test_channels_last_switch_overrides_the_file_both_ways(tmp_path, yaml_value, flags, expected):
+    cfg = _write(tmp_path / "c.yaml", f"CHANNELS_LAST: {yaml_value}\n")
+    assert get_config(_args("--cfg", cfg, *flags)).CHANNELS_LAST is expected
+
+
+def test_absent_store_true_flags_leave_the_config_alone(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "TRAIN:\n  COMPILE: true\n  USE_CHECKPOINT: true\n")
+    config = get_config(_args("--cfg", cfg))
+    assert config.TRAIN.COMPILE and config.TRAIN.USE_CHECKPOINT and not config.EVAL_MODE
+
+
 def test_every_config_file_loads_and_every_variant_has_one():
     import glob
     import os

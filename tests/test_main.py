@@ -90,6 +90,22 @@ def test_eval_reproduces_the_training_validation_and_never_trains(reference_run,
     assert before == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*"))}
 
 
+def test_training_runs_channels_last_and_its_checkpoint_evaluates_the_same_in_nchw(
+        reference_run, image_tree, tiny_cfg, tmp_path):
+    ckpt = torch.load(os.path.join(reference_run, "last.pth"), map_location="cpu", weights_only=True)
+    convs = [v for v in ckpt["model"].values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
+                         for v in convs)  # CHANNELS_LAST defaults on, and torch.save keeps strides
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
+                         "--eval", "--no-channels-last", "--resume", os.path.join(reference_run, "last.pth")])
+    log = read_log(os.path.join(tmp_path, "tiny_moat_0", "default"))
+    assert code == 0 and "NCHW" in log
+    last = read_summary(reference_run)[-1]
+    top1, _, loss, n = accuracies(log)["model"]
+    assert n == 9 and top1 == pytest.approx(float(last["val_top1"]), abs=1e-3)
+    assert loss == pytest.approx(float(last["val_loss"]), rel=1e-4)
+
+
 def test_bf16_autocast_eval_runs_on_cpu(reference_run, image_tree, tiny_cfg, tmp_path):
     code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
                          "--eval", "--amp", "bf16", "--resume", os.path.join(reference_run, "last.pth")])

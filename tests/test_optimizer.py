@@ -80,3 +80,11 @@ def test_frozen_backbone_leaves_only_the_head_in_the_optimizer():
     optimizer = build_optimizer(_config(), model, lr=1e-3)
     params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert params == {id(model.head.fc.weight), id(model.head.fc.bias)}
+
+
+def test_fused_kernels_on_cpu_but_not_under_apex(model):
+    assert all(g["fused"] for g in build_optimizer(_config(), model, 1e-3).param_groups)
+    sgd = build_optimizer(_config(TRAIN__OPTIMIZER__NAME="sgd"), model, 1e-3)
+    assert all(g["fused"] for g in sgd.param_groups)
+    apex = build_optimizer(_config(AMP_OPT_LEVEL="O1"), model, 1e-3)
+    assert not any(g["fused"] for g in apex.param_groups)
