@@ -56,11 +56,13 @@ class RowSpec:
     dtype: str
     channels_last: bool
     compile: bool
+    reparam: bool = False
 
     @property
     def label(self) -> str:
         return (f"{self.model} {self.mode} {self.dtype}"
-                f"{' CL' if self.channels_last else ''}{' compiled' if self.compile else ''}")
+                f"{' CL' if self.channels_last else ''}{' compiled' if self.compile else ''}"
+                f"{' reparam' if self.reparam else ''}")
 
 
 @dataclass
@@ -90,6 +92,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16 (autocast), fp16 (autocast, CUDA)")
     p.add_argument("--channels-last", default="off", help="comma list of on, off")
     p.add_argument("--compile", default="off", help="comma list of on, off (torch.compile)")
+    p.add_argument("--reparam", default="off",
+                   help="comma list of on, off: inference rows after timm.utils.reparameterize_model "
+                        "(MOAT folds its BatchNorms into the convolutions); train rows stay off")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
@@ -100,7 +105,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--adamw", default="fused", choices=["fused", "foreach", "loop"],
                    help="AdamW implementation for train rows (same for every row)")
     p.add_argument("--baseline", action="append", default=[],
-                   help="row spec model[:mode][:dtype][:cl|nocl][:compiled|eager]; repeatable, one "
+                   help="row spec model[:mode][:dtype][:cl|nocl][:compiled|eager][:reparam|plain]; repeatable, one "
                         "ratio column each; omitted fields match the row being compared")
     p.add_argument("--memory", default="on", choices=["on", "off"],
                    help="peak-memory column (CPU: one subprocess per row)")
@@ -127,12 +132,15 @@ def _split(value: str, allowed=None, what="value") -> List[str]:
 
 def row_specs(args) -> List[RowSpec]:
     specs = []
-    for model, mode, dtype, cl, comp in itertools.product(
+    for model, mode, dtype, cl, comp, rep in itertools.product(
             _split(args.models), _split(args.modes, MODES, "mode"), _split(args.dtype, DTYPES, "dtype"),
-            _split(args.channels_last, ONOFF, "--channels-last"), _split(args.compile, ONOFF, "--compile")):
+            _split(args.channels_last, ONOFF, "--channels-last"), _split(args.compile, ONOFF, "--compile"),
+            _split(args.reparam, ONOFF, "--reparam")):
         if dtype == "fp16" and args.device != "cuda":
             raise SystemExit("fp16 autocast is only benchmarked on cuda; use fp32 or bf16 on cpu")
-        specs.append(RowSpec(model, mode, dtype, ONOFF[cl], ONOFF[comp]))
+        if ONOFF[rep] and mode == "train":
+            continue  # a folded model cannot train
+        specs.append(RowSpec(model, mode, dtype, ONOFF[cl], ONOFF[comp], ONOFF[rep]))
     return specs
 
 
@@ -146,6 +154,8 @@ def build_row(spec: RowSpec, args, device: torch.device) -> Row:
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     dtype = DTYPES[spec.dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+    if spec.reparam:
+        model = timm.utils.reparameterize_model(model.eval(), inplace=True)
     fwd = torch.compile(model) if spec.compile else model
 
     if spec.mode == "train":
@@ -219,7 +229,7 @@ def _matches(base: str, row: RowSpec) -> RowSpec:
     """Resolve a baseline spec against a row: fields the spec omits come from the row."""
     parts = base.split(":")
     fields = dict(model=parts[0], mode=row.mode, dtype=row.dtype, channels_last=row.channels_last,
-                  compile=row.compile)
+                  compile=row.compile, reparam=row.reparam)
     for part in parts[1:]:
         if part in MODES:
             fields["mode"] = part
@@ -229,9 +239,11 @@ def _matches(base: str, row: RowSpec) -> RowSpec:
             fields["channels_last"] = part == "cl"
         elif part in ("compiled", "eager"):
             fields["compile"] = part == "compiled"
+        elif part in ("reparam", "plain"):
+            fields["reparam"] = part == "reparam"
         else:
             raise SystemExit(f"bad baseline field {part!r} in {base!r}; accepted: "
-                             f"{', '.join(MODES + tuple(DTYPES) + ('cl', 'nocl', 'compiled', 'eager'))}")
+                             f"{', '.join(MODES + tuple(DTYPES) + ('cl', 'nocl', 'compiled', 'eager', 'reparam', 'plain'))}")
     return RowSpec(**fields)
 
 

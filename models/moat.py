@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d
@@ -115,6 +116,30 @@ def _tf_same_pad(size: Sequence[int], kernel: int, stride: int) -> Tuple[int, in
     return tuple(pads)
 
 
+def _fold_input_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1x1 conv (no padding) equal to ``conv(bn(x))`` in eval mode.
+
+    torch's ``fuse_conv_bn_eval`` folds a BN that *follows* a conv; MOAT's pre-norm comes before
+    the expansion conv, so it is folded by hand: ``W (s x + t) + b = (W s) x + (W t + b)``.
+    """
+    assert conv.kernel_size == (1, 1) and conv.groups == 1 and not bn.training
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    weight = conv.weight[:, :, 0, 0]
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True,
+                      device=conv.weight.device, dtype=conv.weight.dtype).train(conv.training)
+    fused.weight.copy_((weight * scale[None, :])[:, :, None, None])
+    fused.bias.copy_(weight @ shift + (conv.bias if conv.bias is not None else 0.0))
+    # Keep the model's memory layout (channels_last models stay channels_last).
+    fused.weight.data = fused.weight.data.to(memory_format=_memory_format_of(conv.weight))
+    return fused
+
+
+def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and \
+        not t.is_contiguous() else torch.contiguous_format
+
+
 class SqueezeExcite(SEModule):
     """timm's ``SEModule`` (same parameters, same values) with a cheaper squeeze gradient.
 
@@ -141,6 +166,13 @@ class Stem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act1(self.norm1(self.conv1(x))))
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference only: fold ``norm1`` into ``conv1`` (see ``MBConvBlock.reparameterize``)."""
+        if isinstance(self.norm1, nn.BatchNorm2d):
+            self.conv1 = fuse_conv_bn_eval(self.conv1, self.norm1)
+            self.norm1 = nn.Identity()
 
 
 class MBConvBlock(nn.Module):
@@ -193,6 +225,24 @@ class MBConvBlock(nn.Module):
         x = self.act2(self.norm2(self.conv2_kxk(x)))
         x = self.conv3_1x1(self.se(x))
         return self.drop_path(x) + shortcut
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Inference only: fold the three BatchNorms into the two convolutions.
+
+        ``pre_norm`` and ``norm1`` go into the 1x1 expansion, ``norm2`` into the depthwise conv
+        (exact up to float rounding, also with TF 'same' padding: the BN follows that conv). Saves
+        three memory passes per block, two of them over the 4x expanded tensor. The state dict
+        changes (no BN keys, conv biases), so load weights first; called by
+        ``MOAT.reparameterize`` and by timm's ``reparameterize_model``.
+        """
+        if not isinstance(self.norm1, nn.BatchNorm2d):
+            return  # already folded
+        if self.pre_norm.training or self.norm1.training or self.norm2.training:
+            raise RuntimeError("reparameterize() folds BatchNorm running statistics: call model.eval() first")
+        self.conv1_1x1 = fuse_conv_bn_eval(_fold_input_bn(self.pre_norm, self.conv1_1x1), self.norm1)
+        self.conv2_kxk = fuse_conv_bn_eval(self.conv2_kxk, self.norm2)
+        self.pre_norm, self.norm1, self.norm2 = nn.Identity(), nn.Identity(), nn.Identity()
 
 
 class RelativePositionBias(nn.Module):
@@ -510,6 +560,19 @@ class MOAT(nn.Module):
         )
 
     @torch.jit.ignore
+    @torch.no_grad()
+    def reparameterize(self) -> "MOAT":
+        """Fold every BatchNorm into its convolution for inference (in place; returns self).
+
+        Outputs stay equal to float rounding; the model can no longer be trained or load a
+        training state dict. Same as ``timm.utils.reparameterize_model(model, inplace=True)``.
+        """
+        if self.training:
+            raise RuntimeError("reparameterize() folds BatchNorm running statistics: call model.eval() first")
+        for module in [m for m in self.modules() if m is not self and hasattr(m, "reparameterize")]:
+            module.reparameterize()
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
         for stage in self.stages:

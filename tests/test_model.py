@@ -440,3 +440,42 @@ def test_model_built_and_run_under_inference_mode():
         model = tiny().eval()
         first = model(torch.ones(1, 3, 64, 64))
         torch.testing.assert_close(model(torch.ones(1, 3, 64, 64)), first)
+
+
+def _randomize_batchnorm_statistics(model: nn.Module) -> None:
+    """Non-trivial BN affine and running stats, so folding them is actually exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_reparameterize_folds_every_batchnorm_and_keeps_the_output(channels_last):
+    model = tiny()
+    _randomize_batchnorm_statistics(model)
+    model.eval()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(2, 3, 96, 64).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        ref = model(x)
+        via_timm = timm.utils.reparameterize_model(model)  # a folded deep copy
+        folded = copy.deepcopy(model).reparameterize()
+        folded.reparameterize()  # a second call is a no-op
+        out, out_timm = folded(x), via_timm(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # the original is untouched
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out_timm, out, rtol=0, atol=0)
+    convs = [m.weight for m in folded.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1
+             and m.weight.shape[-1] > 1]
+    assert all(w.is_contiguous(memory_format=fmt) for w in convs)
+
+
+def test_reparameterize_refuses_a_model_in_training_mode():
+    with pytest.raises(RuntimeError, match="model.eval"):
+        tiny().reparameterize()

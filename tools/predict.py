@@ -129,6 +129,9 @@ def predict(args: argparse.Namespace) -> List[Tuple[str, List[Tuple[str, float]]
     device = resolve_device(args.device, 0)
     model, meta = load_model_for_inference(args.checkpoint, variant=args.variant, device=device,
                                            use_ema=args.use_ema)
+    # Inference only: fold the BatchNorms into the convolutions and use the fast conv layout
+    # (both equal to float rounding; docs/benchmarks.md has the measured gain).
+    model = model.reparameterize().to(memory_format=torch.channels_last)
     autocast = autocast_factory(device, resolve_amp_dtype(args.amp, device))
     topk = min(args.topk, meta.num_classes)
     dataset = ImageFiles(paths, build_eval_transform(meta), meta.preprocessing["img_size"])
@@ -149,7 +152,7 @@ def predict(args: argparse.Namespace) -> List[Tuple[str, List[Tuple[str, float]]
         # The model is loaded outside inference mode on purpose: parameters created inside it
         # are inference tensors, which the relative-bias cache cannot version-check.
         with torch.inference_mode(), autocast():
-            logits = model(images.to(device, non_blocking=True))
+            logits = model(images.to(device, non_blocking=True, memory_format=torch.channels_last))
         probs, indices = logits.float().softmax(dim=-1).topk(topk, dim=-1)
         for i in range(len(images)):
             preds = [(meta.class_names[c], p) for c, p in zip(indices[i].tolist(), probs[i].tolist())]

@@ -1,0 +1,35 @@
+"""Smoke runs of the benchmark scripts at toy sizes: they must run and print their tables (the
+numbers themselves are checked by nobody here; see docs/benchmarks.md)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_model_throughput_prints_train_infer_and_reparam_rows_with_ratios():
+    out = _run("benchmarks/model_throughput.py", "--models", "tiny_moat_0", "--modes", "train,infer",
+               "--reparam", "off,on", "--channels-last", "on", "--img-size", "32", "--batch-size", "2",
+               "--warmup", "1", "--steps", "2", "--memory", "off", "--threads", "1",
+               "--baseline", "tiny_moat_0:infer:plain")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| tiny_moat_0")}
+    # A folded model cannot train: no 'train ... reparam' row.
+    assert set(rows) == {"tiny_moat_0 train fp32 CL", "tiny_moat_0 infer fp32 CL",
+                         "tiny_moat_0 infer fp32 CL reparam"}
+    assert rows["tiny_moat_0 infer fp32 CL"].rstrip(" |").endswith("1.00")
+
+
+def test_ddp_scaling_runs_one_process_and_a_two_process_torchrun():
+    out = _run("benchmarks/ddp_scaling.py", "--model", "tiny_moat_0", "--nprocs", "1,2", "--img-size", "32",
+               "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1")
+    assert re.search(r"^\| 1 x 1 \| \d+ \| [\d.]+ \| 1\.00 \|$", out, re.M), out
+    assert re.search(r"^\| 2 x 1 \| \d+ \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
