@@ -33,3 +33,10 @@ def test_ddp_scaling_runs_one_process_and_a_two_process_torchrun():
                "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1")
     assert re.search(r"^\| 1 x 1 \| \d+ \| [\d.]+ \| 1\.00 \|$", out, re.M), out
     assert re.search(r"^\| 2 x 1 \| \d+ \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
+
+
+def test_profile_model_prints_the_op_table_of_a_folded_model():
+    out = _run("benchmarks/profile_model.py", "--model", "tiny_moat_0", "--mode", "infer", "--reparam",
+               "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--threads", "1")
+    assert "tiny_moat_0 infer reparam" in out and "aten::mkldnn_convolution" in out
+    assert "aten::native_batch_norm" not in out  # every BatchNorm was folded away
