@@ -18,10 +18,8 @@ def build_model(config) -> nn.Module:
         drop_path_rate=None if drop_path < 0 else drop_path,
         window_size=tuple(w or None for w in config.MODEL.MOAT.WINDOW_SIZE),
         pool_size=config.MODEL.MOAT.POOL_SIZE,
+        bn_momentum=config.MODEL.MOAT.BN_MOMENTUM,
     )
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = config.MODEL.MOAT.BN_MOMENTUM
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)
     return model

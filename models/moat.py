@@ -478,6 +478,8 @@ class MOAT(nn.Module):
             int for both, or a pair (stage 3, stage 4).
         pool_size: average-pool size of the strided shortcuts, 2 (classification) or 3.
         global_pool: 'avg' (the official head) or '' (no pooling).
+        bn_momentum: BatchNorm running-stat momentum, PyTorch convention; 0.01 is the official
+            Keras 0.99. Runs of a few thousand steps need ~0.1 (stats otherwise lag the weights).
     """
 
     def __init__(
@@ -490,6 +492,7 @@ class MOAT(nn.Module):
             window_size: WindowArg = None,
             pool_size: int = 2,
             global_pool: str = "avg",
+            bn_momentum: float = 0.01,
             **kwargs,
     ) -> None:
         super().__init__()
@@ -497,6 +500,8 @@ class MOAT(nn.Module):
             raise ValueError(f"unknown MOAT arguments: {sorted(kwargs)}")
         if pool_size not in (2, 3):
             raise ValueError(f"pool_size must be 2 or 3, got {pool_size}")
+        if not 0.0 < bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
         drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
@@ -539,6 +544,8 @@ class MOAT(nn.Module):
             norm_layer=partial(LayerNorm2d, eps=LAYER_NORM_EPS))
         self.apply(_init_weights)
         for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
             if isinstance(m, RelativePositionBias):
                 nn.init.normal_(m.relative_position_bias_table, std=0.02)
             elif isinstance(m, LayerNorm2d):

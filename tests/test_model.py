@@ -376,6 +376,14 @@ def test_build_model_applies_the_configured_batchnorm_momentum():
     assert all(m.momentum == 0.1 for m in models.build_model(cfg).modules() if isinstance(m, nn.BatchNorm2d))
 
 
+def test_bn_momentum_is_a_model_argument_reachable_from_timm():
+    model = timm.create_model("tiny_moat_0", bn_momentum=0.1)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.1 and m.eps == 1e-3 for m in bns)
+    with pytest.raises(ValueError, match="bn_momentum"):
+        create_moat("tiny_moat_0", bn_momentum=0.0)
+
+
 # ------------------------------------------------------------ speed paths equal the plain path
 def test_squeeze_excite_equals_timm_semodule_in_values_and_gradients():
     from timm.layers import SEModule
