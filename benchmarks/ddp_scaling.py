@@ -3,7 +3,7 @@
 Issue 6's target: ``torchrun --nproc_per_node=2`` on a CPU gives >= 0.9x the total training
 throughput of one process using all cores. Each configuration runs as its own job (one plain
 process for N=1, ``torchrun --standalone`` for N>1), built from the trainer's own pieces:
-``models.build_model``, ``optimizer.build_optimizer`` (fused AdamW), ``utils.amp.NativeScaler``
+``models.build_model``, ``optimizer.build_optimizer`` (AdamW as the trainer builds it), ``utils.amp.NativeScaler``
 with gradient clipping, DDP over gloo, the per-update preemption all-reduce, channels_last, and
 ``utils.distributed.init_distributed``'s thread split (cores // processes per node). The batch
 is per process (as ``--batch-size`` is), so N processes train N x batch images per step; data

@@ -82,9 +82,13 @@ def test_frozen_backbone_leaves_only_the_head_in_the_optimizer():
     assert params == {id(model.head.fc.weight), id(model.head.fc.bias)}
 
 
-def test_fused_kernels_on_cpu_but_not_under_apex(model):
-    assert all(g["fused"] for g in build_optimizer(_config(), model, 1e-3).param_groups)
-    sgd = build_optimizer(_config(TRAIN__OPTIMIZER__NAME="sgd"), model, 1e-3)
-    assert all(g["fused"] for g in sgd.param_groups)
-    apex = build_optimizer(_config(AMP_OPT_LEVEL="O1"), model, 1e-3)
-    assert not any(g["fused"] for g in apex.param_groups)
+def test_fused_kernels_only_for_cuda_parameters_and_never_under_apex(model):
+    # CPU keeps torch's default step (bit-identical resume, see optimizer._fused_supported).
+    assert not any(g["fused"] for g in build_optimizer(_config(), model, 1e-3).param_groups)
+    if torch.cuda.is_available():  # reason: fused kernels are chosen for CUDA parameters only
+        cuda_model = build_model(_config()).cuda()
+        assert all(g["fused"] for g in build_optimizer(_config(), cuda_model, 1e-3).param_groups)
+        sgd = build_optimizer(_config(TRAIN__OPTIMIZER__NAME="sgd"), cuda_model, 1e-3)
+        assert all(g["fused"] for g in sgd.param_groups)
+        apex = build_optimizer(_config(AMP_OPT_LEVEL="O1"), cuda_model, 1e-3)
+        assert not any(g["fused"] for g in apex.param_groups)
