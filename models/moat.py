@@ -125,19 +125,13 @@ def _fold_input_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     assert conv.kernel_size == (1, 1) and conv.groups == 1 and not bn.training
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    weight = conv.weight[:, :, 0, 0]
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True,
                       device=conv.weight.device, dtype=conv.weight.dtype).train(conv.training)
-    fused.weight.copy_((weight * scale[None, :])[:, :, None, None])
-    fused.bias.copy_(weight @ shift + (conv.bias if conv.bias is not None else 0.0))
-    # Keep the model's memory layout (channels_last models stay channels_last).
-    fused.weight.data = fused.weight.data.to(memory_format=_memory_format_of(conv.weight))
+    # Element-wise on the 4-D weight, so its memory layout carries over.
+    fused.weight = nn.Parameter(conv.weight * scale.view(1, -1, 1, 1))
+    bias = conv.weight.flatten(1) @ shift
+    fused.bias = nn.Parameter(bias + conv.bias if conv.bias is not None else bias)
     return fused
-
-
-def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and \
-        not t.is_contiguous() else torch.contiguous_format
 
 
 class SqueezeExcite(SEModule):
