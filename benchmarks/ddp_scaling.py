@@ -87,7 +87,7 @@ def run_config(args: argparse.Namespace, nprocs: int) -> Dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nprocs}", script] + common
     env = dict(os.environ)
-    env.pop("OMP_NUM_THREADS", None)  # torchrun would otherwise force 1 thread; the worker decides
+    env.pop("OMP_NUM_THREADS", None)  # threads are set in the worker (--threads, or cores // processes), not inherited
     if args.malloc == "tuned":
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -24,7 +24,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, reparameterize_model
 
 __all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "create_moat", "list_variants"]
 
@@ -116,6 +116,11 @@ def _tf_same_pad(size: Sequence[int], kernel: int, stride: int) -> Tuple[int, in
     return tuple(pads)
 
 
+def _require_eval(*norms: nn.BatchNorm2d) -> None:
+    if any(n.training for n in norms):
+        raise RuntimeError("reparameterize() folds BatchNorm running statistics: call model.eval() first")
+
+
 def _fold_input_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     """A 1x1 conv (no padding) equal to ``conv(bn(x))`` in eval mode.
 
@@ -165,6 +170,7 @@ class Stem(nn.Module):
     def reparameterize(self) -> None:
         """Inference only: fold ``norm1`` into ``conv1`` (see ``MBConvBlock.reparameterize``)."""
         if isinstance(self.norm1, nn.BatchNorm2d):
+            _require_eval(self.norm1)
             self.conv1 = fuse_conv_bn_eval(self.conv1, self.norm1)
             self.norm1 = nn.Identity()
 
@@ -232,8 +238,7 @@ class MBConvBlock(nn.Module):
         """
         if not isinstance(self.norm1, nn.BatchNorm2d):
             return  # already folded
-        if self.pre_norm.training or self.norm1.training or self.norm2.training:
-            raise RuntimeError("reparameterize() folds BatchNorm running statistics: call model.eval() first")
+        _require_eval(self.pre_norm, self.norm1, self.norm2)
         self.conv1_1x1 = fuse_conv_bn_eval(_fold_input_bn(self.pre_norm, self.conv1_1x1), self.norm1)
         self.conv2_kxk = fuse_conv_bn_eval(self.conv2_kxk, self.norm2)
         self.pre_norm, self.norm1, self.norm2 = nn.Identity(), nn.Identity(), nn.Identity()
@@ -566,14 +571,12 @@ class MOAT(nn.Module):
         """Fold every BatchNorm into its convolution for inference (in place; returns self).
 
         Outputs stay equal to float rounding; the model can no longer be trained or load a
-        training state dict. Same as ``timm.utils.reparameterize_model(model, inplace=True)``.
+        training state dict. A shortcut for ``timm.utils.reparameterize_model(model, inplace=True)``,
+        which calls the blocks' ``reparameterize``.
         """
-        if self.training:
-            raise RuntimeError("reparameterize() folds BatchNorm running statistics: call model.eval() first")
-        for module in [m for m in self.modules() if m is not self and hasattr(m, "reparameterize")]:
-            module.reparameterize()
-        return self
+        return reparameterize_model(self, inplace=True)
 
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
         for stage in self.stages:
