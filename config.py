@@ -342,6 +342,10 @@ def validate_config(config: CN) -> None:
     check(config.SAVE_FREQ >= 1, "SAVE_FREQ", config.SAVE_FREQ, "must be >= 1")
     check(config.KEEP_CHECKPOINTS >= 0, "KEEP_CHECKPOINTS", config.KEEP_CHECKPOINTS, "must be >= 0")
     check(config.PRINT_FREQ >= 1, "PRINT_FREQ", config.PRINT_FREQ, "must be >= 1")
+    check(config.AUG.REMODE in ("const", "rand", "pixel"), "AUG.REMODE", config.AUG.REMODE,
+          "accepted: 'const', 'rand', 'pixel'")
+    check(config.AUG.RECOUNT >= 1, "AUG.RECOUNT", config.AUG.RECOUNT, "must be >= 1")
+    check(0.0 <= config.AUG.REPROB <= 1.0, "AUG.REPROB", config.AUG.REPROB, "must be in [0, 1]")
     check(config.AUG.MIXUP_MODE in ("batch", "pair", "elem"), "AUG.MIXUP_MODE", config.AUG.MIXUP_MODE,
           "accepted: 'batch', 'pair', 'elem'")
     check(len(config.AUG.SCALE) == 2 and 0 < config.AUG.SCALE[0] <= config.AUG.SCALE[1] <= 1,

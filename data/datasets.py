@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -83,6 +84,42 @@ class _SeededRNG:
             torch.set_rng_state(torch_state)
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image file to an RGB ``PIL.Image``, whatever mode the file holds.
+
+    torchvision's ``default_loader`` is ``Image.open(path).convert("RGB")``, which is right for
+    8-bit modes (L, LA, P with transparency, RGBA, CMYK) but clips 16-bit and 32-bit images
+    (16-bit PNG opens as I;16 or I) to white, and ignores the camera's EXIF orientation. Here
+    such images are scaled to 8 bits first, and EXIF-rotated photos are turned upright, as
+    image viewers show them.
+    """
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            img = ImageOps.exif_transpose(img)
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            img = _to_8bit(img)
+        return img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A high-bit-depth grayscale image (I;16*, I, F) as 8-bit L, scaled from the 16-bit range.
+
+    Integer images are taken as 16-bit (0..65535, what PNG and most TIFFs store); float images
+    in [0, 1] are scaled by 255, other float ranges are clipped.
+    """
+    pixels = np.asarray(img)
+    if img.mode == "F":
+        scale = 255.0 if float(pixels.max(initial=0.0)) <= 1.0 else 1.0
+        pixels = pixels.astype(np.float64) * scale
+    else:
+        pixels = pixels.astype(np.float64) / 257.0  # 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="L")
+
+
 def _check_split_dir(root: str) -> None:
     """Raise a DataError naming ``root`` when it is missing or holds no class folders."""
     if not os.path.isdir(root):
@@ -103,7 +140,7 @@ class ClassFolderDataset(ImageFolder):
     def __init__(self, root: str, transform: Callable | None = None,
                  skip_bad_images: bool = False) -> None:
         _check_split_dir(root)
-        super().__init__(root, transform=transform, allow_empty=True)
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
         counts = np.bincount([t for _, t in self.samples], minlength=len(self.classes))
         if (counts == 0).any():
             empty = self.classes[int(np.flatnonzero(counts == 0)[0])]

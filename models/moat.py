@@ -24,7 +24,9 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
 from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, reparameterize_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+# timm.utils, not timm.models: the latter re-exports it only in some releases (not 1.0.29).
+from timm.utils import reparameterize_model
 
 __all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "create_moat", "list_variants"]
 

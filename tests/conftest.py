@@ -58,6 +58,33 @@ def make_image_tree(root: str, train_per_class: int = 8, val_per_class: int = 3,
     return root
 
 
+def write_every_image_mode(folder, seed: int = 0) -> dict[str, str]:
+    """One image file per mode a user's folder may hold (L, LA, P with transparency, RGBA, CMYK
+    JPEG, 16-bit PNG, 1x1, very wide and tall, EXIF-rotated JPEG); returns {label: path}."""
+    rng = np.random.default_rng(seed)
+    gray = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    paths = {}
+
+    def save(label: str, image: Image.Image, name: str, **kwargs) -> None:
+        paths[label] = os.path.join(folder, name)
+        image.save(paths[label], **kwargs)
+
+    save("L", Image.fromarray(gray), "l.png")
+    save("LA", Image.fromarray(rng.integers(0, 256, (30, 40, 2), dtype=np.uint8), "LA"), "la.png")
+    save("P+transparency", Image.fromarray(gray).convert("P"), "p.png", transparency=3)
+    save("RGBA", Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "RGBA"), "rgba.png")
+    save("CMYK", Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), "CMYK"), "cmyk.jpg")
+    save("I;16", Image.fromarray((gray.astype(np.uint16) * 257)), "i16.png")
+    save("1x1", Image.fromarray(np.full((1, 1, 3), 77, np.uint8)), "tiny.png")
+    save("wide", Image.fromarray(rng.integers(0, 256, (6, 2500, 3), dtype=np.uint8)), "wide.jpg")
+    save("tall", Image.fromarray(rng.integers(0, 256, (1500, 3), dtype=np.uint8)), "tall.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
+    save("EXIF-rotated", Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)), "exif.jpg",
+         exif=exif)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def image_tree(tmp_path_factory) -> str:
     """A shared, read-only tiny dataset (tests that damage data make their own copy)."""

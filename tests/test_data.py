@@ -3,7 +3,6 @@ sampling, exact distributed eval sharding and Mixup wiring (tiny PNG trees in tm
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import numpy as np
@@ -12,8 +11,7 @@ import torch
 from PIL import Image
 
 from config import get_config
-from data import (DataError, ResumableSampler, ShardedEvalSampler, build_dataset, build_loader,
-                  build_transform)
+from data import (DataError, ResumableSampler, ShardedEvalSampler, build_dataset, build_loader)
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -48,32 +46,6 @@ def truncate(path, keep=60):
         head = f.read(keep)
     with open(path, "wb") as f:
         f.write(head)
-
-
-# ----------------------------------------------------------------------------- transforms
-
-@pytest.mark.parametrize("size", [(28, 28), (50, 90)])
-@pytest.mark.parametrize("is_train", [True, False])
-def test_transforms_give_normalised_img_size_tensors_even_from_small_images(size, is_train):
-    config = make_config(AUG__AUTO_AUGMENT="rand-m9-mstd0.5-inc1", AUG__REPROB=0.25)
-    image = Image.fromarray(np.full(size, 200, np.uint8)).convert("RGB")
-    out = build_transform(is_train, config)(image)
-    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-
-
-def test_eval_transform_resizes_short_side_by_crop_pct_then_center_crops():
-    config = make_config(DATA__IMG_SIZE=224)
-    resize, crop = build_transform(False, config).transforms[:2]
-    assert resize.size == math.floor(224 / 0.875) == 256 and tuple(crop.size) == (224, 224)
-    image = Image.fromarray(np.zeros((300, 600, 3), np.uint8))
-    assert build_transform(False, config)(image).shape == (3, 224, 224)
-
-
-def test_eval_transform_without_crop_squashes_to_img_size():
-    config = make_config(TEST__CROP=False)
-    assert tuple(build_transform(False, config).transforms[0].size) == (32, 32)
-    image = Image.fromarray(np.zeros((20, 70, 3), np.uint8))
-    assert build_transform(False, config)(image).shape == (3, 32, 32)
 
 
 # ----------------------------------------------------------------------------- data errors

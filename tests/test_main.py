@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import main as trainer
-from conftest import CLASSES, make_image_tree
+from conftest import CLASSES, make_image_tree, write_every_image_mode
 
 ACC_RE = re.compile(r"\* (model|ema) Acc@1 ([\d.]+) Acc@5 ([\d.]+) loss ([\d.]+) \((\d+) images")
 
@@ -270,3 +270,19 @@ def test_short_run_without_augmentation_learns_the_colour_classes(image_tree, ti
     first, last = rows[0], rows[-1]
     assert float(last["val_loss"]) < min(0.9, float(first["val_loss"]))  # chance is ln 3 = 1.10
     assert float(last["val_top1"]) > 50.0
+
+
+def test_default_recipe_trains_on_a_folder_of_every_image_mode_with_two_workers(tiny_cfg, tmp_path):
+    """The shipped augmentation (RandAugment, random erasing, Mixup/CutMix) over L, LA, P, RGBA,
+    CMYK, 16-bit, 1x1, very wide and EXIF-rotated files, decoded in loader workers."""
+    for split in ("train", "val"):
+        for c, name in enumerate(CLASSES):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            write_every_image_mode(folder, seed=c)
+    cfg = tiny_cfg(DATA={"NUM_WORKERS": 2, "BATCH_SIZE": 6}, TRAIN={"EPOCHS": 1})
+    assert trainer.main(["--cfg", cfg, "--data-path", str(tmp_path / "data"),
+                         "--output", str(tmp_path / "out")]) == 0
+    (row,) = read_summary(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))
+    assert float(row["train_loss"]) > 0 and row["val_top1"] != ""
+    assert f"({3 * 10} images" in read_log(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))

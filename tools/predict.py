@@ -25,10 +25,10 @@ if _REPO not in sys.path:  # run as a script: make the repo's packages importabl
     sys.path.insert(0, _REPO)
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
+from data.datasets import load_rgb  # noqa: E402
 from models.weights import UserError, build_eval_transform, load_model_for_inference  # noqa: E402
 from utils.amp import autocast_factory, resolve_amp_dtype  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
@@ -101,8 +101,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, str]:
         path = self.paths[index]
         try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
+            image = load_rgb(path)  # the trainer's decoder: same pixels as validation
         except Exception as e:  # PIL raises several types (UnidentifiedImageError, OSError, ...)
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return torch.zeros(3, self.img_size, self.img_size), f"cannot read image {path}: {reason}"
