@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 from yacs.config import CfgNode as CN
 
+from utils.errors import ConfigError
+
 _C = CN()
 
 # YAML files this one inherits from (paths relative to the file that names them).
@@ -221,10 +223,6 @@ _FLAG_KEYS = {
     "seed": "SEED",
     "device": "DEVICE",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported to the user as one line."""
 
 
 def _update_config_from_file(config: CN, cfg_file: str) -> None:

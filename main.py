@@ -21,30 +21,26 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
-from config import ConfigError, config_to_dict, get_config
-from data import DataError
+from config import config_to_dict, get_config
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, scaled_lrs
-from utils import NonFiniteLossError, UserError
+from utils import MoatError, NonFiniteLossError, UserError
 from utils.amp import apex_available, autocast_factory, build_scaler, resolve_amp_dtype
 from utils.checkpoint import (CheckpointSaver, capture_rng_state, config_differences, find_resumable,
                               load_file, load_model_weights, model_state_from, restore_rng_state)
 from utils.distributed import (DistInfo, all_reduce_sum, any_rank, broadcast_object, gather_to_primary,
                                init_distributed, teardown)
+from utils.run_lock import RunFolderLock
 from utils.metrics import AverageMeter, ClassificationTotals
 from utils.preemption import PreemptionFlag
-
-# Exceptions that mean "the user gave us something wrong": one line on stderr, exit code 2.
-# (data.DataError comes from build_loader and from loader workers, naming the bad path.)
-USER_ERRORS = (ConfigError, UserError, DataError)
 
 SUMMARY_FIELDS = ["epoch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "ema_top1",
                   "ema_top5", "max_accuracy", "epoch_time_s"]
@@ -94,12 +90,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                             "use --amp {off,fp16,bf16} (torch.amp) instead")
         config = get_config(args)
         return run(config)
-    except USER_ERRORS as e:
+    except MoatError as e:  # user errors (exit 2) and stopped runs (exit 1): one line, no traceback
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code
 
 
 def run(config) -> int:
@@ -134,13 +127,39 @@ def seed_everything(seed: int) -> None:
 
 
 def _run(config, info: DistInfo) -> int:
+    output_dir = output_dir_of(config)
+    os.makedirs(output_dir, exist_ok=True)
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    # A training run owns its folder until it ends (--eval and --throughput only read from it).
+    with (lock_run_folder(output_dir, info) if training else contextlib.nullcontext()):
+        return _run_in_folder(config, info, output_dir, training)
+
+
+@contextlib.contextmanager
+def lock_run_folder(output_dir: str, info: DistInfo) -> Iterator[None]:
+    """Hold the folder's lock (taken by rank 0); every rank raises the same UserError when
+    another run holds it."""
+    lock = RunFolderLock(output_dir)
+    error = None
+    if info.is_primary:
+        try:
+            lock.acquire()
+        except UserError as e:
+            error = str(e)
+    error = broadcast_object(error, info)
+    if error:
+        raise UserError(error)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_in_folder(config, info: DistInfo, output_dir: str, training: bool) -> int:
     from data import build_loader
     from models import build_model
 
-    output_dir = output_dir_of(config)
-    os.makedirs(output_dir, exist_ok=True)
     logger = create_logger(output_dir, info.rank)
-    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     if training and info.is_primary:
         _check_and_save_config(config, output_dir, logger)
     logger.info(f"device {info.device}, world size {info.world_size}, rank {info.rank}, "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 from typing import Any, Callable
 
 import numpy as np
@@ -26,34 +25,12 @@ from torch.utils.data import get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from utils.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 # The key the training sampler yields: (dataset index, per-sample augmentation seed).
 SampleKey = tuple[int, int]
-
-# torch's DataLoader re-raises a worker's exception as ``type(exc)(msg)`` where ``msg`` is
-# "Caught DataError in DataLoader worker process N.\nOriginal Traceback ...\n...DataError: <ours>".
-_WORKER_MESSAGE = re.compile(r"^Caught \w+ in DataLoader worker process")
-_ORIGINAL_LINE = re.compile(r"(?:^|\n)(?:[\w.]+\.)?DataError: (.*)\s*$")
-
-
-class DataError(ValueError):
-    """A problem with the data on disk; its message is one line that names the path.
-
-    When raised inside a DataLoader worker, torch re-raises it in the main process as
-    ``DataError(<multi-line worker traceback>)``; the constructor recovers the original one-line
-    message from it (kept whole in ``worker_traceback``) so ``str(err)`` still names the file.
-    """
-
-    def __init__(self, message: str = "", *args: Any) -> None:
-        self.worker_traceback: str | None = None
-        if isinstance(message, str) and _WORKER_MESSAGE.match(message):
-            found = _ORIGINAL_LINE.search(message)
-            if found:
-                self.worker_traceback = message
-                message = found.group(1).strip()
-        super().__init__(message, *args)
-
 
 class _SeededRNG:
     """Seed python/numpy/torch-CPU global RNGs for one sample; in the main process, restore them.

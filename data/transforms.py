@@ -8,7 +8,7 @@ from timm.data import create_transform
 from timm.data import auto_augment as timm_auto_augment
 from yacs.config import CfgNode
 
-from config import ConfigError
+from utils.errors import ConfigError
 
 
 def build_transform(is_train: bool, config: CfgNode) -> Callable:

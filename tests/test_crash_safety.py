@@ -315,3 +315,54 @@ def test_auto_resume_skips_a_truncated_last_checkpoint_and_uses_the_newest_good_
     assert len(warning) == 1 and "last.pth" in warning[0] and "truncated or corrupt" in warning[0]
     assert "auto-resuming from " + os.path.join(run_dir, "epoch_0.pth") in log
     assert_same_training_state(os.path.join(run_dir, "last.pth"), os.path.join(reference_run, "last.pth"))
+
+
+def test_second_run_on_a_busy_folder_stops_naming_the_holder_and_a_killed_holder_blocks_nothing(
+        image_tree, tiny_cfg, tmp_path, capsys):
+    run_dir = os.path.join(tmp_path, *RUN)
+    os.makedirs(run_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from utils.run_lock import RunFolderLock; "
+         "RunFolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", run_dir],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        args = ["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", image_tree, "--output", str(tmp_path)]
+        assert trainer.main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and run_dir in err and f"pid {holder.pid} on " in err
+        assert not os.path.exists(os.path.join(run_dir, "last.pth"))
+        assert not os.path.exists(os.path.join(run_dir, "summary.csv"))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert trainer.main(args) == 0  # the lock died with its process
+    assert os.path.exists(os.path.join(run_dir, "last.pth"))
+
+
+def test_disk_full_while_saving_is_one_line_naming_sizes_and_keeps_the_last_good_checkpoint(
+        image_tree, tiny_cfg, tmp_path):
+    """A file-size limit makes every checkpoint write fail as a full disk would (EFBIG instead
+    of ENOSPC): the run stops with exit code 1 and one line, and last.pth of epoch 0 survives."""
+    import resource
+
+    run_dir = os.path.join(tmp_path, *RUN)
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 1})
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
+    last = os.path.join(run_dir, "last.pth")
+    good = _sha(last)
+    limit = os.path.getsize(last) // 2
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "main.py", "--cfg", cfg, "--data-path", image_tree, "--output",
+                           str(tmp_path), "--opts", "TRAIN.EPOCHS", "2"], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    assert f"could not write {last}: File too large; it needs about" in err and " MiB free in " in err
+    assert err.endswith(f"the newest intact checkpoint is {last}")
+    assert _sha(last) == good and _load(last)["epoch"] == 0
+    assert not [n for n in os.listdir(run_dir) if n.endswith(".tmp")]

@@ -7,11 +7,13 @@ a file carrying pickled code is refused instead of executed. Every failure a use
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import UserError
+from .errors import CheckpointWriteError, UserError
 
 LAST = "last.pth"
 BEST = "best.pth"
@@ -41,7 +43,10 @@ def _fsync_dir(directory: str) -> None:
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``.
 
-    A crash at any point leaves either the old file or the new one, never a torn file.
+    A crash at any point leaves either the old file or the new one, never a torn file. A write
+    that fails (disk full, quota, file size limit) removes the temp file and raises
+    ``CheckpointWriteError`` saying how many bytes were needed and how many are free, instead of
+    torch's ``inline_container.cc`` traceback.
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -54,11 +59,56 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        os_error = _os_error_in(e)
+        if os_error is not None:
+            raise CheckpointWriteError(
+                f"could not write {path}: {os.strerror(os_error.errno)}; it needs about "
+                f"{_megabytes(tensor_bytes(obj))}, {_megabytes(shutil.disk_usage(directory).free)} "
+                f"free in {directory}") from e
         raise
     _fsync_dir(directory)
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
+def _os_error_in(e: BaseException) -> Optional[OSError]:
+    """The OSError of a failed write, also when torch re-raised it as a RuntimeError (its file
+    writer keeps the Python ``OSError`` only as the exception's context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensor storages inside ``obj`` (nested dicts/lists), each storage once:
+    about the size ``torch.save`` writes."""
+    storages = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+
+    visit(obj)
+    return sum(storages.values())
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2 ** 20:,.1f} MiB"
 
 
 def atomic_link(src: str, dst: str) -> None:
@@ -89,9 +139,15 @@ class CheckpointSaver:
         self.keep = keep
 
     def save(self, state: Dict[str, Any], epoch: int, epoch_done: bool, is_best: bool) -> List[str]:
-        """Write ``state``; returns the paths written."""
+        """Write ``state``; returns the paths written. A failed write names the newest intact
+        checkpoint in the error (the files already there are untouched)."""
         last = os.path.join(self.output_dir, LAST)
-        atomic_save(state, last)
+        try:
+            atomic_save(state, last)
+        except CheckpointWriteError as e:
+            found = resume_candidates(self.output_dir)
+            intact = f"the newest intact checkpoint is {found[0]}" if found else "no checkpoint was written yet"
+            raise CheckpointWriteError(f"{e}; {intact}") from e.__cause__
         written = [last]
         if epoch_done and is_best:
             atomic_link(last, os.path.join(self.output_dir, BEST))
