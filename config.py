@@ -105,8 +105,12 @@ _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 # Re-compute blocks in backward to save memory (gradient checkpointing).
 _C.TRAIN.USE_CHECKPOINT = False
-# Compile the model with torch.compile.
+# Compile the training forward and backward with torch.compile (validation stays eager).
 _C.TRAIN.COMPILE = False
+# torch.compile mode: 'default', 'reduce-overhead' (CUDA graphs: less launch overhead for small
+# models on GPU), 'max-autotune' (searches kernel configs: slow first steps, fastest later) or
+# 'max-autotune-no-cudagraphs'.
+_C.TRAIN.COMPILE_MODE = "default"
 # Also save a resumable checkpoint every N optimizer steps inside an epoch; 0 disables.
 _C.TRAIN.SAVE_STEPS = 0
 # Layer-wise learning-rate decay for fine-tuning (1.0 disables): the head gets the full LR,
@@ -202,6 +206,8 @@ _C.THROUGHPUT_MODE = False
 # Set by the launcher (LOCAL_RANK), never by hand.
 _C.LOCAL_RANK = 0
 
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 # argparse destination of each named flag -> the config key it sets.
 _FLAG_KEYS = {
@@ -323,6 +329,8 @@ def validate_config(config: CN) -> None:
     check(config.TRAIN.BASE_LR > 0, "TRAIN.BASE_LR", config.TRAIN.BASE_LR, "must be > 0")
     check(config.TRAIN.ACCUMULATION_STEPS >= 1, "TRAIN.ACCUMULATION_STEPS",
           config.TRAIN.ACCUMULATION_STEPS, "must be >= 1")
+    check(config.TRAIN.COMPILE_MODE in COMPILE_MODES, "TRAIN.COMPILE_MODE", config.TRAIN.COMPILE_MODE,
+          "accepted: " + ", ".join(repr(m) for m in COMPILE_MODES))
     check(config.TRAIN.SAVE_STEPS >= 0, "TRAIN.SAVE_STEPS", config.TRAIN.SAVE_STEPS, "must be >= 0")
     check(0.0 < config.TRAIN.LAYER_DECAY <= 1.0, "TRAIN.LAYER_DECAY", config.TRAIN.LAYER_DECAY,
           "must be in (0, 1]")

@@ -436,7 +436,9 @@ def train(config, model: nn.Module, class_names: List[str], loader_train, loader
         model_fwd = nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if config.TRAIN.COMPILE:
-        model_fwd = torch.compile(model_fwd)
+        mode = config.TRAIN.COMPILE_MODE
+        model_fwd = torch.compile(model_fwd, mode=None if mode == "default" else mode)
+        logger.info(f"torch.compile, mode {mode}: the first steps compile the model")
 
     writer = None
     if info.is_primary:
