@@ -46,11 +46,14 @@ def moat_cfg_from_config(config) -> MoatCfg:
 
     Raises :class:`MoatConfigError` (a ValueError) whose message names the config key.
     """
+    overrides = moat_overrides_from_config(config)
     try:
-        cfg = resolve_cfg(config.MODEL.NAME, moat_overrides_from_config(config))
+        cfg = resolve_cfg(config.MODEL.NAME, overrides)
         cfg.check_img_size(config.DATA.IMG_SIZE)
     except MoatConfigError as e:
-        raise e.keyed(config_key) from None
+        # Show a key's value as the config spells it ([7, 0], not the per-stage [None, None, 7, None]).
+        value = overrides.get(e.field, e.value)
+        raise MoatConfigError(e.field, value, e.reason, key_of=config_key) from None
     return cfg
 
 

@@ -30,8 +30,8 @@ POS_EMBED_IMG_SIZE = 224
 
 class MoatConfigError(ValueError):
     """An invalid architecture: ``field`` (a :class:`MoatCfg` field, or ``name`` / ``img_size``),
-    the offending ``value`` and why. ``keyed(key_of)`` is the same error with every field name in
-    its message spelt ``key_of(field)`` (a trainer config key, say)."""
+    the offending ``value`` and why. With ``key_of`` every field name in the message is spelt
+    ``key_of(field)`` (a trainer config key, say)."""
 
     def __init__(self, field: str, value: Any, reason: str,
                  key_of: Optional[Callable[[str], str]] = None) -> None:
@@ -41,9 +41,6 @@ class MoatConfigError(ValueError):
         reason = re.sub(r"`(\w+)`", lambda m: name(m.group(1)), reason)
         head = name(field) if key_of else f"MOAT config {field}"
         super().__init__(f"invalid {head}={_plain(value)!r}: {reason}")
-
-    def keyed(self, key_of: Callable[[str], str]) -> "MoatConfigError":
-        return MoatConfigError(self.field, self.value, self.reason, key_of)
 
 
 def _plain(value: Any) -> Any:
@@ -242,7 +239,7 @@ def _per_stage(cfg: MoatCfg, name: str, value: Any, what: str,
         per_attn = [value[i] for i in attn]
     else:
         _fail(name, value, f"has {len(value)} entries; needs one per stage ({n}) or one per "
-              f"attention stage ({len(attn)}) of `stage_types`")
+              f"attention ('moat') stage ({len(attn)}) of `stage_types` {list(cfg.stage_types)}")
     for v in per_attn:
         if not (v is None or (_is_int(v) and v >= 0)):
             _fail(name, value, f"entries must be ints >= 0 or null (0 / null: {unset})")
@@ -259,7 +256,7 @@ def _validate(cfg: MoatCfg) -> None:
     n = len(depths)
     dims = _int_tuple(cfg, "dims")
     if len(dims) != n:
-        _fail("dims", dims, f"has {len(dims)} entries, `depths` has {n} (one per stage)")
+        _fail("dims", dims, f"has {len(dims)} entries but `depths` {list(depths)} has {n} (one per stage)")
     _set(cfg, "dims", dims)
     types = cfg.stage_types
     if isinstance(types, str) or not isinstance(types, Sequence):
@@ -271,12 +268,14 @@ def _validate(cfg: MoatCfg) -> None:
             _fail("stage_types", types, f"unknown block type {t!r} in stage {i + 1}; "
                   f"accepted: {', '.join(map(repr, BLOCK_TYPES))}")
     if len(types) != n:
-        _fail("stage_types", types, f"has {len(types)} entries, `depths` has {n} (one per stage)")
+        _fail("stage_types", types, f"has {len(types)} entries but `depths` {list(depths)} has {n} "
+              f"(one per stage)")
     _set(cfg, "stage_types", types)
     if cfg.strides is not None:
         strides = _int_tuple(cfg, "strides")
         if len(strides) != n:
-            _fail("strides", strides, f"has {len(strides)} entries, `depths` has {n} (one per stage)")
+            _fail("strides", strides, f"has {len(strides)} entries but `depths` {list(depths)} has {n} "
+                  f"(one per stage)")
         _set(cfg, "strides", None if all(s == 2 for s in strides) else strides)
 
     if not (_is_number(cfg.expand_ratio) and cfg.expand_ratio > 0):
