@@ -118,7 +118,7 @@ _C.MODEL.MOAT.POS_EMBED = None
 # feature map at 224 px. [derived: 14 at stride 16, 7 at stride 32]
 _C.MODEL.MOAT.POS_EMBED_SIZE = []
 # Norm of the stem and the conv path, a timm name: batchnorm2d, groupnorm, layernorm2d, ...
-# ['batchnorm2d'; SyncBatchNorm under DDP]
+# ['batchnorm2d'; the trainer makes it SyncBatchNorm under DDP on CUDA]
 _C.MODEL.MOAT.NORM_LAYER = ""
 # Activation of the stem and the conv path, a timm name (gelu is the exact erf form). ['gelu']
 _C.MODEL.MOAT.ACT_LAYER = ""

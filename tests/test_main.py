@@ -287,13 +287,17 @@ def test_example_architectures_train_an_epoch_through_main(example, overrides, r
                 "TRAIN": {"EPOCHS": 1, "WARMUP_EPOCHS": 0, "EMA": {"ENABLE": False}}}
     for key, value in overrides.items():
         sections[key] = {**sections.get(key, {}), **value}
-    assert trainer.main(["--cfg", tiny_cfg(**sections), "--data-path", image_tree,
-                         "--output", str(tmp_path)]) == 0
+    cfg = tiny_cfg(**sections)
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
     run_dir = os.path.join(tmp_path, run_name)
     assert [r["epoch"] for r in read_summary(run_dir)] == ["0"]
     ckpt = torch.load(os.path.join(run_dir, "last.pth"), map_location="cpu", weights_only=True)
     assert {int(k.split(".")[1]) for k in ckpt["model"] if k.startswith("stages.")} == set(range(stages))
     assert ckpt["config"]["MODEL"]["NAME"] == run_name.split(os.sep)[0]
+    # The same YAML rebuilds the architecture to evaluate its checkpoint.
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path / "eval"),
+                         "--eval", "--resume", os.path.join(run_dir, "last.pth")]) == 0
+    assert accuracies(read_log(os.path.join(tmp_path, "eval", run_name)))["model"][3] == 9
     if overrides:  # the example's own windows do not fit the small test image: a one-line error
         capsys.readouterr()
         cfg = tiny_cfg(BASE=[os.path.join(EXAMPLES, example)], DATA={"IMG_SIZE": 64})
