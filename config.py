@@ -34,7 +34,8 @@ _C.DATA.DATASET = "imagenet"
 # Sub-folder names of the two splits under DATA_PATH.
 _C.DATA.TRAIN_SPLIT = "train"
 _C.DATA.VAL_SPLIT = "val"
-# Input resolution (square); must be divisible by 32 under global attention.
+# Input resolution (square); must be divisible by the model's total stride (32 for every registered
+# variant) and each attention window must divide its stage's feature map at this size.
 _C.DATA.IMG_SIZE = 224
 # Resampling used by the train and eval transforms: 'bicubic', 'bilinear' or 'random'.
 _C.DATA.INTERPOLATION = "bicubic"
@@ -57,7 +58,8 @@ _C.DATA.SKIP_BAD_IMAGES = False
 _C.MODEL = CN()
 # Model family; only 'moat' exists.
 _C.MODEL.TYPE = "moat"
-# Variant: moat_0..moat_4, tiny_moat_0..tiny_moat_3, each also as <name>_no_pe.
+# Variant: moat_0..moat_4, tiny_moat_0..tiny_moat_3, each also as <name>_no_pe; or a new name for
+# an architecture defined by the MODEL.MOAT keys. Outputs go to OUTPUT/NAME/TAG.
 _C.MODEL.NAME = "moat_0"
 # Weights-only initialisation (a checkpoint of ours or a safetensors file); a head of another
 # shape is dropped. Resolution-agnostic: the relative-bias tables resize themselves.
@@ -75,15 +77,66 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = -1.0
 # Label smoothing (used when Mixup/CutMix are off; with them, folded into the soft targets).
 _C.MODEL.LABEL_SMOOTHING = 0.1
+# Architecture (models/config.py MoatCfg; one key per field, named after it in upper case; the
+# drop-path rate is MODEL.DROP_PATH_RATE above). A key left unset ([] for lists, -1 for numbers,
+# "" for layer names, null for POS_EMBED) keeps the value of the registered variant MODEL.NAME;
+# a key that is set overrides it. A MODEL.NAME that is not a registered variant is a new
+# architecture: STEM_DIMS, DEPTHS, DIMS and STAGE_TYPES are then required and every other key
+# left unset takes the official MOAT value (in brackets). docs/architecture.md, README "Custom
+# architectures".
 _C.MODEL.MOAT = CN()
-# Average-pool size of the strided shortcut: 2 (classification) or 3 (dense tasks).
-_C.MODEL.MOAT.POOL_SIZE = 2
-# Attention window per MOAT stage (stage 3, stage 4); 0 means global attention over the whole map.
-_C.MODEL.MOAT.WINDOW_SIZE = [0, 0]
+# Stem conv widths; the first conv has stride 2, a norm and activation sit between two convs.
+# [the official stem: two convs, e.g. [64, 64] for moat_0]
+_C.MODEL.MOAT.STEM_DIMS = []
+# Blocks per stage; the number of entries is the number of stages (any, not only 4).
+_C.MODEL.MOAT.DEPTHS = []
+# Output channels per stage.
+_C.MODEL.MOAT.DIMS = []
+# Block type per stage: 'mbconv' (MBConv with squeeze-excite) or 'moat' (MBConv without SE, then
+# LayerNorm + multi-head self-attention). [mbconv, mbconv, moat, moat]
+_C.MODEL.MOAT.STAGE_TYPES = []
+# Stride of each stage's first block (TF 'SAME'); the total stride, 2 x their product, must divide
+# DATA.IMG_SIZE. [2 per stage]
+_C.MODEL.MOAT.STRIDES = []
+# Width of the 1x1 expansion, times the block's OUTPUT channels. [4.0]
+_C.MODEL.MOAT.EXPAND_RATIO = -1.0
+# Squeeze-excite width in MBConv stages, times the output channels; 0 removes it. [0.25]
+_C.MODEL.MOAT.SE_RATIO = -1.0
+# Depthwise conv kernel (odd). [3]
+_C.MODEL.MOAT.KERNEL_SIZE = -1
+# Average-pool size of the strided shortcut: 2 (classification) or 3 (dense tasks). [2]
+_C.MODEL.MOAT.POOL_SIZE = -1
+# Channels per attention head; every attention stage's width must divide by it. [32]
+_C.MODEL.MOAT.HEAD_DIM = -1
+# Attention window: one value per attention ('moat') stage, or one per stage (0 for 'mbconv'
+# stages); 0 means global attention over the whole map. Each window must divide its stage's
+# feature map at DATA.IMG_SIZE (stage-3 map 14 and stage-4 map 7 at 224 px for the official
+# layout; [14, 0] is the authors' detection setting). [global everywhere, e.g. [0, 0]]
+_C.MODEL.MOAT.WINDOW_SIZE = []
+# Learned relative position bias in attention (the *_no_pe variants set false). [true]
+_C.MODEL.MOAT.POS_EMBED = None
+# Native relative-bias window P per attention stage (or per stage, 0 for 'mbconv'): the table has
+# (2P-1)^2 entries per head and is resized to the actual window. 0 derives it from the stage's
+# feature map at 224 px. [derived: 14 at stride 16, 7 at stride 32]
+_C.MODEL.MOAT.POS_EMBED_SIZE = []
+# Norm of the stem and the conv path, a timm name: batchnorm2d, groupnorm, layernorm2d, ...
+# ['batchnorm2d'; the trainer makes it SyncBatchNorm under DDP on CUDA]
+_C.MODEL.MOAT.NORM_LAYER = ""
+# Activation of the stem and the conv path, a timm name (gelu is the exact erf form). ['gelu']
+_C.MODEL.MOAT.ACT_LAYER = ""
+# Activation inside squeeze-excite, a timm name. ['silu' (swish)]
+_C.MODEL.MOAT.SE_ACT_LAYER = ""
+# Epsilon of the conv-path norm. [0.001, Keras' BatchNormalization default]
+_C.MODEL.MOAT.BN_EPS = -1.0
 # BatchNorm running-stat momentum (PyTorch convention). 0.01 is the official value (Keras 0.99),
 # right for ImageNet-length schedules; runs of a few thousand steps need ~0.1, or the running
-# statistics lag the weights and eval accuracy collapses while train loss looks fine.
-_C.MODEL.MOAT.BN_MOMENTUM = 0.01
+# statistics lag the weights and eval accuracy collapses while train loss looks fine. [0.01]
+_C.MODEL.MOAT.BN_MOMENTUM = -1.0
+# Epsilon of the attention LayerNorm and of the head's LayerNorm. [1e-05]
+_C.MODEL.MOAT.LN_EPS = -1.0
+# Head: mean pool -> LayerNorm -> Linear; a width > 0 inserts Linear(width) + tanh before the
+# classifier (timm's NormMlpClassifierHead). [0]
+_C.MODEL.MOAT.HEAD_HIDDEN_SIZE = -1
 
 # -----------------------------------------------------------------------------
 # Training
@@ -289,21 +342,14 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
 
 def validate_config(config: CN) -> None:
     """Reject values no run could use, naming the key and what it accepts."""
-    from models import list_variants  # local import: keeps config importable without torch
-
     def check(ok: bool, key: str, value: Any, accepted: str) -> None:
         if not ok:
             raise ConfigError(f"invalid {key}={value!r}: {accepted}")
 
-    variants = list_variants()
     check(config.MODEL.TYPE == "moat", "MODEL.TYPE", config.MODEL.TYPE, "accepted: 'moat'")
-    check(config.MODEL.NAME in variants, "MODEL.NAME", config.MODEL.NAME,
-          "accepted: " + ", ".join(variants))
     check(config.DATA.DATASET in ("imagenet", "imagefolder"), "DATA.DATASET",
           config.DATA.DATASET, "accepted: 'imagenet', 'imagefolder'")
     check(config.DATA.BATCH_SIZE > 0, "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE, "must be > 0")
-    check(config.DATA.IMG_SIZE > 0 and config.DATA.IMG_SIZE % 32 == 0, "DATA.IMG_SIZE",
-          config.DATA.IMG_SIZE, "must be a positive multiple of 32")
     check(config.DATA.INTERPOLATION in ("bicubic", "bilinear", "random"), "DATA.INTERPOLATION",
           config.DATA.INTERPOLATION, "accepted: 'bicubic', 'bilinear', 'random'")
     check(0.0 < config.DATA.CROP_PCT <= 1.0, "DATA.CROP_PCT", config.DATA.CROP_PCT, "must be in (0, 1]")
@@ -315,13 +361,7 @@ def validate_config(config: CN) -> None:
           "must be < 1 (negative = variant default)")
     check(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0, "MODEL.LABEL_SMOOTHING",
           config.MODEL.LABEL_SMOOTHING, "must be in [0, 1)")
-    check(config.MODEL.MOAT.POOL_SIZE in (2, 3), "MODEL.MOAT.POOL_SIZE", config.MODEL.MOAT.POOL_SIZE,
-          "accepted: 2, 3")
-    check(0.0 < config.MODEL.MOAT.BN_MOMENTUM <= 1.0, "MODEL.MOAT.BN_MOMENTUM",
-          config.MODEL.MOAT.BN_MOMENTUM, "must be in (0, 1]")
-    check(len(config.MODEL.MOAT.WINDOW_SIZE) == 2 and all(w >= 0 for w in config.MODEL.MOAT.WINDOW_SIZE),
-          "MODEL.MOAT.WINDOW_SIZE", config.MODEL.MOAT.WINDOW_SIZE,
-          "two non-negative ints (stage 3, stage 4; 0 = global)")
+    _validate_architecture(config)
     check(config.TRAIN.EPOCHS > 0, "TRAIN.EPOCHS", config.TRAIN.EPOCHS, "must be > 0")
     check(0 <= config.TRAIN.WARMUP_EPOCHS, "TRAIN.WARMUP_EPOCHS", config.TRAIN.WARMUP_EPOCHS, "must be >= 0")
     for key in ("BASE_LR", "WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "CLIP_GRAD"):
@@ -364,6 +404,17 @@ def validate_config(config: CN) -> None:
     check(not mixing or config.DATA.BATCH_SIZE % 2 == 0, "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE,
           "must be even while Mixup/CutMix is on (timm mixes each batch with its flipped self); "
           "or set AUG.MIXUP 0 AUG.CUTMIX 0")
+
+
+def _validate_architecture(config: CN) -> None:
+    """MODEL.NAME, the MODEL.MOAT keys, MODEL.DROP_PATH_RATE and DATA.IMG_SIZE together describe a
+    buildable model; the checks live with the model (models/build.py) and name the key."""
+    from models import moat_cfg_from_config  # local import: keeps config importable without torch
+
+    try:
+        moat_cfg_from_config(config)
+    except ValueError as e:  # models.MoatConfigError, its message names the config key
+        raise ConfigError(str(e)) from None
 
 
 def get_config(args: argparse.Namespace | None = None) -> CN:

@@ -1,6 +1,6 @@
 """CPU data-parallel scaling: total training img/s of N ``torchrun`` processes vs one process.
 
-Issue 6's target: ``torchrun --nproc_per_node=2`` on a CPU gives >= 0.9x the total training
+The target: ``torchrun --nproc_per_node=2`` on a CPU gives >= 0.9x the total training
 throughput of one process using all cores. Each configuration runs as its own job (one plain
 process for N=1, ``torchrun --standalone`` for N>1), built from the trainer's own pieces:
 ``models.build_model``, ``optimizer.build_optimizer`` (AdamW as the trainer builds it), ``utils.amp.NativeScaler``

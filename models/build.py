@@ -1,24 +1,71 @@
 """Build the model the trainer's config describes."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch.nn as nn
 
+from .config import FIELD_NAMES, MoatCfg, MoatConfigError, resolve_cfg
 from .moat import create_moat
+
+# MoatCfg fields whose trainer key is not MODEL.MOAT.<FIELD>.
+_KEYS = {"name": "MODEL.NAME", "img_size": "DATA.IMG_SIZE", "drop_path_rate": "MODEL.DROP_PATH_RATE"}
+
+
+def config_key(field: str) -> str:
+    """The trainer config key of a MoatCfg field (``depths`` -> ``MODEL.MOAT.DEPTHS``)."""
+    return _KEYS.get(field, f"MODEL.MOAT.{field.upper()}")
+
+
+def _is_unset(key: str, value: Any) -> bool:
+    # Unset keys keep the variant's value: [] / "" / null, -1 for numbers; MODEL.DROP_PATH_RATE
+    # has meant "negative = the variant's rate" since before these keys existed.
+    if key == "MODEL.DROP_PATH_RATE":
+        return value < 0
+    if value is None or (isinstance(value, (list, tuple, str)) and len(value) == 0):
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == -1
+
+
+def moat_overrides_from_config(config) -> dict:
+    """The MoatCfg fields the trainer config sets (``MODEL.MOAT.*`` keys not left unset)."""
+    overrides = {}
+    for field in FIELD_NAMES:
+        node = config
+        for part in config_key(field).split("."):
+            node = node[part]
+        if not _is_unset(config_key(field), node):
+            overrides[field] = list(node) if isinstance(node, (list, tuple)) else node
+    return overrides
+
+
+def moat_cfg_from_config(config) -> MoatCfg:
+    """The architecture ``config`` describes, checked: variant ``MODEL.NAME`` with the set
+    ``MODEL.MOAT.*`` keys (and ``MODEL.DROP_PATH_RATE``) overriding its fields, or, for a name that
+    is not registered, the new architecture those keys define; ``DATA.IMG_SIZE`` must fit it.
+
+    Raises :class:`MoatConfigError` (a ValueError) whose message names the config key.
+    """
+    overrides = moat_overrides_from_config(config)
+    try:
+        cfg = resolve_cfg(config.MODEL.NAME, overrides)
+        cfg.check_img_size(config.DATA.IMG_SIZE)
+    except MoatConfigError as e:
+        # Show a key's value as the config spells it ([7, 0], not the per-stage [None, None, 7, None]).
+        value = overrides.get(e.field, e.value)
+        raise MoatConfigError(e.field, value, e.reason, key_of=config_key) from None
+    return cfg
 
 
 def build_model(config) -> nn.Module:
-    """MOAT variant ``config.MODEL.NAME`` with the config's head, regularisation and attention."""
+    """The MOAT ``config`` describes (``moat_cfg_from_config``) with its head and regularisation."""
     if config.MODEL.TYPE != "moat":
         raise ValueError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}; accepted: 'moat'")
-    drop_path = config.MODEL.DROP_PATH_RATE
     model = create_moat(
         config.MODEL.NAME,
+        cfg=moat_cfg_from_config(config),
         num_classes=config.MODEL.NUM_CLASSES,
         drop_rate=config.MODEL.DROP_RATE,
-        drop_path_rate=None if drop_path < 0 else drop_path,
-        window_size=tuple(w or None for w in config.MODEL.MOAT.WINDOW_SIZE),
-        pool_size=config.MODEL.MOAT.POOL_SIZE,
-        bn_momentum=config.MODEL.MOAT.BN_MOMENTUM,
     )
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)

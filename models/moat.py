@@ -1,21 +1,22 @@
 """MOAT: Alternating Mobile Convolution and Attention (Yang et al., ICLR 2023), in PyTorch.
 
 A faithful port of the authors' TensorFlow model (google-research/deeplab2 ``moat.py``,
-``moat_blocks.py``, ``moat_attention.py``); ``../shared/MOAT_SPEC.md`` lists the facts this file
-reproduces. Where the widely copied unofficial port differs (depthwise before expansion,
-max-pool shortcut, halved expansion on strided blocks, no final norm, bias tied to one input
-size) this file follows the official code.
+``moat_blocks.py``, ``moat_attention.py``); ``docs/architecture.md`` describes what this file
+builds and where each detail comes from. Where the widely copied unofficial port differs
+(depthwise before expansion, max-pool shortcut, halved expansion on strided blocks, no final
+norm, bias tied to one input size) this file follows the official code.
 
-Layout: ``stem`` -> four ``stages`` (MBConv, MBConv, MOAT, MOAT; the first block of each has
-stride 2) -> ``head`` (mean pool -> LayerNorm -> Linear). Every variant is registered with timm
-(``timm.create_model('moat_0')``) once ``models`` is imported.
+Layout: ``stem`` -> ``stages`` (the official variants: MBConv, MBConv, MOAT, MOAT; the first
+block of each has a stride) -> ``head`` (mean pool -> LayerNorm -> Linear). The architecture is
+a :class:`~models.config.MoatCfg`; every registered variant is one
+(``timm.create_model('moat_0')`` once ``models`` is imported) and keyword arguments override its
+fields (``timm.create_model('moat_0', depths=(2, 3, 5, 2))``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,56 +24,48 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d
+from timm.layers import (DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d,
+                         get_act_layer, get_norm_layer)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 # timm.utils, not timm.models: the latter re-exports it only in some releases (not 1.0.29).
 from timm.utils import reparameterize_model
 
+from .config import FIELD_NAMES, MOAT_CFGS, MoatCfg, resolve_cfg
+
 __all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "create_moat", "list_variants"]
 
-HEAD_DIM = 32
-# Keras BatchNormalization(momentum=0.99, epsilon=1e-3) in PyTorch terms.
-BatchNorm2d = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)
-LAYER_NORM_EPS = 1e-5
-# Native relative-bias window per MOAT stage (stage 3, stage 4): the 224-px feature-map sizes.
-_NATIVE_WINDOW = (14, 7)
+# Official defaults of the building blocks when used on their own (a MOAT passes its config's).
+_BATCH_NORM = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)  # Keras BatchNormalization(0.99, 1e-3)
+_LAYER_NORM_EPS = 1e-5
 
-
-@dataclass(frozen=True)
-class MoatCfg:
-    """One MOAT variant: widths, depths and its published training facts."""
-    stem_width: Tuple[int, int]
-    depths: Tuple[int, int, int, int]
-    dims: Tuple[int, int, int, int]
-    drop_path_rate: float
-    pos_embed: bool = True
-    # Published ImageNet-1K top-1 and the resolution it was measured at (None when unpublished).
-    top1: Optional[float] = None
-    top1_img_size: int = 224
-    stage_types: Tuple[str, ...] = field(default=("mbconv", "mbconv", "moat", "moat"))
-
-
-_BASE_CFGS: Dict[str, MoatCfg] = {
-    "moat_0": MoatCfg((64, 64), (2, 3, 7, 2), (96, 192, 384, 768), 0.2, top1=83.3),
-    "moat_1": MoatCfg((64, 64), (2, 6, 14, 2), (96, 192, 384, 768), 0.3, top1=84.2),
-    "moat_2": MoatCfg((128, 128), (2, 6, 14, 2), (128, 256, 512, 1024), 0.3),
-    "moat_3": MoatCfg((160, 160), (2, 12, 28, 2), (160, 320, 640, 1280), 0.6),
-    "moat_4": MoatCfg((256, 256), (2, 12, 28, 2), (256, 512, 1024, 2048), 0.7),
-    "tiny_moat_0": MoatCfg((32, 32), (2, 3, 7, 2), (32, 64, 128, 256), 0.0, top1=76.6, top1_img_size=256),
-    "tiny_moat_1": MoatCfg((40, 40), (2, 3, 7, 2), (40, 80, 160, 320), 0.0, top1=79.2, top1_img_size=256),
-    "tiny_moat_2": MoatCfg((56, 56), (2, 3, 7, 2), (56, 112, 224, 448), 0.0, top1=81.7, top1_img_size=256),
-    "tiny_moat_3": MoatCfg((80, 80), (2, 3, 7, 2), (80, 160, 320, 640), 0.1, top1=83.3, top1_img_size=256),
+# Published ImageNet-1K top-1 and each variant's default input size (the resolution the authors
+# trained at: 224 for MOAT, 256 for tiny-MOAT); the no-PE variants have no published number.
+PUBLISHED_TOP1: Dict[str, float] = {
+    "moat_0": 83.3, "moat_1": 84.2,
+    "tiny_moat_0": 76.6, "tiny_moat_1": 79.2, "tiny_moat_2": 81.7, "tiny_moat_3": 83.3,
 }
-# Every variant also exists without position embedding (no relative bias); no published top-1.
-MOAT_CFGS: Dict[str, MoatCfg] = {
-    **_BASE_CFGS,
-    **{f"{n}_no_pe": replace(c, pos_embed=False, top1=None) for n, c in _BASE_CFGS.items()},
-}
+DEFAULT_IMG_SIZE: Dict[str, int] = {n: 256 if n.startswith("tiny_") else 224 for n in MOAT_CFGS}
 
 
 def list_variants() -> List[str]:
     """Names of all MOAT variants, as registered with timm."""
     return list(MOAT_CFGS)
+
+
+def conv_norm_layer(cfg: MoatCfg) -> Callable[[int], nn.Module]:
+    """``norm(channels)`` for the conv path: ``cfg.norm_layer`` with ``bn_eps`` (and
+    ``bn_momentum`` for BatchNorm)."""
+    layer = get_norm_layer(cfg.norm_layer)
+    if issubclass(layer, nn.modules.batchnorm._BatchNorm):
+        return partial(layer, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+    return partial(layer, eps=cfg.bn_eps)
+
+
+def act_layer_class(name: str) -> Callable[[], nn.Module]:
+    """timm's activation by name, except 'gelu' -> torch's ``nn.GELU`` (exact erf form): timm
+    maps it to a wrapper of the same ``F.gelu``, which exporters and tests know less well."""
+    return nn.GELU if name == "gelu" else get_act_layer(name)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -155,34 +148,46 @@ class SqueezeExcite(SEModule):
         return x * self.gate(x_se)
 
 
-class Stem(nn.Module):
-    """3x3/2 conv (bias) -> BN -> GELU -> 3x3/1 conv (bias); the next block's pre-norm follows."""
+class Stem(nn.Sequential):
+    """3x3 convs with bias, the first with stride 2, a norm and activation between consecutive
+    convs and nothing after the last (the next block's pre-norm follows). Official: two convs,
+    ``conv1 -> norm1 -> act1 -> conv2``."""
 
-    def __init__(self, in_chans: int, widths: Tuple[int, int]) -> None:
+    def __init__(
+            self,
+            in_chans: int,
+            widths: Sequence[int],
+            norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
+    ) -> None:
         super().__init__()
-        self.conv1 = create_conv2d(in_chans, widths[0], 3, stride=2, padding="same", bias=True)
-        self.norm1 = BatchNorm2d(widths[0])
-        self.act1 = nn.GELU()
-        self.conv2 = create_conv2d(widths[0], widths[1], 3, stride=1, padding="same", bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv2(self.act1(self.norm1(self.conv1(x))))
+        for i, width in enumerate(widths):
+            self.add_module(f"conv{i + 1}", create_conv2d(in_chans, width, 3, stride=2 if i == 0 else 1,
+                                                          padding="same", bias=True))
+            if i < len(widths) - 1:
+                self.add_module(f"norm{i + 1}", norm_layer(width))
+                self.add_module(f"act{i + 1}", act_layer())
+            in_chans = width
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Inference only: fold ``norm1`` into ``conv1`` (see ``MBConvBlock.reparameterize``)."""
-        if isinstance(self.norm1, nn.BatchNorm2d):
-            _require_eval(self.norm1)
-            self.conv1 = fuse_conv_bn_eval(self.conv1, self.norm1)
-            self.norm1 = nn.Identity()
+        """Inference only: fold each BatchNorm into the conv before it (see
+        ``MBConvBlock.reparameterize``)."""
+        for name, module in list(self.named_children()):
+            if isinstance(module, nn.BatchNorm2d):
+                _require_eval(module)
+                conv_name = "conv" + name[len("norm"):]
+                setattr(self, conv_name, fuse_conv_bn_eval(getattr(self, conv_name), module))
+                setattr(self, name, nn.Identity())
 
 
 class MBConvBlock(nn.Module):
-    """Pre-norm inverted residual: BN -> 1x1 expand (4x out) -> BN-GELU -> 3x3 depthwise (stride)
-    -> BN-GELU -> [SE] -> 1x1 project (bias) -> drop path -> + shortcut.
+    """Pre-norm inverted residual: norm -> 1x1 expand (``expand_ratio`` x OUTPUT channels) ->
+    norm-act -> kxk depthwise (stride) -> norm-act -> [SE] -> 1x1 project (bias) -> drop path ->
+    + shortcut.
 
     The shortcut of a strided block is a 'SAME' average pool followed by a 1x1 conv (bias) only
-    when the channel count changes.
+    when the channel count changes. ``se_ratio`` 0 drops the squeeze-excite (MOAT blocks).
     """
 
     def __init__(
@@ -191,14 +196,18 @@ class MBConvBlock(nn.Module):
             out_chs: int,
             stride: int = 1,
             expand_ratio: float = 4.0,
-            use_se: bool = True,
+            se_ratio: float = 0.25,
+            kernel_size: int = 3,
             pool_size: int = 2,
             drop_path: float = 0.0,
+            norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
+            se_act_layer: Callable[[], nn.Module] = nn.SiLU,
     ) -> None:
         super().__init__()
         mid_chs = int(out_chs * expand_ratio)
-        if stride == 2:
-            pool = AvgPool2dTFSame(pool_size, 2)
+        if stride > 1:
+            pool = AvgPool2dTFSame(pool_size, stride)
             proj = nn.Conv2d(in_chs, out_chs, 1, bias=True) if in_chs != out_chs else nn.Identity()
             self.shortcut = nn.Sequential()
             self.shortcut.add_module("pool", pool)
@@ -207,16 +216,16 @@ class MBConvBlock(nn.Module):
             self.shortcut = nn.Conv2d(in_chs, out_chs, 1, bias=True)
         else:
             self.shortcut = nn.Identity()
-        self.pre_norm = BatchNorm2d(in_chs)
+        self.pre_norm = norm_layer(in_chs)
         self.conv1_1x1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
-        self.norm1 = BatchNorm2d(mid_chs)
-        self.act1 = nn.GELU()
-        self.conv2_kxk = create_conv2d(mid_chs, mid_chs, 3, stride=stride, padding="same",
+        self.norm1 = norm_layer(mid_chs)
+        self.act1 = act_layer()
+        self.conv2_kxk = create_conv2d(mid_chs, mid_chs, kernel_size, stride=stride, padding="same",
                                        depthwise=True, bias=False)
-        self.norm2 = BatchNorm2d(mid_chs)
-        self.act2 = nn.GELU()
-        self.se = (SqueezeExcite(mid_chs, rd_channels=max(1, int(0.25 * out_chs)), act_layer=nn.SiLU)
-                   if use_se else nn.Identity())
+        self.norm2 = norm_layer(mid_chs)
+        self.act2 = act_layer()
+        self.se = (SqueezeExcite(mid_chs, rd_channels=max(1, int(se_ratio * out_chs)), act_layer=se_act_layer)
+                   if se_ratio > 0 else nn.Identity())
         self.conv3_1x1 = nn.Conv2d(mid_chs, out_chs, 1, bias=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -337,8 +346,9 @@ def _is_tracing() -> bool:
 class Attention(nn.Module):
     """Multi-head self-attention over ``[B, H, W, C]`` maps, global or in non-overlapping windows.
 
-    q, k, v (one fused projection, each heads x 32 wide, with bias), scale 32^-0.5, optional
-    relative bias as an additive float mask, output projection with bias. ``fused_attn`` selects
+    q, k, v (one fused projection, each ``dim`` wide: ``dim / head_dim`` heads of ``head_dim``
+    channels, with bias), scale ``head_dim^-0.5``, optional relative bias as an additive float
+    mask, output projection with bias. ``fused_attn`` selects
     ``F.scaled_dot_product_attention``; the explicit path (softmax in float32) is the reference.
     """
 
@@ -350,14 +360,16 @@ class Attention(nn.Module):
             window_size: Optional[int] = None,
             native_window: int = 14,
             pos_embed: bool = True,
+            head_dim: int = 32,
     ) -> None:
         super().__init__()
-        if dim % HEAD_DIM:
-            raise ValueError(f"attention channels {dim} are not divisible by the head dim {HEAD_DIM}")
+        if dim % head_dim:
+            raise ValueError(f"attention channels {dim} are not divisible by the head dim {head_dim}")
         if window_size is not None and window_size <= 0:
             raise ValueError(f"window_size must be a positive int or None (global), got {window_size}")
-        self.num_heads = dim // HEAD_DIM
-        self.scale = HEAD_DIM ** -0.5
+        self.num_heads = dim // head_dim
+        self.head_dim = head_dim
+        self.scale = head_dim ** -0.5
         self.window_size = window_size
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
@@ -375,7 +387,7 @@ class Attention(nn.Module):
                     f"pick a window that divides it or use global attention (window 0)")
         x = _window_partition(x, wh, ww)  # [B * nW, wh * ww, C]
         Bw, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, HEAD_DIM).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.rel_pos(wh, ww, q.dtype) if self.rel_pos is not None else None
         if self.fused_attn:
             # A 4-D mask: torch's CPU flash kernel takes only 2-D / 4-D masks and silently falls
@@ -431,12 +443,19 @@ class MOATBlock(nn.Module):
             pos_embed: bool = True,
             pool_size: int = 2,
             drop_path: float = 0.0,
+            expand_ratio: float = 4.0,
+            kernel_size: int = 3,
+            head_dim: int = 32,
+            ln_eps: float = _LAYER_NORM_EPS,
+            norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
+            act_layer: Callable[[], nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
-        self.mbconv = MBConvBlock(in_chs, out_chs, stride, use_se=False, pool_size=pool_size,
-                                  drop_path=drop_path)
-        self.attn_norm = nn.LayerNorm(out_chs, eps=LAYER_NORM_EPS)
-        self.attn = Attention(out_chs, window_size, native_window, pos_embed)
+        self.mbconv = MBConvBlock(in_chs, out_chs, stride, expand_ratio=expand_ratio, se_ratio=0.0,
+                                  kernel_size=kernel_size, pool_size=pool_size, drop_path=drop_path,
+                                  norm_layer=norm_layer, act_layer=act_layer)
+        self.attn_norm = nn.LayerNorm(out_chs, eps=ln_eps)
+        self.attn = Attention(out_chs, window_size, native_window, pos_embed, head_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -447,7 +466,7 @@ class MOATBlock(nn.Module):
 
 
 class MoatStage(nn.Module):
-    """A stage of blocks; its first block has stride 2."""
+    """A stage of blocks; its first block carries the stage's stride."""
 
     def __init__(self, blocks: List[nn.Module]) -> None:
         super().__init__()
@@ -463,24 +482,22 @@ class MoatStage(nn.Module):
         return self.blocks(x)
 
 
-WindowArg = Union[None, int, Sequence[Optional[int]]]
-
-
 class MOAT(nn.Module):
-    """MOAT classifier / backbone. Input ``[B, in_chans, H, W]`` with H and W multiples of 32.
+    """MOAT classifier / backbone. Input ``[B, in_chans, H, W]`` with H and W multiples of the
+    total stride (32 for the official layouts).
 
     Args:
-        cfg: the variant (``MOAT_CFGS[name]``).
+        cfg: the architecture (``MOAT_CFGS[name]`` for a registered variant, or any
+            :class:`~models.config.MoatCfg`); kept as ``model.cfg`` after ``**kwargs`` apply.
         num_classes: classifier width (0 removes the classifier).
         in_chans: input channels.
         drop_rate: dropout before the classifier.
-        drop_path_rate: stochastic-depth rate; block b of N gets ``rate * b / N``.
-        window_size: attention window for the two MOAT stages: None / 0 (global, default), an
-            int for both, or a pair (stage 3, stage 4).
-        pool_size: average-pool size of the strided shortcuts, 2 (classification) or 3.
         global_pool: 'avg' (the official head) or '' (no pooling).
-        bn_momentum: BatchNorm running-stat momentum, PyTorch convention; 0.01 is the official
-            Keras 0.99. Runs of a few thousand steps need ~0.1 (stats otherwise lag the weights).
+        **kwargs: :class:`~models.config.MoatCfg` fields that override ``cfg`` (``depths=``,
+            ``dims=``, ``window_size=``, ``pool_size=``, ``bn_momentum=``, ``drop_path_rate=``,
+            ...). ``drop_path_rate=None`` keeps the config's rate. ``window_size`` takes None / 0
+            (global), an int for every attention stage, or one value per attention stage or per
+            stage, e.g. ``(14, None)`` for the two MOAT stages of the official variants.
     """
 
     def __init__(
@@ -489,64 +506,62 @@ class MOAT(nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             drop_rate: float = 0.0,
-            drop_path_rate: Optional[float] = None,
-            window_size: WindowArg = None,
-            pool_size: int = 2,
             global_pool: str = "avg",
-            bn_momentum: float = 0.01,
             **kwargs,
     ) -> None:
         super().__init__()
-        if kwargs:
-            raise ValueError(f"unknown MOAT arguments: {sorted(kwargs)}")
-        if pool_size not in (2, 3):
-            raise ValueError(f"pool_size must be 2 or 3, got {pool_size}")
-        if not 0.0 < bn_momentum <= 1.0:
-            raise ValueError(f"bn_momentum must be in (0, 1], got {bn_momentum}")
-        drop_path_rate = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
-        if not 0.0 <= drop_path_rate < 1.0:
-            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
-        windows = _parse_windows(window_size)
+        if "drop_path_rate" in kwargs and kwargs["drop_path_rate"] is None:
+            del kwargs["drop_path_rate"]
+        unknown = sorted(set(kwargs) - set(FIELD_NAMES))
+        if unknown:
+            raise ValueError(f"unknown MOAT arguments: {unknown}")
+        cfg = cfg.replace(**kwargs)
         self.cfg = cfg
         self.num_classes = num_classes
         self.drop_rate = drop_rate
-        self.window_size = windows
-        self.num_features = self.head_hidden_size = cfg.dims[-1]
+        self.window_size = cfg.stage_windows
+        self.num_features = cfg.dims[-1]
+        self.head_hidden_size = cfg.head_hidden_size or self.num_features
         self.grad_checkpointing = False
 
-        self.stem = Stem(in_chans, cfg.stem_width)
+        norm_layer = conv_norm_layer(cfg)
+        act_layer = act_layer_class(cfg.act_layer)
+        conv_args = dict(expand_ratio=cfg.expand_ratio, kernel_size=cfg.kernel_size, pool_size=cfg.pool_size,
+                         norm_layer=norm_layer, act_layer=act_layer)
+        self.stem = Stem(in_chans, cfg.stem_dims, norm_layer, act_layer)
         self.feature_info = []
         total_blocks = sum(cfg.depths)
         block_idx = 0
-        in_chs = cfg.stem_width[1]
+        in_chs = cfg.stem_dims[-1]
         stages = []
-        moat_stage = 0
-        for stage_idx, (depth, dim, kind) in enumerate(zip(cfg.depths, cfg.dims, cfg.stage_types)):
+        per_stage = zip(cfg.depths, cfg.dims, cfg.stage_types, cfg.stage_strides, cfg.stage_windows,
+                        cfg.stage_pos_embed_sizes, cfg.reductions)
+        for stage_idx, (depth, dim, kind, stride, window, pe_size, reduction) in enumerate(per_stage):
             blocks = []
             for i in range(depth):
-                stride = 2 if i == 0 else 1
-                dpr = drop_path_rate * block_idx / total_blocks
+                block_stride = stride if i == 0 else 1
+                dpr = cfg.drop_path_rate * block_idx / total_blocks
                 if kind == "mbconv":
-                    blocks.append(MBConvBlock(in_chs, dim, stride, pool_size=pool_size, drop_path=dpr))
-                else:
+                    blocks.append(MBConvBlock(
+                        in_chs, dim, block_stride, se_ratio=cfg.se_ratio, drop_path=dpr,
+                        se_act_layer=act_layer_class(cfg.se_act_layer), **conv_args))
+                else:  # 'moat' (MoatCfg accepts no other block type)
                     blocks.append(MOATBlock(
-                        in_chs, dim, stride, window_size=windows[moat_stage],
-                        native_window=_NATIVE_WINDOW[moat_stage], pos_embed=cfg.pos_embed,
-                        pool_size=pool_size, drop_path=dpr))
+                        in_chs, dim, block_stride, window_size=window, native_window=pe_size,
+                        pos_embed=cfg.pos_embed, drop_path=dpr, head_dim=cfg.head_dim,
+                        ln_eps=cfg.ln_eps, **conv_args))
                 in_chs = dim
                 block_idx += 1
-            if kind == "moat":
-                moat_stage += 1
             stages.append(MoatStage(blocks))
-            self.feature_info.append(dict(num_chs=dim, reduction=2 ** (stage_idx + 2), module=f"stages.{stage_idx}"))
+            self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{stage_idx}"))
         self.stages = nn.ModuleList(stages)
         self.head = NormMlpClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate,
-            norm_layer=partial(LayerNorm2d, eps=LAYER_NORM_EPS))
+            self.num_features, num_classes, hidden_size=cfg.head_hidden_size or None,
+            pool_type=global_pool, drop_rate=drop_rate, norm_layer=partial(LayerNorm2d, eps=cfg.ln_eps))
+        # Dense-task features are the stage outputs after the activation (official endpoints).
+        self.feature_act = act_layer()
         self.apply(_init_weights)
         for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = bn_momentum
             if isinstance(m, RelativePositionBias):
                 nn.init.normal_(m.relative_position_bias_table, std=0.02)
             elif isinstance(m, LayerNorm2d):
@@ -601,11 +616,12 @@ class MOAT(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"MOAT expects a [B, C, H, W] input, got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
-        if H % 32 or W % 32:
-            raise ValueError(f"input size {H}x{W} is not divisible by 32 (MOAT's output stride)")
+        stride = self.cfg.total_stride
+        if H % stride or W % stride:
+            raise ValueError(f"input size {H}x{W} is not divisible by {stride} (this MOAT's output stride)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C_in, H, W]`` -> last stage map ``[B, C, H/32, W/32]``."""
+        """``[B, C_in, H, W]`` -> last stage map ``[B, C, H/stride, W/stride]``."""
         self._check_input(x)
         x = self.stem(x)
         for stage in self.stages:
@@ -627,34 +643,29 @@ class MOAT(nn.Module):
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs for dense tasks, after GELU as the authors use them.
+        """Stage outputs for dense tasks, after the activation (GELU) as the authors use them.
 
         Args:
-            indices: stage indices (0-3) to return, or an int n for the last n; default all four.
+            indices: stage indices to return (negative count from the end), or an int n for the
+                last n stages; default all.
             norm: unused (MOAT has no per-stage norm); kept for timm's signature.
             stop_early: stop after the last requested stage.
             intermediates_only: return only the list of stage maps.
         Returns:
-            ``(final_features, [stage maps [B, C_i, H/2^(i+2), W/2^(i+2)]])`` or just the list.
+            ``(final_features, [stage maps [B, C_i, H/r_i, W/r_i]])`` in stage order (``r_i`` the
+            stage's reduction in ``feature_info``), or just the list.
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        if indices is None:
-            take = list(range(len(self.stages)))
-        elif isinstance(indices, int):
-            take = list(range(len(self.stages) - indices, len(self.stages)))
-        else:
-            take = [i if i >= 0 else len(self.stages) + i for i in indices]
-        if any(not 0 <= i < len(self.stages) for i in take):
-            raise ValueError(f"stage indices must be in 0..{len(self.stages) - 1}, got {indices}")
+        take_indices, max_index = _take_indices(len(self.stages), indices)
         self._check_input(x)
         intermediates = []
         x = self.stem(x)
-        last = max(take) if stop_early else len(self.stages) - 1
-        for i, stage in enumerate(self.stages[: last + 1]):
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        for i, stage in enumerate(stages):
             x = stage(x)
-            if i in take:
-                intermediates.append(F.gelu(x))
+            if i in take_indices:
+                intermediates.append(self.feature_act(x))
         if intermediates_only:
             return intermediates
         return x, intermediates
@@ -662,34 +673,34 @@ class MOAT(nn.Module):
     def prune_intermediate_layers(
             self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
-        """Drop stages after the last of ``indices`` (and the head) for backbone use."""
-        take = [len(self.stages) - indices + i for i in range(indices)] if isinstance(indices, int) else list(indices)
-        self.stages = self.stages[: max(take) + 1]
+        """Drop the stages after the last of ``indices`` and, with ``prune_head``, the head (the
+        head's LayerNorm goes with it, or alone with ``prune_norm``) for backbone use. Returns
+        the indices as non-negative stage numbers, for ``forward_intermediates``."""
+        take_indices, max_index = _take_indices(len(self.stages), indices)
+        self.stages = self.stages[: max_index + 1]
         if prune_head:
             self.reset_classifier(0, "")
-        return take
+            self.num_features = self.head_hidden_size = self.cfg.dims[max_index]
+        if prune_head or prune_norm:
+            self.head.norm = nn.Identity()
+        return take_indices
 
 
-def _parse_windows(window_size: WindowArg) -> Tuple[Optional[int], Optional[int]]:
-    """Normalise the window argument to (stage 3, stage 4); 0 / None mean global attention."""
-    if window_size is None or isinstance(window_size, int):
-        windows = (window_size, window_size)
-    else:
-        windows = tuple(window_size)
-        if len(windows) != 2:
-            raise ValueError(f"window_size needs one value per MOAT stage (2), got {window_size}")
-    for w in windows:
-        if w is not None and (not isinstance(w, int) or w < 0):
-            raise ValueError(f"window sizes must be non-negative ints or None, got {window_size}")
-    return tuple(w if w else None for w in windows)
+def _take_indices(num_stages: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
+    """timm's ``feature_take_indices`` (None: all, int n: the last n, negatives from the end),
+    with a ValueError rather than an AssertionError for an index out of range."""
+    try:
+        return feature_take_indices(num_stages, indices)
+    except AssertionError as e:
+        raise ValueError(f"stage indices {indices!r}: {e}") from None
 
 
-def _cfg(**kwargs) -> dict:
+def _cfg(img_size: int = 224, stride: int = 32, **kwargs) -> dict:
     return {
         "url": "",
         "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": (7, 7),
+        "input_size": (3, img_size, img_size),
+        "pool_size": (img_size // stride, img_size // stride),
         "crop_pct": 0.875,
         "interpolation": "bicubic",
         "mean": (0.485, 0.456, 0.406),
@@ -704,21 +715,29 @@ def _cfg(**kwargs) -> dict:
 
 # timm picks these up at registration (module-level ``default_cfgs``). No weights are published
 # for PyTorch: ``pretrained=True`` needs ``pretrained_cfg_overlay=dict(file=...)``.
-default_cfgs = generate_default_cfgs({
-    name: _cfg(input_size=(3, c.top1_img_size, c.top1_img_size),
-               pool_size=(c.top1_img_size // 32, c.top1_img_size // 32))
-    for name, c in MOAT_CFGS.items()
-})
+default_cfgs = generate_default_cfgs({name: _cfg(DEFAULT_IMG_SIZE[name]) for name in MOAT_CFGS})
 
 
-def create_moat(name: str, pretrained: bool = False, **kwargs) -> MOAT:
-    """Build variant ``name`` (see ``list_variants()``); kwargs go to :class:`MOAT`."""
-    if name not in MOAT_CFGS:
-        raise ValueError(f"unknown MOAT variant {name!r}; accepted: {', '.join(MOAT_CFGS)}")
+def create_moat(name: str, pretrained: bool = False, cfg: Optional[MoatCfg] = None, **kwargs) -> MOAT:
+    """Build the MOAT called ``name``, like timm's ``_create_maxxvit``.
+
+    ``name`` is a registered variant (``list_variants()``), or any name with ``cfg`` (a
+    :class:`~models.config.MoatCfg`), or a new name whose required fields (``stem_dims``,
+    ``depths``, ``dims``, ``stage_types``) are all given as keywords. Keywords that are MoatCfg
+    fields override the architecture; the rest go to :class:`MOAT` and timm's builder
+    (``num_classes``, ``features_only``, ``out_indices``, ``pretrained_cfg_overlay``, ...).
+    """
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in FIELD_NAMES}
+    if "drop_path_rate" in overrides and overrides["drop_path_rate"] is None:
+        del overrides["drop_path_rate"]  # None: the variant's rate
+    cfg = resolve_cfg(name, overrides, base=cfg)
+    if name not in default_cfgs:  # spare timm's "no pretrained configuration" warning
+        size = math.ceil(224 / cfg.total_stride) * cfg.total_stride
+        kwargs.setdefault("pretrained_cfg", _cfg(size, cfg.total_stride))
     return build_model_with_cfg(
         MOAT, name, pretrained,
-        cfg=MOAT_CFGS[name],
-        feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2, 3)),
+        cfg=cfg,
+        feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(cfg.num_stages))),
         **kwargs,
     )
 

@@ -2,6 +2,8 @@
 unknown keys, wrong types and invalid values (each naming the key and what is accepted)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from config import ConfigError, config_to_dict, get_config
@@ -107,3 +109,114 @@ def test_config_to_dict_is_plain_containers_for_weights_only_checkpoints(tmp_pat
     d = config_to_dict(get_config())
     torch.save({"config": d}, tmp_path / "c.pth")
     assert torch.load(tmp_path / "c.pth", weights_only=True)["config"] == d
+
+
+# ------------------------------------------------------------------ architecture keys (MODEL.MOAT)
+def _build(config):
+    from models import build_model
+    return build_model(config)
+
+
+def test_every_architecture_field_has_a_commented_key_and_every_key_a_field():
+    import re
+
+    from config import _C
+    from models.config import FIELD_NAMES
+    keys = set(_C.MODEL.MOAT.keys())
+    assert keys == {f.upper() for f in FIELD_NAMES} - {"DROP_PATH_RATE"}  # that one is MODEL.DROP_PATH_RATE
+    source = open(os.path.join(os.path.dirname(__file__), "..", "config.py")).read()
+    for key in keys:
+        assert re.search(rf"^# .*\n_C\.MODEL\.MOAT\.{key} = ", source, re.M), f"MODEL.MOAT.{key} has no comment"
+
+
+def test_config_module_imports_without_torch():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
+            "import config; assert config.get_config().MODEL.MOAT.DEPTHS == []")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(__file__), ".."),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_unset_keys_keep_the_variant_and_set_keys_override_it(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\n  MOAT:\n    DEPTHS: [1, 2, 2, 1]\n"
+                 "    HEAD_DIM: 16\n    EXPAND_RATIO: 6.0\n    POS_EMBED: false\n")
+    config = get_config(_args("--cfg", cfg, "--opts", "MODEL.MOAT.KERNEL_SIZE", "5", "MODEL.NUM_CLASSES", "3"))
+    model = _build(config)
+    assert model.cfg.depths == (1, 2, 2, 1) and model.cfg.head_dim == 16 and model.cfg.kernel_size == 5
+    assert model.cfg.expand_ratio == 6.0 and model.cfg.pos_embed is False
+    assert model.cfg.stem_dims == (32, 32) and model.cfg.dims == (32, 64, 128, 256)  # unset: tiny_moat_0's
+    assert model.stages[2].blocks[0].attn.num_heads == 8 and model.stages[2].blocks[0].attn.rel_pos is None
+    default = get_config(_args("--cfg", _write(tmp_path / "d.yaml", "MODEL:\n  NAME: tiny_moat_0\n")))
+    from models import MOAT_CFGS, moat_cfg_from_config
+    assert moat_cfg_from_config(default) == MOAT_CFGS["tiny_moat_0"]
+
+
+def test_a_new_name_builds_the_architecture_its_keys_define(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: my_moat\n  NUM_CLASSES: 5\n  DROP_PATH_RATE: 0.1\n"
+                 "  MOAT:\n    STEM_DIMS: [16, 16]\n    DEPTHS: [1, 1, 2]\n    DIMS: [32, 64, 96]\n"
+                 "    STAGE_TYPES: [mbconv, moat, moat]\n    WINDOW_SIZE: [0, 2]\nDATA:\n  IMG_SIZE: 64\n")
+    model = _build(get_config(_args("--cfg", cfg)))
+    assert model.cfg.dims == (32, 64, 96) and model.num_classes == 5 and model.cfg.drop_path_rate == 0.1
+    assert model.window_size == (None, None, 2) and model.cfg.head_dim == 32  # unset: the official value
+    # Native bias windows: the 224-px maps of the attention stages (stride 8 and 16).
+    assert [s.blocks[0].attn.rel_pos.native_window for s in model.stages[1:]] == [28, 14]
+
+
+@pytest.mark.parametrize("missing", ["STEM_DIMS", "DEPTHS", "DIMS", "STAGE_TYPES"])
+def test_a_new_name_without_a_required_key_is_a_one_line_error_naming_it(tmp_path, missing):
+    keys = {"STEM_DIMS": "[16, 16]", "DEPTHS": "[1, 1]", "DIMS": "[32, 64]", "STAGE_TYPES": "[mbconv, moat]"}
+    body = "".join(f"    {k}: {v}\n" for k, v in keys.items() if k != missing)
+    cfg = _write(tmp_path / "c.yaml", f"MODEL:\n  NAME: my_moat\n  MOAT:\n{body}")
+    with pytest.raises(ConfigError) as err:
+        get_config(_args("--cfg", cfg))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("invalid MODEL.NAME='my_moat': not a registered variant")
+    assert msg.endswith(f"must set MODEL.MOAT.{missing}")
+
+
+@pytest.mark.parametrize("opts, key, needle", [
+    (["MODEL.MOAT.HEAD_DIM", "48"], "MODEL.MOAT.DIMS", "not divisible by MODEL.MOAT.HEAD_DIM 48"),
+    (["MODEL.MOAT.DIMS", "[32, 64, 100, 256]"], "MODEL.MOAT.DIMS", "width 100 of attention stage 3"),
+    (["MODEL.MOAT.STAGE_TYPES", "['mbconv', 'mbconv', 'conv', 'moat']"], "MODEL.MOAT.STAGE_TYPES",
+     "unknown block type 'conv'"),
+    (["MODEL.MOAT.DEPTHS", "[2, 3]"], "MODEL.MOAT.DIMS", "but MODEL.MOAT.DEPTHS [2, 3] has 2"),
+    (["MODEL.MOAT.STAGE_TYPES", "['mbconv', 'moat']"], "MODEL.MOAT.STAGE_TYPES", "MODEL.MOAT.DEPTHS [2, 3, 7, 2]"),
+    (["MODEL.MOAT.STRIDES", "[2, 2]"], "MODEL.MOAT.STRIDES", "has 2 entries"),
+    (["MODEL.MOAT.WINDOW_SIZE", "[7, 0, 0]"], "MODEL.MOAT.WINDOW_SIZE", "one per attention ('moat') stage (2)"),
+    (["MODEL.MOAT.WINDOW_SIZE", "[5, 0]"], "MODEL.MOAT.WINDOW_SIZE",
+     "window 5 of stage 3 does not divide its 14x14 feature map at DATA.IMG_SIZE 224"),
+    (["DATA.IMG_SIZE", "100"], "DATA.IMG_SIZE", "multiple of the total stride 32"),
+    (["MODEL.MOAT.STRIDES", "[2, 2, 2, 4]", "DATA.IMG_SIZE", "224"], "DATA.IMG_SIZE", "total stride 64"),
+    (["MODEL.MOAT.POOL_SIZE", "4"], "MODEL.MOAT.POOL_SIZE", "2 (classification), 3"),
+    (["MODEL.MOAT.BN_MOMENTUM", "0.0"], "MODEL.MOAT.BN_MOMENTUM", "(0, 1]"),
+    (["MODEL.MOAT.NORM_LAYER", "'instancenorm'"], "MODEL.MOAT.NORM_LAYER", "batchnorm2d"),
+    (["MODEL.MOAT.POS_EMBED", "'yes'"], "MODEL.MOAT.POS_EMBED", "true or false"),
+])
+def test_invalid_architecture_keys_are_one_line_errors_naming_the_key(tmp_path, opts, key, needle):
+    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\nDATA:\n  IMG_SIZE: 224\n")
+    with pytest.raises(ConfigError) as err:
+        get_config(_args("--cfg", cfg, "--opts", *opts))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"invalid {key}=") and needle in msg
+
+
+@pytest.mark.parametrize("window", [[14, 0], [0, 0, 14, 0]])
+def test_window_size_is_per_attention_stage_or_per_stage(tmp_path, window):
+    cfg = _write(tmp_path / "c.yaml", f"MODEL:\n  NAME: tiny_moat_0\n  MOAT:\n    WINDOW_SIZE: {window}\n")
+    model = _build(get_config(_args("--cfg", cfg)))
+    assert model.window_size == (None, None, 14, None)
+
+
+def test_example_architectures_load_and_describe_what_their_names_say():
+    import glob
+
+    from models import moat_cfg_from_config
+    folder = os.path.join(os.path.dirname(__file__), "..", "configs", "examples")
+    paths = sorted(glob.glob(os.path.join(folder, "*.yaml")))
+    assert len(paths) >= 2
+    cfgs = {os.path.basename(p): moat_cfg_from_config(get_config(_args("--cfg", p))) for p in paths}
+    assert cfgs["tiny_moat_0_window.yaml"].window_size == (None, None, 7, None)
+    five = cfgs["my_moat_5stage.yaml"]
+    assert five.num_stages == 5 and five.total_stride == 32

@@ -1,4 +1,4 @@
-"""Crash safety (issue 5): bit-exact resume after SIGKILL and after SIGTERM mid-epoch, divergence
+"""Crash safety: bit-exact resume after SIGKILL and after SIGTERM mid-epoch, divergence
 that never overwrites a good checkpoint, one-line errors for bad data, config and checkpoints,
 refusal of checkpoints carrying code, and a warning when an output folder holds another config.
 

@@ -286,3 +286,38 @@ def test_default_recipe_trains_on_a_folder_of_every_image_mode_with_two_workers(
     (row,) = read_summary(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))
     assert float(row["train_loss"]) > 0 and row["val_top1"] != ""
     assert f"({3 * 10} images" in read_log(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "examples")
+
+
+@pytest.mark.parametrize("example, overrides, run_name, stages", [
+    # 7x7 windows need the 14x14 stage-3 map of 224 px; at 64 px that map is 4x4, so 2x2 windows.
+    ("tiny_moat_0_window.yaml", {"DATA": {"IMG_SIZE": 64}, "MODEL": {"MOAT": {"WINDOW_SIZE": [2, 0]}}},
+     os.path.join("tiny_moat_0", "window7"), 4),
+    ("my_moat_5stage.yaml", {}, os.path.join("my_moat_5stage", "default"), 5),
+])
+def test_example_architectures_train_an_epoch_through_main(example, overrides, run_name, stages, image_tree,
+                                                           tiny_cfg, tmp_path, capsys):
+    sections = {"BASE": [os.path.join(EXAMPLES, example)], "MODEL": {"NUM_CLASSES": 3},
+                "TRAIN": {"EPOCHS": 1, "WARMUP_EPOCHS": 0, "EMA": {"ENABLE": False}}}
+    for key, value in overrides.items():
+        sections[key] = {**sections.get(key, {}), **value}
+    cfg = tiny_cfg(**sections)
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
+    run_dir = os.path.join(tmp_path, run_name)
+    assert [r["epoch"] for r in read_summary(run_dir)] == ["0"]
+    ckpt = torch.load(os.path.join(run_dir, "last.pth"), map_location="cpu", weights_only=True)
+    assert {int(k.split(".")[1]) for k in ckpt["model"] if k.startswith("stages.")} == set(range(stages))
+    assert ckpt["config"]["MODEL"]["NAME"] == run_name.split(os.sep)[0]
+    # The same YAML rebuilds the architecture to evaluate its checkpoint.
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path / "eval"),
+                         "--eval", "--resume", os.path.join(run_dir, "last.pth")]) == 0
+    assert accuracies(read_log(os.path.join(tmp_path, "eval", run_name)))["model"][3] == 9
+    if overrides:  # the example's own windows do not fit the small test image: a one-line error
+        capsys.readouterr()
+        cfg = tiny_cfg(BASE=[os.path.join(EXAMPLES, example)], DATA={"IMG_SIZE": 64})
+        assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: invalid MODEL.MOAT.WINDOW_SIZE=[") and "\n" not in err
+        assert "does not divide its 4x4 feature map at DATA.IMG_SIZE 64" in err

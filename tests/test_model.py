@@ -1,5 +1,7 @@
-"""The MOAT model family: official architecture facts, resolution agnosticism and the timm API."""
+"""The MOAT model family: official architecture facts, resolution agnosticism, the timm API and
+architectures from a MoatCfg (any depth, width, block mix and number of stages)."""
 import copy
+import json
 
 import pytest
 import timm
@@ -8,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from models.config import MoatCfg, MoatConfigError, resolve_cfg
 from models.moat import (MOAT_CFGS, AvgPool2dTFSame, Attention, MBConvBlock, MOATBlock,
                          RelativePositionBias, create_moat, list_variants)
 
@@ -43,9 +46,14 @@ def count_trainable(model: nn.Module) -> int:
 @pytest.mark.parametrize("name,pe,expected", PARAM_CASES,
                          ids=[f"{n}{'' if pe else '_no_pe'}" for n, pe, _ in PARAM_CASES])
 def test_trainable_parameter_count_equals_official(name, pe, expected):
+    variant = name if pe else f"{name}_no_pe"
     with torch.device("meta"):  # the big variants cost nothing on the meta device
-        model = timm.create_model(name if pe else f"{name}_no_pe")
-    assert count_trainable(model) == expected
+        model = timm.create_model(variant)
+        # The same architecture written out field by field, as a user would for a new model.
+        spelled_out = create_moat("spelled_out", cfg=MoatCfg.from_dict(MOAT_CFGS[variant].to_dict()))
+    assert isinstance(model.cfg, MoatCfg) and model.cfg == MOAT_CFGS[variant]
+    assert model.cfg.pos_embed is pe
+    assert count_trainable(model) == count_trainable(spelled_out) == expected
 
 
 def test_parameter_count_does_not_depend_on_input_size_or_window():
@@ -349,6 +357,193 @@ def test_forward_intermediates_give_four_stage_maps_after_gelu():
         backbone = timm.create_model("tiny_moat_0", features_only=True).eval()
         backbone.load_state_dict(model.state_dict(), strict=False)
         assert [f.shape[1] for f in backbone(x)] == [32, 64, 128, 256]
+
+
+@pytest.mark.parametrize("indices,expected", [
+    (None, [0, 1, 2, 3]), (1, [3]), (2, [2, 3]), ([-1], [3]), ([0, -2], [0, 2]), ((1,), [1]),
+])
+def test_intermediate_indices_accept_negative_and_int_forms(indices, expected):
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    channels = [32, 64, 128, 256]
+    with torch.no_grad():
+        feats = model.forward_intermediates(x, indices=indices, intermediates_only=True)
+        assert [f.shape[1] for f in feats] == [channels[i] for i in expected]
+        _, early = model.forward_intermediates(x, indices=indices, stop_early=True)
+        assert [f.shape[1] for f in early] == [channels[i] for i in expected]
+        assert model.prune_intermediate_layers(indices) == expected
+        assert len(model.stages) == max(expected) + 1  # [-1] keeps all four stages
+        pruned = model.forward_intermediates(x, indices=expected, intermediates_only=True)
+        assert [f.shape[1] for f in pruned] == [channels[i] for i in expected]
+        assert model(x).shape == (1, channels[max(expected)], 64 // 2 ** (max(expected) + 2),
+                                  64 // 2 ** (max(expected) + 2))  # no head left
+
+
+@pytest.mark.parametrize("indices", [[4], [-5], 0, 5])
+def test_intermediate_indices_out_of_range_are_value_errors(indices):
+    with pytest.raises(ValueError, match="stage indices"):
+        tiny().forward_intermediates(torch.randn(1, 3, 64, 64), indices=indices)
+    with pytest.raises(ValueError, match="stage indices"):
+        tiny().prune_intermediate_layers(indices)
+
+
+def test_features_only_takes_negative_out_indices():
+    backbone = timm.create_model("tiny_moat_0", features_only=True, out_indices=(-2, -1)).eval()
+    with torch.no_grad():
+        assert [f.shape[1] for f in backbone(torch.randn(1, 3, 64, 64))] == [128, 256]
+    assert backbone.feature_info.reduction() == [16, 32]
+
+
+# ------------------------------------------------------------------- architectures from a config
+def test_keyword_overrides_change_the_architecture_as_asked():
+    model = timm.create_model(
+        "tiny_moat_0", stem_dims=(16, 24, 32), depths=(1, 2, 3, 1), dims=(32, 64, 96, 192), head_dim=48,
+        expand_ratio=6, se_ratio=0.5, kernel_size=5, pool_size=3, window_size=(2, None), pos_embed_size=(4, 2),
+        act_layer="silu", se_act_layer="relu", bn_eps=1e-5, bn_momentum=0.1, ln_eps=1e-6, head_hidden_size=64,
+        num_classes=7).eval()
+    assert [len(s.blocks) for s in model.stages] == [1, 2, 3, 1]
+    assert [s.blocks[-1].conv3_1x1.out_channels if i < 2 else s.blocks[-1].mbconv.conv3_1x1.out_channels
+            for i, s in enumerate(model.stages)] == [32, 64, 96, 192]
+    assert [model.stem.conv1.out_channels, model.stem.conv2.out_channels, model.stem.conv3.out_channels] == [16, 24, 32]
+    first = model.stages[0].blocks[0]
+    assert first.conv1_1x1.out_channels == 6 * 32 and first.conv2_kxk.weight.shape[-1] == 5
+    assert first.se.fc1.out_channels == 16 and isinstance(first.se.act, nn.ReLU)
+    assert first.shortcut.pool.pool_size == 3 and isinstance(first.act1, nn.SiLU)
+    attn = model.stages[2].blocks[0].attn
+    assert (attn.num_heads, attn.head_dim, attn.window_size) == (2, 48, 2)
+    assert attn.rel_pos.relative_position_bias_table.shape == (2, 7, 7)
+    assert model.stages[3].blocks[0].attn.rel_pos.relative_position_bias_table.shape == (4, 3, 3)
+    assert model.stages[3].blocks[0].attn.window_size is None
+    assert all(m.eps == 1e-5 and m.momentum == 0.1 for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert model.stages[2].blocks[0].attn_norm.eps == 1e-6 and model.head.norm.eps == 1e-6
+    assert model.head.pre_logits.fc.out_features == 64 and model.get_classifier().in_features == 64
+    assert model.cfg.depths == (1, 2, 3, 1) and model.cfg.expand_ratio == 6
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_five_stage_hybrid_with_a_stride_one_stage():
+    cfg = MoatCfg(stem_dims=(16,), depths=(1, 1, 2, 1, 1), dims=(16, 32, 64, 64, 128),
+                  stage_types=("mbconv", "mbconv", "moat", "moat", "moat"), strides=(2, 2, 2, 1, 2),
+                  window_size=(2, 0, 0))
+    model = create_moat("hybrid5", cfg=cfg, num_classes=3).eval()
+    assert len(model.stages) == 5 and model.cfg == cfg
+    assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 16, 32]
+    assert model.window_size == (None, None, 2, None, None)
+    # The native bias window is the stage's 224-px map: 14 at stride 16 (twice), 7 at stride 32.
+    assert [s.blocks[0].attn.rel_pos.native_window for s in model.stages[2:]] == [14, 14, 7]
+    assert isinstance(model.stages[3].blocks[0].mbconv.shortcut, nn.Identity)  # stride 1, 64 -> 64
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3)
+        maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[-2, -1], intermediates_only=True)
+    assert [tuple(m.shape[1:]) for m in maps] == [(64, 4, 4), (128, 2, 2)]
+    backbone = create_moat("hybrid5", cfg=cfg, features_only=True)
+    assert backbone.feature_info.channels() == [16, 32, 64, 64, 128]
+
+
+def test_total_stride_follows_the_strides_and_is_checked_on_input():
+    cfg = MOAT_CFGS["tiny_moat_0"].replace(depths=(1, 1, 1, 1, 1), dims=(32, 64, 128, 256, 256),
+                                         stage_types=("mbconv", "mbconv", "moat", "moat", "moat"))
+    assert cfg.total_stride == 64 and cfg.stage_pos_embed_sizes == (None, None, 14, 7, 4)
+    model = create_moat("stride64", cfg=cfg, num_classes=2).eval()
+    with pytest.raises(ValueError, match="not divisible by 64"):
+        model(torch.randn(1, 3, 96, 96))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 128, 128)).shape == (1, 2)
+
+
+def test_stem_has_one_norm_and_activation_between_consecutive_convs():
+    one = create_moat("tiny_moat_0", stem_dims=(32,))
+    assert [n for n, _ in one.stem.named_children()] == ["conv1"]
+    three = create_moat("tiny_moat_0", stem_dims=(16, 16, 32))
+    assert [n for n, _ in three.stem.named_children()] == ["conv1", "norm1", "act1", "conv2", "norm2", "act2", "conv3"]
+    assert three.stem.conv1.stride == (2, 2) and three.stem.conv3.stride == (1, 1)
+
+
+def test_norm_layer_by_name_and_batchnorm_folding_skips_other_norms():
+    model = create_moat("tiny_moat_0", norm_layer="layernorm2d", bn_eps=1e-6).eval()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    norms = [m for m in model.modules() if isinstance(m, timm.layers.LayerNorm2d)]
+    assert len(norms) > 3 * sum(model.cfg.depths) and all(m.eps == 1e-6 for m in norms[:-1])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(model.reparameterize()(x), ref, rtol=0, atol=0)
+
+
+def test_se_ratio_zero_removes_squeeze_excite():
+    model = create_moat("tiny_moat_0", se_ratio=0)
+    assert all(isinstance(b.se, nn.Identity) for s in model.stages[:2] for b in s.blocks)
+    assert count_trainable(model) < OFFICIAL_PARAMS["tiny_moat_0"][0]
+
+
+def test_window_size_per_stage_equals_per_attention_stage():
+    a = tiny(window_size=(2, 0)).eval()
+    b = tiny(window_size=(0, 0, 2, 0)).eval()
+    assert a.cfg == b.cfg and a.window_size == b.window_size == (None, None, 2, None)
+    assert tiny(window_size=0).cfg.window_size is None and tiny(window_size=(0, 0)).cfg == tiny().cfg
+
+
+@pytest.mark.parametrize("overrides,field,needle", [
+    (dict(stage_types=("mbconv", "mbconv", "conv", "moat")), "stage_types", "unknown block type 'conv'"),
+    (dict(stage_types=("mbconv", "moat")), "stage_types", "has 2 entries"),
+    (dict(dims=(32, 64, 100, 256)), "dims", "not divisible by head_dim 32"),
+    (dict(head_dim=48), "dims", "width 128 of attention stage 3"),
+    (dict(depths=(2, 3, 7)), "dims", "depths [2, 3, 7] has 3"),
+    (dict(strides=(2, 2, 2)), "strides", "has 3 entries"),
+    (dict(window_size=(7, 7, 7)), "window_size", "one per stage (4) or one per attention"),
+    (dict(window_size=(7, 0, 0, 0)), "window_size", "stage 1 is an 'mbconv' stage"),
+    (dict(window_size=(-1, 0)), "window_size", "ints >= 0"),
+    (dict(stem_dims=()), "stem_dims", "must not be empty"),
+    (dict(kernel_size=4), "kernel_size", "odd"),
+    (dict(expand_ratio=0), "expand_ratio", "> 0"),
+    (dict(se_ratio=1.5), "se_ratio", "[0, 1]"),
+    (dict(pool_size=4), "pool_size", "2 (classification), 3"),
+    (dict(pos_embed="yes"), "pos_embed", "true or false"),
+    (dict(norm_layer="layernorm"), "norm_layer", "batchnorm2d"),
+    (dict(act_layer="swishy"), "act_layer", "timm activation"),
+    (dict(bn_momentum=0.0), "bn_momentum", "(0, 1]"),
+    (dict(head_hidden_size=-1), "head_hidden_size", ">= 0"),
+    (dict(drop_path_rate=1.0), "drop_path_rate", "[0, 1)"),
+])
+def test_invalid_architectures_are_one_line_errors_naming_the_field(overrides, field, needle):
+    with pytest.raises(MoatConfigError) as err:
+        timm.create_model("tiny_moat_0", **overrides)
+    msg = str(err.value)
+    assert err.value.field == field and "\n" not in msg
+    assert msg.startswith(f"invalid MOAT config {field}=") and needle in msg
+
+
+def test_unknown_field_and_unknown_argument_are_rejected():
+    with pytest.raises(ValueError, match="unknown MOAT arguments: \\['depth'\\]"):
+        timm.create_model("tiny_moat_0", depth=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="unknown MOAT config field"):
+        MOAT_CFGS["tiny_moat_0"].replace(depth=(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="unknown MOAT config field"):
+        MoatCfg.from_dict({**MOAT_CFGS["tiny_moat_0"].to_dict(), "heads": 4})
+
+
+def test_a_new_name_needs_the_required_fields():
+    with pytest.raises(MoatConfigError, match="a new architecture must set dims, stage_types$"):
+        create_moat("my_moat", stem_dims=(16, 16), depths=(1, 1))
+    model = create_moat("my_moat", stem_dims=(16, 16), depths=(1, 1), dims=(32, 64),
+                        stage_types=("mbconv", "moat"), num_classes=4)
+    assert model.pretrained_cfg["architecture"] == "my_moat" and model.num_classes == 4
+    assert model.cfg == resolve_cfg("my_moat", dict(stem_dims=[16, 16], depths=[1, 1], dims=[32, 64],
+                                                    stage_types=["mbconv", "moat"]))
+
+
+def test_cfg_round_trips_through_json_and_rebuilds_the_same_model():
+    model = create_moat("tiny_moat_1_no_pe", depths=(1, 2, 2, 1), window_size=(2, 0), head_hidden_size=32)
+    data = json.loads(json.dumps(model.cfg.to_dict()))
+    assert data["norm_layer"] == "batchnorm2d" and data["act_layer"] == "gelu" and data["pos_embed"] is False
+    assert data["depths"] == [1, 2, 2, 1] and data["window_size"] == [None, None, 2, None]
+    cfg = MoatCfg.from_dict(data)
+    assert cfg == model.cfg and hash(cfg) == hash(model.cfg)
+    rebuilt = create_moat("anything", cfg=cfg)
+    rebuilt.load_state_dict(model.state_dict())  # same keys and shapes, strict
+    with pytest.raises(MoatConfigError, match="stem_dims"):
+        MoatCfg.from_dict({k: v for k, v in data.items() if k != "stem_dims"})
 
 
 def test_build_model_reads_the_trainer_config():

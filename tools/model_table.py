@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from models import MOAT_CFGS, create_moat  # noqa: E402
+from models.moat import DEFAULT_IMG_SIZE, PUBLISHED_TOP1  # noqa: E402
 
 START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"
 
@@ -28,8 +29,8 @@ def model_table() -> str:
         with torch.device("meta"):
             model = create_moat(name)
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        size = cfg.top1_img_size
-        top1 = f"{cfg.top1:.1f} @ {size}" if cfg.top1 is not None else "—"
+        size = DEFAULT_IMG_SIZE[name]
+        top1 = f"{PUBLISHED_TOP1[name]:.1f} @ {size}" if name in PUBLISHED_TOP1 else "—"
         rows.append(f"| `{name}` | {params:,} | {cfg.drop_path_rate} | any multiple of 32 (default {size}) | {top1} |")
     return "\n".join(rows) + "\n"
 
