@@ -40,7 +40,8 @@ _C.DATA.IMG_SIZE = 224
 # Resampling used by the train and eval transforms: 'bicubic', 'bilinear' or 'random'.
 _C.DATA.INTERPOLATION = "bicubic"
 # Eval transform: resize the short side to IMG_SIZE / CROP_PCT, then center-crop IMG_SIZE
-# (0.875 gives the classic 256 -> 224). 1.0 resizes straight to IMG_SIZE.
+# (0.875 gives the classic 256 -> 224). 1.0 resizes the short side to IMG_SIZE and center-crops
+# the long side (no margin); TEST.CROP False squashes the whole image instead.
 _C.DATA.CROP_PCT = 0.875
 # Per-channel normalisation (ImageNet mean/std, as the authors train).
 _C.DATA.MEAN = [0.485, 0.456, 0.406]
@@ -227,7 +228,8 @@ _C.AUG.MIXUP_MODE = "batch"
 # Testing
 # -----------------------------------------------------------------------------
 _C.TEST = CN()
-# Center-crop in the eval transform (False resizes straight to IMG_SIZE).
+# Eval transform: True resizes the short side (see DATA.CROP_PCT) and center-crops a square;
+# False resizes the whole image to IMG_SIZE x IMG_SIZE, changing its aspect ratio (no crop).
 _C.TEST.CROP = True
 
 # -----------------------------------------------------------------------------
@@ -253,11 +255,10 @@ _C.PRINT_FREQ = 10
 _C.SEED = 0
 # 'auto' (CUDA when available), 'cuda' or 'cpu'.
 _C.DEVICE = "auto"
-# Only validate a checkpoint / only measure throughput, then exit.
-_C.EVAL_MODE = False
-_C.THROUGHPUT_MODE = False
-# Set by the launcher (LOCAL_RANK), never by hand.
-_C.LOCAL_RANK = 0
+
+# Keys of older versions that described a launch (--eval, --throughput, the launcher's rank)
+# rather than the experiment; a saved config.yaml that still has them loads without them.
+_RETIRED_KEYS = ("EVAL_MODE", "THROUGHPUT_MODE", "LOCAL_RANK")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -277,8 +278,6 @@ _FLAG_KEYS = {
     "amp_opt_level": "AMP_OPT_LEVEL",
     "output": "OUTPUT",
     "tag": "TAG",
-    "eval": "EVAL_MODE",
-    "throughput": "THROUGHPUT_MODE",
     "seed": "SEED",
     "device": "DEVICE",
 }
@@ -298,9 +297,11 @@ def _update_config_from_file(config: CN, cfg_file: str) -> None:
     for base in yaml_cfg.setdefault("BASE", [""]):
         if base:
             _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
+    for key in _RETIRED_KEYS:
+        yaml_cfg.pop(key, None)
     config.defrost()
     try:
-        config.merge_from_file(cfg_file)
+        config.merge_from_other_cfg(CN(yaml_cfg))
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"{cfg_file}: {_yacs_message(e)}") from None
     config.freeze()
@@ -331,10 +332,6 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
             for part in parents:
                 target = target[part]
             target[leaf] = value
-
-    # Launchers pass LOCAL_RANK in the environment (torchrun) or as --local-rank (older ones).
-    local_rank = os.environ.get("LOCAL_RANK", getattr(args, "local_rank", None))
-    config.LOCAL_RANK = int(local_rank) if local_rank is not None else 0
 
     validate_config(config)
     config.freeze()
@@ -436,3 +433,55 @@ def config_to_dict(config: CN) -> dict:
             return [convert(v) for v in node]
         return node
     return convert(config)
+
+
+# ------------------------------------------------------------------------------ run folder
+# Keys that may differ between launches of the same run without mixing two experiments.
+# OUTPUT/TAG: a run folder that was moved or copied is still the same run.
+_LAUNCH_KEYS = {"MODEL.RESUME", "TRAIN.AUTO_RESUME", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.DATA_PATH",
+                "PRINT_FREQ", "DEVICE", "OUTPUT", "TAG", *_RETIRED_KEYS}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(old: dict, new: dict, ignore=_LAUNCH_KEYS) -> list:
+    """``KEY: old -> new`` for every config key that differs (launch-only keys ignored)."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _deep_merge(out[key], value) if nested else value
+    return out
+
+
+def save_run_config(config: CN, output_dir: str) -> list:
+    """Write ``output_dir/config.yaml`` (atomically); returns how the config that was there
+    differs from this one (``config_differences``), empty for a new folder or the same run.
+
+    Keys the earlier run's code did not have yet count as their defaults, not as changes.
+    """
+    path = os.path.join(output_dir, "config.yaml")
+    changed = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = yaml.safe_load(f) or {}
+        changed = config_differences(_deep_merge(config_to_dict(get_config()), old), config_to_dict(config))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(config.dump())
+    os.replace(tmp, path)
+    return changed

@@ -47,7 +47,7 @@ def test_channels_last_switch_overrides_the_file_both_ways(tmp_path, yaml_value,
 def test_absent_store_true_flags_leave_the_config_alone(tmp_path):
     cfg = _write(tmp_path / "c.yaml", "TRAIN:\n  COMPILE: true\n  USE_CHECKPOINT: true\n")
     config = get_config(_args("--cfg", cfg))
-    assert config.TRAIN.COMPILE and config.TRAIN.USE_CHECKPOINT and not config.EVAL_MODE
+    assert config.TRAIN.COMPILE and config.TRAIN.USE_CHECKPOINT
 
 
 def test_every_config_file_loads_and_every_variant_has_one():
@@ -97,11 +97,24 @@ def test_unknown_flag_is_rejected_by_the_parser(capsys):
     assert "unrecognized arguments: --epochs" in capsys.readouterr().err
 
 
-def test_old_launchers_local_rank_flag_is_accepted(tmp_path, monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\n")
-    assert get_config(_args("--cfg", cfg, "--local_rank", "1")).LOCAL_RANK == 1
-    assert get_config(_args("--cfg", cfg, "--local-rank", "1")).LOCAL_RANK == 1
+def test_old_launchers_local_rank_flag_is_accepted_and_launch_state_stays_out_of_the_config():
+    parser = get_args_parser()
+    assert parser.parse_args(["--cfg", "c.yaml", "--local_rank", "1"]).local_rank == 1
+    assert parser.parse_args(["--cfg", "c.yaml", "--local-rank", "1"]).local_rank == 1
+    assert not {"EVAL_MODE", "THROUGHPUT_MODE", "LOCAL_RANK"} & set(get_config())
+
+
+def test_a_saved_config_of_an_older_version_with_launch_keys_still_loads(tmp_path):
+    cfg = _write(tmp_path / "old.yaml", "EVAL_MODE: false\nLOCAL_RANK: 3\nTHROUGHPUT_MODE: false\n"
+                                        "MODEL:\n  NAME: tiny_moat_0\n")
+    assert get_config(_args("--cfg", cfg)).MODEL.NAME == "tiny_moat_0"
+
+
+def test_config_differences_name_the_changed_keys_and_ignore_launch_keys():
+    from config import config_differences
+    old = {"TRAIN": {"BASE_LR": 0.1, "AUTO_RESUME": True}, "LOCAL_RANK": 0, "DATA": {"MEAN": [1, 2]}}
+    new = {"TRAIN": {"BASE_LR": 0.2, "AUTO_RESUME": False}, "DATA": {"MEAN": (1, 2)}}
+    assert config_differences(old, new) == ["TRAIN.BASE_LR: 0.1 -> 0.2"]
 
 
 def test_config_to_dict_is_plain_containers_for_weights_only_checkpoints(tmp_path):

@@ -142,14 +142,14 @@ def test_resume_flag_wins_over_auto_resume(reference_run, tiny_cfg, image_tree):
     config = get_config(args)
     info = init_distributed("cpu")
     logger = create_logger("", 0, name="test_resume_choice")
-    path, obj = trainer._choose_resume(config, reference_run, info, logger)
+    path, obj = trainer.choose_resume(config, reference_run, info, logger)
     assert path.endswith("epoch_0.pth") and obj["epoch"] == 0
     config.defrost()
     config.MODEL.RESUME = ""
-    path, obj = trainer._choose_resume(config, reference_run, info, logger)
+    path, obj = trainer.choose_resume(config, reference_run, info, logger)
     assert path.endswith("last.pth") and obj["epoch"] == 1
     config.TRAIN.AUTO_RESUME = False
-    assert trainer._choose_resume(config, reference_run, info, logger) is None
+    assert trainer.choose_resume(config, reference_run, info, logger) is None
 
 
 def test_pretrained_fine_tunes_at_another_resolution_and_class_count(reference_run, tiny_cfg, tmp_path):

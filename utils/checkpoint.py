@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -323,31 +323,3 @@ def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# --------------------------------------------------------------------------------- config diffs
-# Keys that may differ between launches of the same run without mixing two experiments.
-# OUTPUT/TAG: a run folder that was moved or copied is still the same run.
-_LAUNCH_KEYS = {"LOCAL_RANK", "EVAL_MODE", "THROUGHPUT_MODE", "MODEL.RESUME", "TRAIN.AUTO_RESUME",
-                "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.DATA_PATH", "PRINT_FREQ", "DEVICE",
-                "OUTPUT", "TAG"}
-
-
-def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
-def config_differences(old: Dict[str, Any], new: Dict[str, Any],
-                       ignore: Iterable[str] = _LAUNCH_KEYS) -> List[str]:
-    """``KEY: old -> new`` for every config key that differs (launch-only keys ignored)."""
-    a, b = _flatten(old), _flatten(new)
-    ignore = set(ignore)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]

@@ -1,0 +1,437 @@
+"""The training story: ``Trainer.fit`` runs the epochs (train, validate model and EMA, record,
+save), ``Trainer.train_one_epoch`` the steps, ``Trainer.restore`` a checkpoint's state;
+``evaluate`` and ``measure_throughput`` also serve ``main.py --eval`` / ``--throughput``.
+
+``main.py`` builds the pieces and hands them over by keyword; nothing here parses flags or builds
+models. Host syncs (``.item()``) happen only at log steps and saves, never per step.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from timm.utils import ModelEmaV3
+from yacs.config import CfgNode
+
+from config import config_to_dict
+from utils import NonFiniteLossError, UserError
+from utils.amp import NativeScaler
+from utils.checkpoint import (CheckpointSaver, capture_rng_state, load_model_weights, model_state_from,
+                              restore_rng_state)
+from utils.distributed import DistInfo, all_reduce_sum, any_rank, gather_to_primary
+from utils.metrics import AverageMeter, ClassificationTotals
+from utils.preemption import PreemptionFlag
+from utils.run_records import RunRecords
+
+Autocast = Callable[[], ContextManager]
+
+
+def memory_format_of(config: CfgNode) -> torch.memory_format:
+    """Layout of the model's parameters and of every batch fed to it (``CHANNELS_LAST``)."""
+    return torch.channels_last if config.CHANNELS_LAST else torch.contiguous_format
+
+
+def memory_mb(device: torch.device) -> float:
+    """Peak memory: allocated CUDA memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------- eval and speed
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, device: torch.device, autocast: Autocast,
+             memory_format: torch.memory_format, logger: logging.Logger, print_freq: int = 10,
+             name: str = "model") -> Dict[str, float]:
+    """Top-1/top-5 and mean loss over the exact validation set (summed over ranks).
+
+    Runs the unwrapped model: the ranks hold different numbers of batches, so no collective
+    may happen per batch (DDP's buffer broadcast would).
+    """
+    model.eval()
+    totals = ClassificationTotals(device)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    start = time.time()
+    for idx, (images, target) in enumerate(loader):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        target = target.to(device, non_blocking=True)
+        with autocast():
+            output = model(images)
+        output = output.float()
+        totals.update(output, target, criterion(output, target))
+        if idx % print_freq == 0:
+            logger.info(f"Test ({name}): [{idx}/{len(loader)}]\t{memory_mb(device):.0f}MB")
+    metrics = totals.compute()
+    logger.info(f" * {name} Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} "
+                f"loss {metrics['loss']:.4f} ({metrics['n']} images, {time.time() - start:.1f}s)")
+    return metrics
+
+
+@torch.no_grad()
+def measure_throughput(model: nn.Module, loader, *, device: torch.device, autocast: Autocast,
+                       memory_format: torch.memory_format, logger: logging.Logger,
+                       warmup: int = 10, iters: int = 30) -> float:
+    """Inference images/s on the loader's first batch, after ``warmup`` untimed passes."""
+    model.eval()
+    images, _ = next(iter(loader))
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with autocast():
+        for _ in range(warmup):
+            model(images)
+        sync()
+        start = time.time()
+        for _ in range(iters):
+            model(images)
+        sync()
+    rate = iters * images.shape[0] / (time.time() - start)
+    logger.info(f"batch_size {images.shape[0]} throughput {rate:.1f} img/s")
+    return rate
+
+
+def check_class_names(checkpoint: Dict[str, Any], classes: List[str], source: str,
+                      logger: logging.Logger) -> None:
+    """Warn when ``source`` was trained on other class names than the current dataset's."""
+    saved = checkpoint.get("class_names")
+    if saved and list(saved) != [str(c) for c in classes]:
+        logger.warning(f"{source} was trained on other class names than this dataset's "
+                       f"(first: {list(saved)[:3]} vs {[str(c) for c in classes][:3]})")
+
+
+# ------------------------------------------------------------------------------------ training
+@dataclass
+class ResumePoint:
+    """Where a (re)started run begins: epoch, micro-batch inside it, and the RNG state to
+    restore once the epoch's loader iterator has been created (mid-epoch only)."""
+    epoch: int
+    batch: int = 0
+    rng_state: Optional[Dict[str, Any]] = None
+
+
+@dataclass(kw_only=True)
+class Trainer:
+    """One training run: everything a step touches, plus the run's progress.
+
+    ``model`` is the unwrapped module (what is saved, validated and EMA-tracked); ``model_fwd``
+    the DDP and/or compiled wrapper used for training forwards.
+    """
+    config: CfgNode
+    info: DistInfo
+    logger: logging.Logger
+    model: nn.Module
+    model_fwd: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    scaler: NativeScaler
+    ema: Optional[ModelEmaV3]
+    criterion: nn.Module
+    mixup_fn: Optional[Callable]
+    autocast: Autocast
+    saver: CheckpointSaver
+    records: RunRecords
+    class_names: List[str]
+    steps_per_epoch: int
+    preemption: PreemptionFlag = field(default_factory=PreemptionFlag)
+    step: int = 0                     # optimizer updates done (drives the schedule and EMA warmup)
+    max_accuracy: float = 0.0
+    epoch_loss: List[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count (for resume)
+    _bad_at: Optional[torch.Tensor] = None  # first micro-step index with a non-finite loss, or -1
+
+    @property
+    def best_by(self) -> str:
+        """Whose top-1 chooses best.pth: the EMA's (TRAIN.EMA.SELECT_BEST) or the model's."""
+        return "ema" if (self.config.TRAIN.EMA.SELECT_BEST and self.ema is not None) else "model"
+
+    # -- the epoch loop ------------------------------------------------------------------------
+    def fit(self, loader_train, loader_val, start: ResumePoint) -> int:
+        """Train epochs ``start.epoch`` .. ``TRAIN.EPOCHS - 1``; returns the exit code (0)."""
+        config = self.config
+        if start.rng_state is not None and start.batch == 0:
+            restore_rng_state(start.rng_state, self.info.device)  # before the loader draws seeds
+            start = ResumePoint(start.epoch)
+        self.records.keep_epochs_before(start.epoch)
+        start_time = time.time()
+        with self.preemption:
+            # Logged once SIGTERM/SIGINT are handled: from here on a signal means "checkpoint and stop".
+            if start.epoch >= config.TRAIN.EPOCHS:
+                self.logger.info(f"all {config.TRAIN.EPOCHS} epochs are done: nothing to train "
+                                 "(raise TRAIN.EPOCHS to continue)")
+                return 0
+            self.logger.info(f"start training: epochs {start.epoch}..{config.TRAIN.EPOCHS - 1}, "
+                             f"{self.steps_per_epoch} steps/epoch, best.pth chosen by the "
+                             f"{self.best_by}'s top-1")
+            for epoch in range(start.epoch, config.TRAIN.EPOCHS):
+                first = start if epoch == start.epoch else ResumePoint(epoch)
+                if not self._fit_epoch(loader_train, loader_val, first):
+                    return 0
+        self.logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+        return 0
+
+    def _fit_epoch(self, loader_train, loader_val, start: ResumePoint) -> bool:
+        """Train, validate, record and save one epoch; False when a signal stopped the run."""
+        epoch, epoch_start = start.epoch, time.time()
+        sampler = loader_train.sampler
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        if start.batch:
+            if not hasattr(sampler, "set_start_index"):
+                raise UserError("this checkpoint stopped mid-epoch but the train sampler cannot "
+                                "skip ahead (no set_start_index)")
+            sampler.set_start_index(start.batch * loader_train.batch_size)
+        else:
+            self.epoch_loss = [0.0, 0.0]
+        if self.train_one_epoch(loader_train, epoch, start.batch, start.rng_state):
+            self.logger.info(f"stopped by {self._signal_name()}: checkpoint written, the next "
+                             "start resumes from it")
+            return False
+
+        metrics, ema_metrics = self.validate(loader_val)
+        acc1 = (ema_metrics if self.best_by == "ema" else metrics)["acc1"]
+        # The first finished epoch always writes best.pth, even at 0% accuracy.
+        is_best = acc1 > self.max_accuracy or not os.path.exists(os.path.join(self.saver.output_dir, "best.pth"))
+        self.max_accuracy = max(self.max_accuracy, acc1)
+        self.logger.info(f"max accuracy ({self.best_by}): {self.max_accuracy:.2f}%")
+        self.records.add_epoch(self._epoch_row(epoch, metrics, ema_metrics, time.time() - epoch_start))
+        self.save(epoch, self.steps_per_epoch, epoch_complete=True, is_best=is_best)
+        if any_rank(self.preemption.requested, self.info) and epoch + 1 < self.config.TRAIN.EPOCHS:
+            # Signalled during validation: the epoch checkpoint just written is the resume point.
+            self.logger.info(f"stopped by {self._signal_name()} after the epoch's checkpoint; the "
+                             "next start resumes from it")
+            return False
+        return True
+
+    def validate(self, loader) -> tuple[Dict[str, float], Dict[str, float]]:
+        """Metrics of the model and of its EMA (empty without EMA)."""
+        kwargs = dict(device=self.info.device, autocast=self.autocast, logger=self.logger,
+                      memory_format=memory_format_of(self.config), print_freq=self.config.PRINT_FREQ)
+        metrics = evaluate(self.model, loader, name="model", **kwargs)
+        ema_metrics = evaluate(self.ema.module, loader, name="ema", **kwargs) if self.ema is not None else {}
+        return metrics, ema_metrics
+
+    def _signal_name(self) -> str:
+        return self.preemption.signal_name or "a signal on another rank"
+
+    # -- one epoch -----------------------------------------------------------------------------
+    def train_one_epoch(self, loader, epoch: int, start_batch: int = 0,
+                        rng_state: Optional[Dict[str, Any]] = None) -> bool:
+        """One pass over this rank's part of the training set, from micro-batch ``start_batch``.
+
+        Returns True when a preemption signal stopped it (after writing a mid-epoch checkpoint).
+        """
+        config, info = self.config, self.info
+        steps = self.steps_per_epoch
+        accum = config.TRAIN.ACCUMULATION_STEPS
+        self._set_train_mode()
+        self.optimizer.zero_grad(set_to_none=True)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
+        loss_sum = torch.zeros((), device=info.device)
+        grad_norm = torch.zeros((), device=info.device)
+        n_seen = 0
+
+        iterator = iter(loader)
+        if rng_state is not None:
+            # Mid-epoch resume: the iterator drew its seed; now continue the saved random streams.
+            restore_rng_state(rng_state, info.device)
+        fmt = memory_format_of(config)
+        end = time.time()
+        for idx, (samples, targets) in enumerate(iterator, start=start_batch):
+            samples = samples.to(info.device, non_blocking=True, memory_format=fmt)
+            targets = targets.to(info.device, non_blocking=True)
+            if self.mixup_fn is not None:
+                samples, targets = self.mixup_fn(samples, targets)
+            update = (idx + 1) % accum == 0 or idx + 1 == steps
+            # Accumulation: skip DDP's gradient all-reduce on the micro-steps that do not update.
+            no_sync = self.model_fwd.no_sync() if (info.distributed and not update) else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    outputs = self.model_fwd(samples)
+                    loss = self.criterion(outputs, targets)
+                self.scaler.backward(loss / accum, update=update)
+            loss_sum += loss.detach()
+            n_seen += 1
+            if update:
+                # Clips the full accumulated gradient; the norm is logged (inf/nan with fp16 just
+                # makes the scaler skip this step, which is normal).
+                grad_norm = self.scaler.step(self.optimizer, trainable, config.TRAIN.CLIP_GRAD)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.lr_scheduler.step_update(self.step)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=self.step)
+            self.record_finite(loss, idx, None if self.scaler.enabled or not update else grad_norm)
+            batch_time.update(time.time() - end)
+            end = time.time()
+
+            if idx % config.PRINT_FREQ == 0 or idx + 1 == steps:
+                self.check_finite(epoch)
+                loss_meter.update(loss.item())
+                norm = float(grad_norm)
+                if math.isfinite(norm):  # fp16 overflow steps (skipped by the scaler) stay out of the mean
+                    norm_meter.update(norm)
+                else:
+                    norm_meter.val = norm
+                lr = self.optimizer.param_groups[-1]["lr"]
+                eta = datetime.timedelta(seconds=int(batch_time.avg * (steps - idx - 1)))
+                self.logger.info(
+                    f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{steps}]\teta {eta} lr {lr:.6f}\t"
+                    f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\tloss {loss_meter.val:.4f} "
+                    f"({loss_meter.avg:.4f})\tgrad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+                    f"loss_scale {self.scaler.get_scale():.1f}\tmem {memory_mb(info.device):.0f}MB")
+                self.records.add_step(self.step, loss=loss_meter.val, lr=lr, grad_norm=norm_meter.val)
+
+            if update:
+                stop = any_rank(self.preemption.requested, info)
+                periodic = config.TRAIN.SAVE_STEPS and self.step % config.TRAIN.SAVE_STEPS == 0
+                if stop or (periodic and idx + 1 < steps):
+                    self._fold_epoch_loss(loss_sum, n_seen)
+                    loss_sum.zero_()
+                    n_seen = 0
+                    self.save(epoch, idx + 1, epoch_complete=False)
+                    if stop:
+                        return True
+        self._fold_epoch_loss(loss_sum, n_seen)
+        self.check_finite(epoch)
+        return False
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.config.TRAIN.FREEZE_BACKBONE:  # linear probing: frozen BatchNorm statistics too
+            self.model.eval()
+            self.model.get_classifier().train()
+
+    def _fold_epoch_loss(self, loss_sum: torch.Tensor, n: int) -> None:
+        self.epoch_loss[0] += float(loss_sum)
+        self.epoch_loss[1] += n
+
+    def _epoch_row(self, epoch: int, metrics: Dict[str, float], ema_metrics: Dict[str, float],
+                   seconds: float) -> Dict[str, Any]:
+        """The epoch's summary.csv row (collective: the train loss is summed over ranks)."""
+        totals = all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64, device=self.info.device))
+        loss_sum, count = totals.tolist()
+        return {
+            "epoch": epoch,
+            "train_loss": round(loss_sum / max(count, 1), 6),
+            "lr": self.optimizer.param_groups[-1]["lr"],
+            "val_loss": round(metrics["loss"], 6),
+            "val_top1": round(metrics["acc1"], 4),
+            "val_top5": round(metrics["acc5"], 4),
+            "ema_top1": round(ema_metrics["acc1"], 4) if ema_metrics else "",
+            "ema_top5": round(ema_metrics["acc5"], 4) if ema_metrics else "",
+            "max_accuracy": round(self.max_accuracy, 4),
+            "epoch_time_s": round(seconds, 2),
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self, epoch: int, batches_done: int, epoch_complete: bool) -> Dict[str, Any]:
+        """The checkpoint: everything that decides the future of the run, as tensors and plain
+        containers so ``torch.load(weights_only=True)`` loads it. Collective: every rank must
+        call it (the RNG states of all ranks are gathered)."""
+        rng = gather_to_primary(capture_rng_state(self.info.device), self.info)
+        return {
+            "model": self.model.state_dict(),
+            **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "batches_done": batches_done,
+            "epoch_complete": epoch_complete,
+            "epoch_loss": list(self.epoch_loss),
+            "step": self.step,
+            "max_accuracy": self.max_accuracy,
+            "config": config_to_dict(self.config),
+            "class_names": list(self.class_names),
+            "model_name": self.config.MODEL.NAME,
+            "world_size": self.info.world_size,
+            # The data order is a function of these (the sampler permutes by SEED + epoch); a
+            # mid-epoch resume skips batches_done x batch_size samples of this rank's order.
+            "data_order": {"seed": self.config.SEED, "epoch": epoch, "batches_done": batches_done,
+                           "batch_size": self.config.DATA.BATCH_SIZE},
+            "rng_state": rng,
+            "torch_version": str(torch.__version__),
+        }
+
+    def save(self, epoch: int, batches_done: int, epoch_complete: bool, is_best: bool = False) -> None:
+        self.check_finite(epoch)  # never overwrite a good checkpoint with diverged weights
+        state = self.state_dict(epoch, batches_done, epoch_complete)
+        if self.info.is_primary:
+            paths = self.saver.save(state, epoch, epoch_complete, is_best)
+            self.logger.info(f"saved {', '.join(os.path.basename(p) for p in paths)} "
+                             f"(epoch {epoch}, batch {batches_done}, step {self.step})")
+
+    def restore(self, path: str, checkpoint: Dict[str, Any]) -> ResumePoint:
+        """Load a training checkpoint into this trainer; returns where the run continues."""
+        missing = [k for k in ("model", "optimizer", "epoch") if k not in checkpoint]
+        if missing:
+            raise UserError(f"{path}: not a resumable training checkpoint (missing {', '.join(missing)}); "
+                            "use --pretrained to start from its weights")
+        load_model_weights(self.model, model_state_from(checkpoint, path), path)
+        check_class_names(checkpoint, self.class_names, path, self.logger)
+        try:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{path}: optimizer state does not fit (another optimizer or frozen "
+                            f"layers?): {e}") from None
+        self.scaler.load_state_dict(checkpoint.get("scaler") or {})
+        if self.ema is not None:
+            if isinstance(checkpoint.get("model_ema"), dict):
+                load_model_weights(self.ema.module, checkpoint["model_ema"], path + " (model_ema)")
+            else:
+                self.logger.warning(f"{path} holds no EMA weights: the EMA restarts from the model")
+                self.ema.module.load_state_dict(self.model.state_dict())
+        self.step = int(checkpoint.get("step", 0))
+        self.max_accuracy = float(checkpoint.get("max_accuracy", 0.0))
+        self.epoch_loss = list(checkpoint.get("epoch_loss", [0.0, 0.0]))
+        # The schedule follows the current config (so EPOCHS can be extended); say so if it moved.
+        saved_schedule = checkpoint.get("lr_scheduler")
+        if saved_schedule and saved_schedule != self.lr_scheduler.state_dict():
+            self.logger.warning(f"{path}: the LR schedule differs from the checkpoint's "
+                                "(config changed); following the current config")
+        self.lr_scheduler.step_update(self.step)
+
+        epoch = int(checkpoint["epoch"])
+        if checkpoint.get("epoch_complete", True):
+            start = ResumePoint(epoch + 1)
+        else:
+            start = ResumePoint(epoch, int(checkpoint.get("batches_done", self.steps_per_epoch)))
+        rng_states = checkpoint.get("rng_state") or []
+        if len(rng_states) == self.info.world_size:
+            start.rng_state = rng_states[self.info.rank]
+        else:
+            self.logger.warning(f"{path} was written by {len(rng_states)} process(es), this run has "
+                                f"{self.info.world_size}: RNG states not restored, so the resumed "
+                                "run is not bit-identical to an uninterrupted one")
+        self.logger.info(f"resumed {path}: epoch {start.epoch}, batch {start.batch}, step {self.step}, "
+                         f"max accuracy {self.max_accuracy:.2f}")
+        return start
+
+    # -- divergence ----------------------------------------------------------------------------
+    def record_finite(self, loss: torch.Tensor, idx: int, grad_norm: Optional[torch.Tensor] = None) -> None:
+        """Remember the first bad micro-step on the device: no host sync per step."""
+        bad = ~torch.isfinite(loss.detach())
+        if grad_norm is not None:
+            bad = bad | ~torch.isfinite(grad_norm)
+        if self._bad_at is None:
+            self._bad_at = torch.full((), -1, dtype=torch.long, device=loss.device)
+        self._bad_at = torch.where(bad & (self._bad_at < 0), idx, self._bad_at)
+
+    def check_finite(self, epoch: int) -> None:
+        """Raise ``NonFiniteLossError`` when any rank saw a non-finite loss (a host sync: called at
+        log steps and before every save)."""
+        bad_at = -1 if self._bad_at is None else int(self._bad_at.item())
+        if any_rank(bad_at >= 0, self.info):
+            where = f"step {bad_at}" if bad_at >= 0 else "a step on another rank"
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at epoch {epoch}, {where} (global update {self.step}); "
+                "stopped without saving, the last good checkpoint is intact: lower TRAIN.BASE_LR, "
+                "raise TRAIN.WARMUP_EPOCHS or check TRAIN.CLIP_GRAD / AMP")
