@@ -352,6 +352,8 @@ class Trainer:
             "config": config_to_dict(self.config),
             "class_names": list(self.class_names),
             "model_name": self.config.MODEL.NAME,
+            # The architecture as data: inference tools rebuild custom architectures from it.
+            "model_cfg": self.model.cfg.to_dict(),
             "world_size": self.info.world_size,
             # The data order is a function of these (the sampler permutes by SEED + epoch); a
             # mid-epoch resume skips batches_done x batch_size samples of this rank's order.

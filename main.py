@@ -147,7 +147,6 @@ def lock_run_folder(output_dir: str, info: DistInfo) -> Iterator[None]:
 
 def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str) -> int:
     from data import build_loader
-    from models import build_model
 
     logger = create_logger(output_dir, info.rank)
     if mode == "train" and info.is_primary:
@@ -170,12 +169,16 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str) 
     autocast = autocast_factory(info.device, amp_dtype)
     logger.info(f"mixed precision: {config.AMP_OPT_LEVEL and 'apex ' + config.AMP_OPT_LEVEL or amp_dtype or 'off'}")
 
+    checkpoint = None
+    if mode == "eval":
+        source, checkpoint = checkpoint_to_evaluate(config, output_dir, logger)
+        config = with_checkpoint_preprocessing(config, checkpoint, source, logger)
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
     class_names = [str(c) for c in dataset_train.classes]
     fmt = memory_format_of(config)
-    model = build_model(config).to(info.device, memory_format=fmt)
+    model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model {config.MODEL.NAME}: {n_params / 1e6:.2f}M params, "
+    logger.info(f"model {model_name_of(config, checkpoint)}: {n_params / 1e6:.2f}M params, "
                 f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
                 f"{len(dataset_train)} train / {len(dataset_val)} val images")
 
@@ -184,23 +187,75 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str) 
                            logger=logger)
         return 0
     if mode == "eval":
-        return evaluate_checkpoint(config, model, loader_val, class_names, autocast, info, logger, output_dir)
+        return evaluate_checkpoint(config, model, source, checkpoint, loader_val, class_names, autocast, info,
+                                   logger)
     return train(config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast,
                  info, logger, output_dir)
 
 
 # ------------------------------------------------------------------------------------- --eval
-def evaluate_checkpoint(config: CfgNode, model: nn.Module, loader_val, class_names: List[str], autocast,
-                        info: DistInfo, logger: logging.Logger, output_dir: str) -> int:
-    """``--eval``: validate the given checkpoint (its EMA too, when it has one). Never trains."""
+def checkpoint_to_evaluate(config: CfgNode, output_dir: str,
+                           logger: logging.Logger) -> Tuple[str, Dict[str, Any]]:
+    """``(path, checkpoint)`` for ``--eval``: MODEL.RESUME, MODEL.PRETRAINED, or the run folder's
+    newest checkpoint."""
     source = config.MODEL.RESUME or config.MODEL.PRETRAINED
     if not source:
         found = find_resumable(output_dir, logger.warning)
         if found is None:
             raise UserError(f"--eval needs --resume CHECKPOINT or --pretrained WEIGHTS "
                             f"(no checkpoint found in {output_dir})")
-        source = found[0]
-    checkpoint = load_file(source)
+        return found
+    return source, load_file(source)
+
+
+def with_checkpoint_preprocessing(config: CfgNode, checkpoint: Dict[str, Any], source: str,
+                                  logger: logging.Logger) -> CfgNode:
+    """The config with the normalisation (DATA.MEAN/STD) the checkpoint was trained with: a model
+    evaluated with other statistics loses accuracy for no reason (converted official weights use
+    mean/std 0.5 for some variants). Resolution and crop stay the config's, so any size can be
+    evaluated."""
+    saved = (checkpoint.get("config") or {}).get("DATA", {})
+    if "MEAN" not in saved or "STD" not in saved:
+        return config
+    mean, std = [float(v) for v in saved["MEAN"]], [float(v) for v in saved["STD"]]
+    if (mean, std) == (list(config.DATA.MEAN), list(config.DATA.STD)):
+        return config
+    logger.info(f"normalising with {source}'s DATA.MEAN {mean} / DATA.STD {std}")
+    config = config.clone()
+    config.defrost()
+    config.DATA.MEAN, config.DATA.STD = mean, std
+    config.freeze()
+    return config
+
+
+def build_model_for(config: CfgNode, checkpoint: Optional[Dict[str, Any]], logger: logging.Logger) -> nn.Module:
+    """The config's model, or, when ``checkpoint`` records an architecture (``model_cfg``), that
+    one: ``--eval`` rebuilds what the file holds, custom architectures included. Attention windows
+    the config sets explicitly (MODEL.MOAT.WINDOW_SIZE) still apply."""
+    from models import MoatCfg, build_model, create_moat, moat_overrides_from_config
+
+    recorded = (checkpoint or {}).get("model_cfg")
+    if not isinstance(recorded, dict):
+        return build_model(config)
+    overrides = {k: v for k, v in moat_overrides_from_config(config).items() if k == "window_size"}
+    try:
+        cfg = MoatCfg.from_dict(recorded).replace(**overrides)
+        cfg.check_img_size(config.DATA.IMG_SIZE)
+    except ValueError as e:
+        raise UserError(f"cannot evaluate the checkpoint's architecture at this config: {e}") from None
+    return create_moat(model_name_of(config, checkpoint), cfg=cfg, num_classes=config.MODEL.NUM_CLASSES,
+                       drop_rate=config.MODEL.DROP_RATE)
+
+
+def model_name_of(config: CfgNode, checkpoint: Optional[Dict[str, Any]]) -> str:
+    if checkpoint is not None and isinstance(checkpoint.get("model_cfg"), dict):
+        return str(checkpoint.get("model_name") or config.MODEL.NAME)
+    return config.MODEL.NAME
+
+
+def evaluate_checkpoint(config: CfgNode, model: nn.Module, source: str, checkpoint: Dict[str, Any], loader_val,
+                        class_names: List[str], autocast, info: DistInfo, logger: logging.Logger) -> int:
+    """``--eval``: validate the given checkpoint (its EMA too, when it has one). Never trains."""
     load_model_weights(model, model_state_from(checkpoint, source), source)
     check_class_names(checkpoint, class_names, source, logger)
     logger.info(f"evaluating {source}")

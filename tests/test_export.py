@@ -11,7 +11,7 @@ from safetensors import safe_open
 from inference_helpers import (CLASS_NAMES, CROP_PCT, IMG_SIZE, INTERPOLATION, MEAN, STD, VARIANT,
                                make_checkpoint, make_images, reference_model)
 from models import create_moat
-from models.weights import build_eval_transform, load_model_for_inference
+from utils.inference import build_eval_transform, load_model_for_inference
 from tools import export, predict
 
 
@@ -101,3 +101,41 @@ def test_bad_img_size_is_a_one_line_error(exported, capsys):
     checkpoint, _ = exported
     assert export.main([checkpoint, "--format", "onnx", "--img-size", "100"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_a_custom_architecture_rebuilds_from_the_file_alone_in_every_inference_path(tmp_path):
+    """A checkpoint of a new architecture name (the 5-stage example) needs no config to load:
+    predict, export (safetensors and back) and torch.hub rebuild it from its model_cfg."""
+    import argparse
+    import os
+
+    from config import get_config
+    from inference_helpers import REPO
+    from models import moat_cfg_from_config
+
+    config = get_config(argparse.Namespace(cfg=os.path.join(REPO, "configs", "examples", "my_moat_5stage.yaml"),
+                                           opts=None))
+    cfg = moat_cfg_from_config(config)
+    torch.manual_seed(0)
+    model = create_moat("my_moat_5stage", cfg=cfg, num_classes=3).eval()
+    path = str(tmp_path / "custom.pth")
+    torch.save({"model": model.state_dict(), "model_name": "my_moat_5stage", "model_cfg": cfg.to_dict(),
+                "class_names": CLASS_NAMES}, path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(x)
+    loaded, meta = load_model_for_inference(path)
+    assert meta.variant == "my_moat_5stage" and len(loaded.stages) == 5
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    base = str(tmp_path / "custom")
+    assert export.main([path, "--format", "safetensors", "-o", base]) == 0
+    again, meta2 = load_model_for_inference(base + ".safetensors")
+    assert meta2.model_cfg == cfg.to_dict()
+    with torch.no_grad():
+        assert torch.equal(again(x), want)
+    hub = torch.hub.load(REPO, "moat_from_checkpoint", source="local", weights=base + ".safetensors")
+    with torch.no_grad():
+        assert torch.equal(hub(x), want)
+    make_images(str(tmp_path / "img"), 2)
+    assert predict.main([path, str(tmp_path / "img"), "--csv", str(tmp_path / "p.csv")]) == 0

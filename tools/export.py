@@ -8,7 +8,7 @@ Outputs ``<output>.safetensors``, ``<output>.torchscript.pt`` and ``<output>.onn
 went in). Weights: EMA when the checkpoint has them, unless ``--no-ema``.
 
 * safetensors: weights only, plus metadata (variant, class names JSON, preprocessing JSON:
-  img_size, crop_pct, interpolation, mean, std, crop; model args) that ``models.weights``,
+  img_size, crop_pct, interpolation, mean, std, crop; model args) that ``utils.inference``,
   ``tools/predict.py`` and ``hubconf.py`` read back.
 * TorchScript: ``torch.jit.trace`` of the eval model; the same metadata rides along as the
   extra file ``moat_meta.json``. Like the ONNX graph below, the trace accepts any batch and,
@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from models.weights import (ModelMeta, UserError, load_model_for_inference, save_safetensors,  # noqa: E402
+from utils.inference import (ModelMeta, UserError, load_model_for_inference, save_safetensors,  # noqa: E402
                             safetensors_metadata)
 
 FORMATS = ("safetensors", "torchscript", "onnx")

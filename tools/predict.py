@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
 
 from data.datasets import load_rgb  # noqa: E402
-from models.weights import UserError, build_eval_transform, load_model_for_inference  # noqa: E402
+from utils.inference import UserError, build_eval_transform, load_model_for_inference  # noqa: E402
 from utils.amp import autocast_factory, resolve_amp_dtype  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 

@@ -8,9 +8,10 @@ re-implemented, so predictions match validation exactly.
 Files understood:
 
 * a trainer checkpoint (``torch.save`` dict: ``model``, optional ``model_ema``, ``config``,
-  ``class_names``, ``model_name``, ``epoch``), loaded with ``weights_only=True``;
-* a safetensors file written by :func:`save_safetensors` (weights plus metadata: variant, class
-  names, preprocessing, model arguments);
+  ``model_cfg`` (the architecture, ``MoatCfg.to_dict()``), ``class_names``, ``model_name``,
+  ``epoch``), loaded with ``weights_only=True``;
+* a safetensors file written by :func:`save_safetensors` (weights plus metadata: variant,
+  architecture, class names, preprocessing);
 * a bare state dict or a foreign safetensors file, when the caller names the variant (default
   preprocessing and generic class names then apply).
 
@@ -28,11 +29,10 @@ import torch
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from utils import UserError
-from utils.checkpoint import load_file, load_model_weights, model_state_from
+from models import MoatCfg, create_moat, list_variants, moat_cfg_from_config, resolve_cfg
 
-from .build import build_model
-from .moat import list_variants
+from .checkpoint import load_file, load_model_weights, model_state_from
+from .errors import UserError
 
 __all__ = [
     "ModelMeta", "UserError", "build_eval_transform", "config_from_dict", "load_model_for_inference",
@@ -45,7 +45,8 @@ META_VARIANT = "moat.variant"
 META_NUM_CLASSES = "moat.num_classes"
 META_CLASS_NAMES = "moat.class_names"       # JSON list
 META_PREPROCESSING = "moat.preprocessing"   # JSON dict, see preprocessing_from_config
-META_MODEL_ARGS = "moat.model_args"         # JSON dict: window_size, pool_size
+META_MODEL_ARGS = "moat.model_args"         # JSON dict: window_size, pool_size (older files)
+META_MODEL_CFG = "moat.model_cfg"           # JSON dict: the architecture, MoatCfg.to_dict()
 META_WEIGHTS = "moat.weights"               # 'ema' or 'raw'
 META_EPOCH = "moat.epoch"
 _FORMAT_VERSION = "1"
@@ -67,7 +68,7 @@ class ModelMeta:
     weights: str                    # 'ema' or 'raw': which weights were loaded
     source: str                     # the file path
     epoch: Optional[int] = None
-    model_args: Dict[str, Any] = field(default_factory=dict)
+    model_cfg: Dict[str, Any] = field(default_factory=dict)  # the architecture, MoatCfg.to_dict()
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -116,8 +117,7 @@ def preprocessing_from_config(config: CfgNode) -> Dict[str, Any]:
     }
 
 
-def _config_from_metadata(variant: str, num_classes: int, preprocessing: Dict[str, Any],
-                          model_args: Dict[str, Any]) -> CfgNode:
+def _config_from_metadata(variant: str, num_classes: int, preprocessing: Dict[str, Any]) -> CfgNode:
     """Defaults updated with what a safetensors file records (the rest does not affect eval)."""
     data = {}
     keys = {"img_size": "IMG_SIZE", "crop_pct": "CROP_PCT", "interpolation": "INTERPOLATION",
@@ -128,14 +128,30 @@ def _config_from_metadata(variant: str, num_classes: int, preprocessing: Dict[st
     tree: Dict[str, Any] = {"DATA": data, "MODEL": {"NAME": variant, "NUM_CLASSES": num_classes}}
     if "crop" in preprocessing:
         tree["TEST"] = {"CROP": bool(preprocessing["crop"])}
-    moat = {}
-    if "window_size" in model_args:
-        moat["WINDOW_SIZE"] = [int(w or 0) for w in model_args["window_size"]]
-    if "pool_size" in model_args:
-        moat["POOL_SIZE"] = int(model_args["pool_size"])
-    if moat:
-        tree["MODEL"]["MOAT"] = moat
     return config_from_dict(tree)
+
+
+def _architecture(variant: str, recorded: Optional[Dict[str, Any]], saved_config: Optional[CfgNode],
+                  model_args: Dict[str, Any], path: str) -> MoatCfg:
+    """The file's architecture: its ``model_cfg`` record; else the saved trainer config's
+    ``MODEL.NAME`` and ``MODEL.MOAT`` keys; else (older safetensors) the registered variant with the
+    recorded window and pool sizes."""
+    try:
+        if recorded:
+            return MoatCfg.from_dict(recorded)
+        if saved_config is not None:
+            return moat_cfg_from_config(saved_config)
+        if variant not in list_variants():
+            raise UserError(f"{path}: holds weights of {variant!r}, which is not a registered variant, "
+                            f"and records no architecture (model_cfg); accepted: {', '.join(list_variants())}")
+        overrides = {}
+        if "window_size" in model_args:
+            overrides["window_size"] = [int(w or 0) for w in model_args["window_size"]]
+        if "pool_size" in model_args:
+            overrides["pool_size"] = int(model_args["pool_size"])
+        return resolve_cfg(variant, overrides)
+    except ValueError as e:  # MoatConfigError: names the field
+        raise UserError(f"{path}: the recorded architecture is invalid: {e}") from None
 
 
 def build_eval_transform(meta: ModelMeta) -> Callable:
@@ -177,7 +193,7 @@ def load_model_for_inference(
 
     Args:
         path: a trainer checkpoint, a safetensors file from ``tools/export.py``, or a bare state
-            dict / foreign safetensors file (then ``variant`` is required).
+            dict / foreign safetensors file (then ``variant``, a registered name, is required).
         variant: the expected variant. When the file names one, a different ``variant`` is an
             error (loading moat_0 weights as tiny_moat_0 can only fail later, less clearly).
         device: where the model goes.
@@ -186,19 +202,19 @@ def load_model_for_inference(
             them; False takes the raw weights. A safetensors file holds one set and ignores it
             unless True is asked of a file exported without EMA.
 
-    The number of classes comes from the weights' head; class names or a config that disagree
-    with it are a class-count mismatch error.
+    The architecture comes from the file (custom architectures included); the number of classes
+    from the weights' head, and class names or a config that disagree with it are a class-count
+    mismatch error.
     """
-    if variant is not None and variant not in list_variants():
-        raise UserError(f"unknown MOAT variant {variant!r}; accepted: {', '.join(list_variants())}")
     obj = load_file(path)  # one-line UserError for missing, unreadable or unsafe files
     is_safetensors = path.endswith(".safetensors")
     model_args: Dict[str, Any] = {}
-    epoch = None
+    saved_config = None
     if is_safetensors:
         metadata = _read_safetensors_metadata(path)
         state_dict = model_state_from(obj, path)
         saved_variant = metadata.get(META_VARIANT)
+        recorded = _json_field(metadata, META_MODEL_CFG, path, None)
         class_names = _json_field(metadata, META_CLASS_NAMES, path, None)
         preprocessing = _json_field(metadata, META_PREPROCESSING, path, {})
         model_args = _json_field(metadata, META_MODEL_ARGS, path, {})
@@ -207,7 +223,6 @@ def load_model_for_inference(
             raise UserError(f"{path}: EMA weights requested, but this file holds the {weights} weights")
         saved_classes = int(metadata[META_NUM_CLASSES]) if META_NUM_CLASSES in metadata else None
         epoch = int(metadata[META_EPOCH]) if metadata.get(META_EPOCH, "").lstrip("-").isdigit() else None
-        saved_config = None
     else:
         has_ema = isinstance(obj.get("model_ema"), dict)
         if use_ema and not has_ema:
@@ -216,22 +231,25 @@ def load_model_for_inference(
         take_ema = has_ema if use_ema is None else bool(use_ema)
         state_dict = model_state_from(obj, path, prefer_ema=take_ema)
         weights = "ema" if take_ema else "raw"
-        saved_config = obj.get("config") if isinstance(obj.get("config"), dict) else None
-        saved_variant = obj.get("model_name") or (saved_config or {}).get("MODEL", {}).get("NAME")
+        saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
+        recorded = obj.get("model_cfg") if isinstance(obj.get("model_cfg"), dict) else None
+        saved_variant = obj.get("model_name") or (saved or {}).get("MODEL", {}).get("NAME")
         class_names = obj.get("class_names")
-        saved_classes = (saved_config or {}).get("MODEL", {}).get("NUM_CLASSES")
+        saved_classes = (saved or {}).get("MODEL", {}).get("NUM_CLASSES")
         preprocessing = {}
         epoch = obj.get("epoch") if isinstance(obj.get("epoch"), int) else None
+        if saved is not None:
+            saved_config = config_from_dict(saved)
 
-    if saved_variant is not None and saved_variant not in list_variants():
-        raise UserError(f"{path}: holds weights of unknown variant {saved_variant!r}; "
-                        f"accepted: {', '.join(list_variants())}")
     if variant is not None and saved_variant is not None and variant != saved_variant:
         raise UserError(f"wrong variant: {path} holds {saved_variant} weights, not {variant}")
     variant = variant or saved_variant
     if variant is None:
         raise UserError(f"{path}: the file does not name its variant; pass it explicitly "
                         f"(e.g. --variant moat_0)")
+    if variant not in list_variants() and not recorded and saved_config is None:
+        raise UserError(f"unknown MOAT variant {variant!r} and {path} records no architecture; "
+                        f"accepted: {', '.join(list_variants())}")
 
     num_classes = _head_classes(state_dict)
     if num_classes is None:
@@ -245,27 +263,22 @@ def load_model_for_inference(
     class_names = [str(c) for c in class_names] if class_names is not None else \
         [f"class_{i}" for i in range(num_classes)]
 
+    arch = _architecture(variant, recorded, saved_config, model_args, path)
     if saved_config is not None:
-        config = config_from_dict(saved_config)
+        config = saved_config.clone()
         config.defrost()
         config.MODEL.NAME = variant
         config.MODEL.NUM_CLASSES = num_classes
         config.freeze()
-        model_args = {"window_size": [int(w) for w in config.MODEL.MOAT.WINDOW_SIZE],
-                      "pool_size": int(config.MODEL.MOAT.POOL_SIZE)}
     else:
-        config = _config_from_metadata(variant, num_classes, preprocessing, model_args)
+        config = _config_from_metadata(variant, num_classes, preprocessing)
     # Inference needs none of the training-time options (gradient checkpointing, drop path).
-    config.defrost()
-    config.TRAIN.USE_CHECKPOINT = False
-    config.freeze()
-
-    model = build_model(config)
+    model = create_moat(variant, cfg=arch.replace(drop_path_rate=0.0), num_classes=num_classes)
     load_model_weights(model, state_dict, path if not is_safetensors else f"{path} ({variant})")
     model.to(device).eval()
     meta = ModelMeta(variant=variant, num_classes=num_classes, class_names=class_names,
                      preprocessing=preprocessing_from_config(config), config=config, weights=weights,
-                     source=path, epoch=epoch, model_args=model_args)
+                     source=path, epoch=epoch, model_cfg=arch.to_dict())
     return model, meta
 
 
@@ -279,7 +292,7 @@ def safetensors_metadata(meta: ModelMeta) -> Dict[str, str]:
         META_NUM_CLASSES: str(meta.num_classes),
         META_CLASS_NAMES: json.dumps(list(meta.class_names)),
         META_PREPROCESSING: json.dumps(meta.preprocessing, sort_keys=True),
-        META_MODEL_ARGS: json.dumps(meta.model_args, sort_keys=True),
+        META_MODEL_CFG: json.dumps(meta.model_cfg, sort_keys=True),
         META_WEIGHTS: meta.weights,
         META_EPOCH: "" if meta.epoch is None else str(meta.epoch),
     }
