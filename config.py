@@ -2,8 +2,9 @@
 
 Precedence, lowest first: the defaults below, the YAML file given by ``--cfg`` (and the files
 named by its ``BASE:`` list, resolved relative to it), ``--opts KEY VALUE ...``, then the named
-command-line flags (``--batch-size`` etc.), as in the Swin trainer. The result is frozen before anything is built, so no module can change
-it as a side effect. Unknown keys and values of the wrong type are errors, never ignored.
+command-line flags (``--batch-size`` etc.), as in the Swin trainer. The result is frozen before
+anything is built, so no module can change it as a side effect. Unknown keys and values of the
+wrong type are errors, never ignored.
 """
 from __future__ import annotations
 

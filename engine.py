@@ -25,8 +25,7 @@ from yacs.config import CfgNode
 from config import config_to_dict
 from utils import NonFiniteLossError, UserError
 from utils.amp import NativeScaler
-from utils.checkpoint import (CheckpointSaver, capture_rng_state, load_model_weights, model_state_from,
-                              restore_rng_state)
+from utils.checkpoint import CheckpointSaver, capture_rng_state, load_model_weights, model_state_from, restore_rng_state
 from utils.distributed import DistInfo, all_reduce_sum, any_rank, gather_to_primary
 from utils.metrics import AverageMeter, ClassificationTotals
 from utils.preemption import PreemptionFlag

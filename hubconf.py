@@ -18,9 +18,9 @@ dependencies = ["torch", "timm"]
 
 # Entries are generated, so everything else here is private (torch.hub.list shows every public
 # callable of this module).
-import models as _models  # noqa: E402
-from utils.inference import UserError as _UserError  # noqa: E402
-from utils.inference import load_model_for_inference as _load  # noqa: E402
+import models as _models
+from utils.inference import UserError as _UserError
+from utils.inference import load_model_for_inference as _load
 
 
 def _entry(variant: str):

@@ -28,8 +28,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import get_config  # noqa: E402
-from data import build_loader  # noqa: E402
+from config import get_config
+from data import build_loader
 
 
 def make_jpeg_tree(root: str, num_images: int, num_classes: int, size: tuple[int, int]) -> None:
@@ -66,7 +66,7 @@ def measure(config, batches: int, warmup: int) -> dict:
     """Time ``batches`` batches (after ``warmup``) of the train loader, Mixup included."""
     _, _, loader, _, mixup_fn = build_loader(config)
 
-    def batch_stream():
+    def batch_stream(loader):
         epoch = 0
         while True:
             loader.sampler.set_epoch(epoch)
@@ -74,7 +74,7 @@ def measure(config, batches: int, warmup: int) -> dict:
             epoch += 1
 
     start = time.perf_counter()
-    stream = batch_stream()
+    stream = batch_stream(loader)
     next(stream)
     first = time.perf_counter() - start  # worker start-up + first batch
     for _ in range(warmup):

@@ -34,15 +34,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timm  # noqa: E402
-import models  # noqa: E402,F401  (registers the MOAT variants with timm)
+import timm
+
+import models  # noqa: F401 (registers the MOAT variants with timm)
 
 MODES = ("train", "infer")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -204,7 +205,8 @@ def measure_memory_subprocess(spec: RowSpec, args) -> float:
     """CPU peak-RSS growth (MiB) of warm-up steps of one row, in a fresh process."""
     cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory-row", json.dumps(spec.__dict__),
            "--batch-size", str(args.batch_size), "--img-size", str(args.img_size),
-           "--device", args.device, *itertools.chain(*(("--import-file", f) for f in args.import_file)), "--warmup", str(max(1, min(args.warmup, 2))), "--adamw", args.adamw]
+           "--device", args.device, *itertools.chain(*(("--import-file", f) for f in args.import_file)),
+           "--warmup", str(max(1, min(args.warmup, 2))), "--adamw", args.adamw]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -242,8 +244,8 @@ def _matches(base: str, row: RowSpec) -> RowSpec:
         elif part in ("reparam", "plain"):
             fields["reparam"] = part == "reparam"
         else:
-            raise SystemExit(f"bad baseline field {part!r} in {base!r}; accepted: "
-                             f"{', '.join(MODES + tuple(DTYPES) + ('cl', 'nocl', 'compiled', 'eager', 'reparam', 'plain'))}")
+            accepted = MODES + tuple(DTYPES) + ("cl", "nocl", "compiled", "eager", "reparam", "plain")
+            raise SystemExit(f"bad baseline field {part!r} in {base!r}; accepted: {', '.join(accepted)}")
     return RowSpec(**fields)
 
 
@@ -328,13 +330,15 @@ def main(args) -> None:
     for spec, peak in peaks.items():
         rows[spec].peak_mib = peak / 2 ** 20
 
-    print(machine_line(args, device).replace("load avg", "load avg at end") + f" (1-min load at timing start {start_load:.2f})")
+    print(machine_line(args, device).replace("load avg", "load avg at end")
+          + f" (1-min load at timing start {start_load:.2f})")
     end_load = os.getloadavg()[0]
     print(f"batch {args.batch_size}, {args.img_size}px, warmup {args.warmup}, {args.stat} of {args.steps} "
           f"interleaved steps, AdamW {args.adamw}; load avg at end {end_load:.2f}")
     print()
     bases = args.baseline
-    head = ["row", "img/s", "ms/step (median)", "ms/step (min)", "GMACs/img", "GMAC/s", "peak MiB"] + [f"x {b}" for b in bases]
+    head = ["row", "img/s", "ms/step (median)", "ms/step (min)", "GMACs/img", "GMAC/s", "peak MiB"]
+    head += [f"x {b}" for b in bases]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     results = []

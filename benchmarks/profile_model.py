@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timm  # noqa: E402
-import models  # noqa: E402,F401  (registers the MOAT variants with timm)
+import timm
+
+import models  # noqa: F401 (registers the MOAT variants with timm)
 
 
 def main(argv=None) -> None:

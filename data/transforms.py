@@ -4,8 +4,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterator
 
 from PIL import Image
-from timm.data import create_transform
 from timm.data import auto_augment as timm_auto_augment
+from timm.data import create_transform
 from yacs.config import CfgNode
 
 from utils.errors import ConfigError

@@ -21,15 +21,22 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torch.utils.checkpoint import checkpoint
-
-from timm.layers import (DropPath, LayerNorm2d, NormMlpClassifierHead, SEModule, create_conv2d,
-                         get_act_layer, get_norm_layer)
+from timm.layers import (
+    DropPath,
+    LayerNorm2d,
+    NormMlpClassifierHead,
+    SEModule,
+    create_conv2d,
+    get_act_layer,
+    get_norm_layer,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+
 # timm.utils, not timm.models: the latter re-exports it only in some releases (not 1.0.29).
 from timm.utils import reparameterize_model
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.checkpoint import checkpoint
 
 from .config import FIELD_NAMES, MOAT_CFGS, MoatCfg, resolve_cfg
 

@@ -15,10 +15,10 @@ os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 # equal thread counts keep the bit-exact resume comparisons meaningful.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:

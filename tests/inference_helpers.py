@@ -21,8 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import config as config_module  # noqa: E402
-import models  # noqa: E402,F401  (registers the variants with timm)
+import config as config_module
+import models  # noqa: F401 (registers the variants with timm)
 
 VARIANT = "tiny_moat_0"
 CLASS_NAMES = ["red", "green", "blue"]

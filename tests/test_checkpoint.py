@@ -13,9 +13,16 @@ import torch
 from config import get_config
 from models import build_model
 from utils import UserError
-from utils.checkpoint import (CheckpointSaver, atomic_save, capture_rng_state, 
-                              find_resumable, load_file, load_model_weights, model_state_from,
-                              restore_rng_state)
+from utils.checkpoint import (
+    CheckpointSaver,
+    atomic_save,
+    capture_rng_state,
+    find_resumable,
+    load_file,
+    load_model_weights,
+    model_state_from,
+    restore_rng_state,
+)
 
 
 def _model(name="tiny_moat_0", num_classes=3):

@@ -68,8 +68,9 @@ def test_compiled_training_steps_give_the_eager_losses_and_gradients():
 
 @pytest.mark.slow
 def test_main_compile_trains_end_to_end_and_validates(image_tree, tiny_cfg, tmp_path):
-    import main as trainer
     from test_main import read_log, read_summary
+
+    import main as trainer
 
     cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "COMPILE": True})
     assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0

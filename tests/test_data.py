@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from config import get_config
-from data import (DataError, ResumableSampler, ShardedEvalSampler, build_dataset, build_loader)
+from data import DataError, ResumableSampler, ShardedEvalSampler, build_dataset, build_loader
 
 CLASSES = ["cat", "dog", "owl"]
 

@@ -2,17 +2,26 @@
 outputs equal to PyTorch, dynamic batch and dynamic image size for global attention."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from safetensors import safe_open
 
-from inference_helpers import (CLASS_NAMES, CROP_PCT, IMG_SIZE, INTERPOLATION, MEAN, STD, VARIANT,
-                               make_checkpoint, make_images, reference_model)
+from inference_helpers import (
+    CLASS_NAMES,
+    CROP_PCT,
+    IMG_SIZE,
+    INTERPOLATION,
+    MEAN,
+    STD,
+    VARIANT,
+    make_checkpoint,
+    make_images,
+    reference_model,
+)
 from models import create_moat
-from utils.inference import build_eval_transform, load_model_for_inference
 from tools import export, predict
+from utils.inference import build_eval_transform, load_model_for_inference
 
 
 @pytest.fixture(scope="module")

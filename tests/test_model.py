@@ -11,8 +11,16 @@ import torch.nn.functional as F
 
 import models
 from models.config import MoatCfg, MoatConfigError, resolve_cfg
-from models.moat import (MOAT_CFGS, AvgPool2dTFSame, Attention, MBConvBlock, MOATBlock,
-                         RelativePositionBias, create_moat, list_variants)
+from models.moat import (
+    MOAT_CFGS,
+    Attention,
+    AvgPool2dTFSame,
+    MBConvBlock,
+    MOATBlock,
+    RelativePositionBias,
+    create_moat,
+    list_variants,
+)
 
 # Official trainable-parameter counts (1000-class head) from deeplab2's moat_test.py.
 OFFICIAL_PARAMS = {
@@ -582,6 +590,7 @@ def test_bn_momentum_is_a_model_argument_reachable_from_timm():
 # ------------------------------------------------------------ speed paths equal the plain path
 def test_squeeze_excite_equals_timm_semodule_in_values_and_gradients():
     from timm.layers import SEModule
+
     from models.moat import SqueezeExcite
     fast = SqueezeExcite(64, rd_channels=8, act_layer=nn.SiLU)
     plain = SEModule(64, rd_channels=8, act_layer=nn.SiLU)

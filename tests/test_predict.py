@@ -7,8 +7,7 @@ import shutil
 import pytest
 import torch
 
-from inference_helpers import (CLASS_NAMES, edited_checkpoint, make_checkpoint, make_images,
-                               reference_probs)
+from inference_helpers import CLASS_NAMES, edited_checkpoint, make_checkpoint, make_images, reference_probs
 from tools import predict
 
 

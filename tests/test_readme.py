@@ -8,7 +8,7 @@ README = open(os.path.join(REPO, "README.md")).read()
 
 
 def test_model_table_is_generated_from_the_code():
-    from tools.model_table import replace_in, model_table
+    from tools.model_table import model_table, replace_in
     assert replace_in(README, model_table()) == README, "run: python tools/model_table.py --write README.md"
 
 

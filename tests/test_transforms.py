@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from yacs.config import CfgNode
 
 from config import ConfigError, get_config
+from conftest import write_every_image_mode
 from data import build_mixup, build_transform, load_rgb
 from data.transforms import _augment_ops, posterize
-from conftest import write_every_image_mode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 
 
-def config_from(cfg_file: str | None = None, **opts) -> "CfgNode":  # noqa: F821 (yacs type)
+def config_from(cfg_file: str | None = None, **opts) -> CfgNode:
     """A frozen config: defaults, then ``cfg_file`` (with its BASE chain), then ``opts``."""
     import argparse
 

@@ -38,7 +38,8 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the tools")
     parser.add_argument("--data", default="data_cache/fashion_mnist_2000", help="ImageFolder tree to (re)use")
     parser.add_argument("--per-class-train", type=int, default=2000,
-                        help="training images per class (6000 = all; 2000 keeps the whole demo under 10 minutes on 2 cores)")
+                        help="training images per class (6000 = all; 2000 keeps the whole demo under "
+                             "10 minutes on 2 cores)")
     parser.add_argument("--output", default="output/demo", help="OUTPUT root of the run")
     parser.add_argument("--tag", default="fashion_mnist", help="run name (TAG)")
     parser.add_argument("main_args", nargs="*", help="extra arguments for main.py (after --)")

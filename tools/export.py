@@ -43,12 +43,11 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, _REPO)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
 
-from utils.inference import (ModelMeta, UserError, load_model_for_inference, save_safetensors,  # noqa: E402
-                            safetensors_metadata)
+from utils.inference import ModelMeta, UserError, load_model_for_inference, safetensors_metadata, save_safetensors
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -150,7 +149,7 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str, img_size: int,
     with _quiet_tracing(), torch.no_grad():
         if dynamo:
             try:
-                import onnxscript  # noqa: F401
+                import onnxscript  # noqa: F401 (only checks that the dynamo exporter can run)
             except ImportError:
                 raise UserError("--dynamo needs the onnxscript package (pip install onnxscript)") from None
             program = torch.onnx.export(
@@ -194,11 +193,15 @@ def check_export(model: nn.Module, fmt: str, path: str, cases: Sequence[Tuple[in
         import onnxruntime as ort
 
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        run = lambda x: session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0]  # noqa: E731
+
+        def run(x: torch.Tensor):
+            return session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0]
     elif fmt == "torchscript":
         with _quiet_tracing():
             scripted = torch.jit.load(path, map_location="cpu")
-        run = lambda x: scripted(x).numpy()  # noqa: E731
+
+        def run(x: torch.Tensor):
+            return scripted(x).numpy()
     else:
         raise ValueError(f"no output check for format {fmt!r}")
     model = model.to("cpu").eval()

@@ -13,10 +13,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from models import MOAT_CFGS, create_moat  # noqa: E402
-from models.moat import DEFAULT_IMG_SIZE, PUBLISHED_TOP1  # noqa: E402
+from models import MOAT_CFGS, create_moat
+from models.moat import DEFAULT_IMG_SIZE, PUBLISHED_TOP1
 
 START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"
 

@@ -24,14 +24,14 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, _REPO)
 
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, Dataset  # noqa: E402
-from torchvision.datasets.folder import IMG_EXTENSIONS  # noqa: E402
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from data.datasets import load_rgb  # noqa: E402
-from utils.inference import UserError, build_eval_transform, load_model_for_inference  # noqa: E402
-from utils.amp import autocast_factory, resolve_amp_dtype  # noqa: E402
-from utils.distributed import resolve_device  # noqa: E402
+from data.datasets import load_rgb
+from utils.amp import autocast_factory, resolve_amp_dtype
+from utils.distributed import resolve_device
+from utils.inference import UserError, build_eval_transform, load_model_for_inference
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:

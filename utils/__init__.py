@@ -1,6 +1,13 @@
 """Trainer utilities: checkpoints, distributed helpers, AMP loss scaling, metrics, errors."""
-from .errors import (CheckpointWriteError, ConfigError, DataError, MoatError, NonFiniteLossError,
-                     RunStoppedError, UserError)
+from .errors import (
+                     CheckpointWriteError,
+                     ConfigError,
+                     DataError,
+                     MoatError,
+                     NonFiniteLossError,
+                     RunStoppedError,
+                     UserError,
+)
 
 __all__ = ["CheckpointWriteError", "ConfigError", "DataError", "MoatError", "NonFiniteLossError",
            "RunStoppedError", "UserError"]

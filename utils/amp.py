@@ -14,7 +14,7 @@ from . import UserError
 
 def apex_available() -> bool:
     try:
-        import apex.amp  # noqa: F401
+        import apex.amp  # noqa: F401 (only checks that apex is installed)
     except ImportError:
         return False
     return True
