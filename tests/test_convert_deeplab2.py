@@ -154,10 +154,9 @@ def test_every_registered_variant_maps_completely(name):
     ("ema", 224, 3, "logits_ema_224_pool3"),
 ])
 def test_converted_weights_reproduce_the_official_logits(weights, size, pool, name):
-    model = fixture_model(pool)
-    with BundleReader(PREFIX) as reader:
-        state, _ = convert.convert_weights(reader, model, weights=weights)
-    model.load_state_dict(state)
+    # An already-built model object (the way in for architectures that are not registered).
+    model, report, _ = convert.load_deeplab2(PREFIX, fixture_model(pool), weights=weights)
+    assert report.weights == weights
     assert rel(logits(model, size), expected(name)) < 1e-4
 
 
@@ -199,6 +198,14 @@ def test_cli_reports_the_weights_used_and_that_bn_statistics_were_found(register
     assert "weights: EMA: 179 entries used (135 EMA copies, 44 raw, of which 44 non-trainable without EMA copy)" in err
     assert "BatchNorm moving statistics: found (22 layers)" in err
     assert "ignored 2 optimizer-slot / step entries" in err and "leftover" not in err
+
+
+def test_pool_size_is_recorded_and_used_by_the_inference_loader(registered, tmp_path, capsys):
+    code, _, err = run([PREFIX, "--model", VARIANT, "--output", tmp_path / "p3.pth", "--pool-size", "3"], capsys)
+    assert code == 0, err
+    model, meta = load_model_for_inference(str(tmp_path / "p3.pth"))
+    assert meta.model_args["pool_size"] == 3
+    assert rel(logits(model), expected("logits_ema_224_pool3")) < 1e-4
 
 
 def test_predict_gives_the_official_probabilities(converted, registered, tmp_path):

@@ -88,8 +88,11 @@ def test_written_bundle_reads_back_every_dtype_and_the_fixture_round_trips(tmp_p
     with BundleReader(PREFIX) as reader:
         original = {n: reader.read(n) for n in reader.entries}
     copy = str(tmp_path / "copy.ckpt")
-    write_bundle(copy, original, block_size=512)  # many blocks: exercises the index block
+    # Many index blocks, and three data shards as sharded (e.g. multi-host) saves write them.
+    write_bundle(copy, original, block_size=512, num_shards=3)
+    assert os.path.isfile(copy + ".data-00002-of-00003")
     with BundleReader(copy) as reader:
+        assert reader.num_shards == 3 and {e.shard_id for e in reader.entries.values()} == {0, 1, 2}
         assert list(reader.entries) == list(original)
         assert all(np.array_equal(reader.read(n), v) for n, v in original.items())
 

@@ -47,7 +47,7 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run as a script: make the repo's packages importable
@@ -63,7 +63,7 @@ from utils import UserError  # noqa: E402
 
 __all__ = [
     "ConversionError", "ConversionReport", "NORMALIZATION", "RELEASES", "Release", "Rule",
-    "calibrate_bn", "convert", "convert_weights", "converted_config", "deeplab2_rules",
+    "calibrate_bn", "convert", "convert_weights", "converted_config", "deeplab2_rules", "load_deeplab2",
     "open_checkpoint", "release_table",
 ]
 
@@ -372,7 +372,7 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ConversionError(problems[0] + more)
 
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())  # unconverted entries (num_batches_tracked, a fresh head) as they are
     by_target = {r.target: r for r in rules}
     for target, names in chosen.items():
         arrays = [reader.read(n) for n in names]
@@ -403,6 +403,36 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
         with contextlib.suppress(BundleError):
             report.global_step = int(reader.read("global_step"))
     return state, report
+
+
+def load_deeplab2(checkpoint: str, model: Union[str, MOAT], weights: str = "auto", allow_missing_bn: bool = False,
+                  num_classes: Optional[int] = None, pool_size: int = 2, verify_crc: bool = True,
+                  label: Optional[str] = None, log: Callable[[str], None] = lambda s: None,
+                  ) -> Tuple[MOAT, ConversionReport, str]:
+    """A MOAT holding the weights of a deeplab2 checkpoint (archive, folder or prefix).
+
+    ``model`` is a registered variant name (built with the checkpoint's class count, or
+    ``num_classes`` when the file has no head, and ``pool_size``) or an already-built MOAT, filled
+    in place: the way in for architectures that are not registered. Returns
+    ``(model, report, checkpoint prefix)``.
+    """
+    label = label or (model if isinstance(model, str) else "the model")
+    if isinstance(model, str) and model not in list_variants():
+        raise ConversionError(f"unknown --model {model!r}; accepted: {', '.join(list_variants())}")
+    with open_checkpoint(checkpoint, verify_crc=verify_crc, log=log) as (reader, prefix):
+        log(f"reading {prefix}: {len(reader)} entries")
+        found = head_classes(reader)
+        if found and num_classes and num_classes != found:
+            raise ConversionError(f"the checkpoint's head has {found} classes, not {num_classes} (--num-classes, "
+                                  f"--class-names); for another class count, convert, then fine-tune with "
+                                  f"main.py --pretrained")
+        if isinstance(model, str):
+            torch.manual_seed(0)  # a fresh head (no head in the file) is reproducible
+            model = create_moat(model, num_classes=found or num_classes or 1000, pool_size=pool_size)
+        state, report = convert_weights(reader, model, weights=weights, allow_missing_bn=allow_missing_bn,
+                                        label=label, log=log)
+    model.load_state_dict(state)
+    return model.eval(), report, prefix
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -475,7 +505,7 @@ def _plain(value):
 
 
 def converted_config(variant: str, num_classes: int, img_size: int, normalization: int,
-                     crop_pct: Optional[float] = None) -> dict:
+                     crop_pct: Optional[float] = None, pool_size: int = 2) -> dict:
     """The trainer's default config tree (``config.config_to_dict``) with the release's model,
     classes, input size and normalisation (0..1 convention: option 2 is mean = std = 0.5)."""
     from config import config_to_dict, get_config
@@ -484,6 +514,7 @@ def converted_config(variant: str, num_classes: int, img_size: int, normalizatio
     mean, std = NORMALIZATION[normalization]
     tree["MODEL"]["NAME"] = variant
     tree["MODEL"]["NUM_CLASSES"] = int(num_classes)
+    tree["MODEL"]["MOAT"]["POOL_SIZE"] = int(pool_size)
     tree["DATA"]["IMG_SIZE"] = int(img_size)
     tree["DATA"]["MEAN"] = [round(m / 255.0, 6) for m in mean]
     tree["DATA"]["STD"] = [round(s / 255.0, 6) for s in std]
@@ -573,6 +604,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="input normalisation option of the release notes (default: the release's)")
     parser.add_argument("--crop-pct", type=float, default=None,
                         help="DATA.CROP_PCT to record (default 0.875 below 384 px, 1.0 from 384)")
+    parser.add_argument("--pool-size", type=int, choices=(2, 3), default=2,
+                        help="MODEL.MOAT.POOL_SIZE to record: the shortcut pooling, no weights (default 2, "
+                             "deeplab2's value for classification; the releases do not state theirs)")
     parser.add_argument("--calibrate-bn", metavar="FOLDER",
                         help="re-estimate the BatchNorm statistics over training images in FOLDER "
                              "(for files without moving statistics)")
@@ -609,8 +643,6 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
     from models.weights import ModelMeta, config_from_dict, preprocessing_from_config, save_safetensors
     from utils.checkpoint import atomic_save
 
-    if model is None and args.model not in list_variants():
-        raise ConversionError(f"unknown --model {args.model!r}; accepted: {', '.join(list_variants())}")
     release = RELEASES.get(args.model)
     img_size = args.img_size or (release.img_size if release else 224)
     if img_size <= 0 or img_size % 32:
@@ -625,20 +657,10 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
         if args.safetensors:
             outputs["safetensors"] = os.path.splitext(output)[0] + ".safetensors"
 
-    with open_checkpoint(args.checkpoint, verify_crc=not args.no_verify, log=_log) as (reader, prefix):
-        _log(f"reading {prefix}: {len(reader)} entries")
-        found_classes = head_classes(reader)
-        num_classes = found_classes or args.num_classes or (len(class_names) if class_names else 1000)
-        if found_classes and args.num_classes and args.num_classes != found_classes:
-            raise ConversionError(f"the checkpoint's head has {found_classes} classes, not --num-classes "
-                                  f"{args.num_classes}; for another class count convert, then fine-tune with "
-                                  f"main.py --pretrained")
-        if model is None:
-            torch.manual_seed(0)  # a fresh head (no head in the file) is reproducible
-            model = create_moat(args.model, num_classes=num_classes)
-        state, report = convert_weights(reader, model, weights=args.weights,
-                                        allow_missing_bn=bool(args.calibrate_bn), label=args.model, log=_log)
-    model.load_state_dict(state)
+    model, report, prefix = load_deeplab2(
+        args.checkpoint, model if model is not None else args.model, weights=args.weights,
+        allow_missing_bn=bool(args.calibrate_bn), verify_crc=not args.no_verify, label=args.model, log=_log,
+        num_classes=args.num_classes or (len(class_names) if class_names else None), pool_size=args.pool_size)
     num_classes = model.num_classes
     if class_names is not None and len(class_names) != num_classes:
         raise ConversionError(f"{args.class_names}: {len(class_names)} class names for a {num_classes}-class head")
@@ -660,7 +682,7 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
         for name in report.leftover:
             _log(f"  {name}")
 
-    config_tree = converted_config(args.model, num_classes, img_size, option, args.crop_pct)
+    config_tree = converted_config(args.model, num_classes, img_size, option, args.crop_pct, args.pool_size)
     if args.calibrate_bn:
         from utils.distributed import resolve_device
 

@@ -21,7 +21,7 @@ blocks are refused with a clear message rather than implemented. Partitioned (sl
 and string tensors are refused the same way. Checksums (block trailers and tensor bytes) are
 verified with a vectorised CRC32C, so a corrupt download is named instead of converted.
 
-:func:`write_bundle` writes the same format (one shard, uncompressed); the tests use it to make
+:func:`write_bundle` writes the same format (uncompressed, one or more shards); the tests use it to make
 damaged or edited copies of a checkpoint.
 """
 from __future__ import annotations
@@ -237,10 +237,12 @@ def _decode_entry(name: str, value: bytes) -> BundleEntry:
                        crc32c=f[6][-1] if 6 in f else None, sliced=bool(f.get(7)))
 
 
-def _encode_entry(dtype: str, shape: Tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
+def _encode_entry(dtype: str, shape: Tuple[int, ...], offset: int, size: int, crc: int, shard: int = 0) -> bytes:
     dims = b"".join(_tag(2, 2) + _len_prefixed(_tag(1, 0) + _encode_varint(d)) for d in shape)
     out = _tag(1, 0) + _encode_varint(_DTYPE_ENUM[dtype])
     out += _tag(2, 2) + _len_prefixed(dims)
+    if shard:
+        out += _tag(3, 0) + _encode_varint(shard)
     if offset:
         out += _tag(4, 0) + _encode_varint(offset)
     if size:
@@ -438,12 +440,14 @@ def _write_block(f: BinaryIO, block: bytes) -> bytes:
 
 
 def write_bundle(prefix: str, tensors: Mapping[str, Union[np.ndarray, Tuple[np.ndarray, str]]],
-                 block_size: int = 4096) -> None:
-    """Write ``tensors`` as a one-shard TF V2 checkpoint at ``prefix``, for tests and tools that
-    need a checkpoint without TensorFlow. Values are numpy arrays, or ``(uint16 array, 'bfloat16')``."""
+                 block_size: int = 4096, num_shards: int = 1) -> None:
+    """Write ``tensors`` as a TF V2 checkpoint at ``prefix`` (tensors dealt round-robin over
+    ``num_shards`` data files), for tests and tools that need a checkpoint without TensorFlow.
+    Values are numpy arrays, or ``(uint16 array, 'bfloat16')``."""
     entries = []
-    with open(f"{prefix}.data-00000-of-00001", "wb") as data:
-        for name in sorted(tensors, key=lambda n: n.encode("utf-8")):
+    shards = [open(f"{prefix}.data-{i:05d}-of-{num_shards:05d}", "wb") for i in range(num_shards)]
+    try:
+        for i, name in enumerate(sorted(tensors, key=lambda n: n.encode("utf-8"))):
             value = tensors[name]
             # (uint16 array, 'bfloat16'): numpy has no bfloat16, so its bit patterns come as uint16.
             array, dtype = (value[0], value[1]) if isinstance(value, tuple) else (value, None)
@@ -452,10 +456,14 @@ def write_bundle(prefix: str, tensors: Mapping[str, Union[np.ndarray, Tuple[np.n
             if dtype not in _DTYPE_ENUM:
                 raise BundleError(f"{name}: dtype {dtype} cannot be written")
             raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
-            entries.append((name.encode("utf-8"),
-                            _encode_entry(dtype, array.shape, data.tell(), len(raw), masked_crc32c(raw))))
-            data.write(raw)
-    header = _tag(1, 0) + _encode_varint(1) + _tag(3, 2) + _len_prefixed(
+            shard = i % num_shards
+            entries.append((name.encode("utf-8"), _encode_entry(
+                dtype, array.shape, shards[shard].tell(), len(raw), masked_crc32c(raw), shard)))
+            shards[shard].write(raw)
+    finally:
+        for f in shards:
+            f.close()
+    header = _tag(1, 0) + _encode_varint(num_shards) + _tag(3, 2) + _len_prefixed(
         _tag(1, 0) + _encode_varint(1))
     items = [(_HEADER_KEY, header)] + entries
     with open(f"{prefix}.index", "wb") as f:
