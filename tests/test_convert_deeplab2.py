@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -396,6 +397,19 @@ def test_leftover_entries_are_listed_but_optimizer_slots_and_global_step_are_not
     assert record["leftover"] == ["moat/block_00_00/unexpected/kernel"]
     assert sorted(record["ignored"]) == ["global_step", "moat/logits_head/kernel/Momentum",
                                          "moat/stem/conv_0/kernel/Adam_1"]
+
+
+def test_checkpoints_of_deeper_or_position_embedding_variants_do_not_convert_into_smaller_models(tensors, tmp_path):
+    # Same widths, one more block (as moat_1 is moat_0 with more blocks): not a stray leftover.
+    deeper = {n.replace("block_02_01", "block_02_02"): v for n, v in tensors.items() if "block_02_01" in n}
+    with pytest.raises(convert.ConversionError, match=r"^moat/block_02_02/\S+: the checkpoint has a block "
+                                                     r"\(block_02_02\) that the model lacks \(wrong --model"):
+        convert.load_deeplab2(edited(tmp_path / "deeper", tensors, **deeper), fixture_model())
+    # Position embeddings into a _no_pe model: the trained tables would be dropped silently.
+    no_pe = MOAT(replace(fixture_cfg(), pos_embed=False), num_classes=10)
+    with pytest.raises(convert.ConversionError, match=r"relative_position_embedding\S*: the checkpoint has "
+                                                     r"relative position embeddings and the model has none"):
+        convert.load_deeplab2(PREFIX, no_pe)
 
 
 def test_unknown_model_and_missing_bn_statistics_are_one_line_errors(registered, tensors, tmp_path, capsys):

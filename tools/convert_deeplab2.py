@@ -32,8 +32,9 @@ raw value for non-trainable variables (BatchNorm moving statistics) that have no
 converted and the head starts fresh. Without BatchNorm moving statistics, ``--calibrate-bn
 FOLDER`` re-estimates them (cumulative average over ``--calibrate-images`` training images, eval
 transform, no gradient). Leftover checkpoint entries (other than optimizer slots and
-``global_step``) are listed; a missing variable, a shape mismatch (wrong ``--model``) or a damaged
-file is a one-line error with exit code 2.
+``global_step``) are listed; a missing variable, a damaged file or a wrong ``--model`` (a shape
+mismatch, leftover blocks the model lacks, position embeddings for a ``_no_pe`` model) is a
+one-line error with exit code 2.
 """
 from __future__ import annotations
 
@@ -304,6 +305,24 @@ def head_classes(reader: BundleReader) -> Optional[int]:
     return None
 
 
+_BLOCK = re.compile(r"^(?:moat/)?(block_\d+_\d+)/")
+
+
+def _check_leftovers(leftover: List[str], rules: List[Rule], label: str) -> None:
+    """Leftovers that mean the wrong variant, not a stray variable: blocks the model lacks (a
+    deeper variant of the same widths, e.g. moat_1 as moat_0) or position embeddings for a
+    ``_no_pe`` model. Either would convert "successfully" into a model that is not the release."""
+    blocks = {m.group(1) for r in rules for s in r.sources if (m := _BLOCK.match(s))}
+    for name in leftover:
+        m = _BLOCK.match(name)
+        if m and m.group(1) not in blocks:
+            raise ConversionError(f"{name}: the checkpoint has a block ({m.group(1)}) that {label} lacks "
+                                  f"(wrong --model? a deeper variant has the same widths)")
+        if "relative_position_embedding" in name:
+            raise ConversionError(f"{name}: the checkpoint has relative position embeddings and {label} has "
+                                  f"none (wrong --model? use the variant without _no_pe)")
+
+
 def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", allow_missing_bn: bool = False,
                     label: str = "the model", log: Callable[[str], None] = lambda s: None,
                     ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
@@ -372,6 +391,12 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ConversionError(problems[0] + more)
 
+    known = {c + suffix for r in rules for s in r.sources for c in candidate_names(s) for suffix in ("", EMA_SUFFIX)}
+    for name in reader.entries:
+        if name not in known:
+            (report.ignored if _IGNORED.search(name) else report.leftover).append(name)
+    _check_leftovers(report.leftover, rules, label)
+
     state = dict(model.state_dict())  # unconverted entries (num_batches_tracked, a fresh head) as they are
     by_target = {r.target: r for r in rules}
     for target, names in chosen.items():
@@ -393,12 +418,6 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
         report.head = "fresh"
         log("note: the checkpoint has no classification head (moat/logits_head): converting the "
             "backbone; the head starts fresh")
-    known = {c + suffix for r in rules for s in r.sources for c in candidate_names(s) for suffix in ("", EMA_SUFFIX)}
-    used = {n for names in chosen.values() for n in names}
-    for name in reader.entries:
-        if name in used or name in known:
-            continue
-        (report.ignored if _IGNORED.search(name) else report.leftover).append(name)
     if "global_step" in reader.entries and reader.entries["global_step"].shape == ():
         with contextlib.suppress(BundleError):
             report.global_step = int(reader.read("global_step"))
