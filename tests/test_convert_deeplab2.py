@@ -8,6 +8,7 @@ checkpoints are one-line errors; a file without BatchNorm statistics is recovere
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tarfile
 from dataclasses import replace
@@ -279,6 +280,30 @@ def test_main_pretrained_starts_from_the_converted_weights(converted, registered
     for key, value in old.items():
         if not key.startswith("head.fc.") and not key.endswith("num_batches_tracked"):
             assert torch.equal(new[key], value), key
+
+
+def test_main_eval_resume_validates_the_converted_checkpoint(converted, registered, tiny_cfg, tmp_path):
+    # A 10-class val folder of fixture-like images (224 px, the eval transform leaves them as they
+    # are); --eval must report the accuracy the converted model has on them.
+    images = _varied_images(20, seed=3, size=224)
+    for split in ("train", "val"):
+        for i, image in enumerate(images):
+            folder = tmp_path / "data" / split / f"class_{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i}.png")
+    cfg = tiny_cfg(MODEL={"NAME": VARIANT, "NUM_CLASSES": 10}, DATA={"IMG_SIZE": 224, "CROP_PCT": 1.0})
+    code = trainer.main(["--cfg", cfg, "--data-path", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
+                         "--eval", "--resume", converted, "--device", "cpu"])
+    assert code == 0
+    log = (tmp_path / "out" / VARIANT / "default" / "log_rank0.txt").read_text()
+    found = re.findall(r"\* (model|ema) Acc@1 ([\d.]+) Acc@5 [\d.]+ loss [\d.]+ \((\d+) images", log)
+    assert [(name, n) for name, _, n in found] == [("model", "20")]  # one weight set: the EMA, as 'model'
+    model, meta = load_model_for_inference(converted)
+    transform = build_eval_transform(meta)
+    with torch.no_grad():
+        predicted = model(torch.stack([transform(Image.fromarray(im)) for im in images])).argmax(-1)
+    want = 100.0 * float((predicted == torch.arange(20) % 10).float().mean())
+    assert float(found[0][1]) == pytest.approx(want, abs=0.01)
 
 
 # ----------------------------------------------------------------------------------- variants
