@@ -309,7 +309,9 @@ class RelativePositionBias(nn.Module):
         """The table resized to ``[heads, 2h-1, 2w-1]`` (the table itself at the native size)."""
         table = self.relative_position_bias_table
         size = (2 * h - 1, 2 * w - 1)
-        if tuple(table.shape[-2:]) == size:
+        # A trace (TorchScript, ONNX) must keep the resize even at the native size, where it is
+        # the identity, or the exported graph would only be valid at that size.
+        if tuple(table.shape[-2:]) == size and not torch.jit.is_tracing():
             return table
         # antialias=False matches TF2's tf.image.resize(method='bilinear') default.
         return F.interpolate(table.float()[None], size=size, mode="bilinear", align_corners=False)[0]

@@ -225,12 +225,18 @@ def load_model_for_inference(
         epoch = int(metadata[META_EPOCH]) if metadata.get(META_EPOCH, "").lstrip("-").isdigit() else None
     else:
         has_ema = isinstance(obj.get("model_ema"), dict)
-        if use_ema and not has_ema:
+        # A converted release (tools/convert_deeplab2.py) holds one set in 'model' and says which.
+        converted = obj.get("converted_from") if isinstance(obj.get("converted_from"), dict) else {}
+        converted_weights = converted.get("weights") if not has_ema else None
+        if use_ema and not has_ema and converted_weights != "ema":
             raise UserError(f"{path}: EMA weights requested (--ema), but the checkpoint has no "
                             f"'model_ema' (trained with TRAIN.EMA.ENABLE False?)")
+        if use_ema is False and converted_weights == "ema":
+            raise UserError(f"{path}: raw weights requested (--no-ema), but this converted checkpoint "
+                            f"holds the EMA weights only (convert with --raw for the raw ones)")
         take_ema = has_ema if use_ema is None else bool(use_ema)
         state_dict = model_state_from(obj, path, prefer_ema=take_ema)
-        weights = "ema" if take_ema else "raw"
+        weights = converted_weights if converted_weights in ("ema", "raw") else ("ema" if take_ema else "raw")
         saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
         recorded = obj.get("model_cfg") if isinstance(obj.get("model_cfg"), dict) else None
         saved_variant = obj.get("model_name") or (saved or {}).get("MODEL", {}).get("NAME")
@@ -298,15 +304,17 @@ def safetensors_metadata(meta: ModelMeta) -> Dict[str, str]:
     }
 
 
-def save_safetensors(model: nn.Module, meta: ModelMeta, path: str) -> str:
+def save_safetensors(model: nn.Module, meta: ModelMeta, path: str,
+                     extra_metadata: Optional[Dict[str, str]] = None) -> str:
     """Write ``model``'s weights (only) and ``meta`` to ``path``; returns ``path``.
 
     Buffers such as BatchNorm running statistics are included (they are weights for inference);
-    tensors are copied to contiguous CPU memory, as safetensors requires.
+    tensors are copied to contiguous CPU memory, as safetensors requires. ``extra_metadata``
+    (string values) rides along, e.g. where converted weights came from; readers ignore it.
     """
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file(state, path, metadata=safetensors_metadata(meta))
+    save_file(state, path, metadata={**(extra_metadata or {}), **safetensors_metadata(meta)})
     return path
