@@ -21,10 +21,10 @@ from PIL import Image
 import main as trainer
 from conftest import REPO, make_image_tree
 from models.moat import MOAT, MOAT_CFGS, MoatCfg, create_moat, list_variants
-from models.weights import build_eval_transform, load_model_for_inference
 from tools import convert_deeplab2 as convert
 from tools import export, predict
 from tools.tf_bundle import BundleReader, write_bundle
+from utils.inference import build_eval_transform, load_model_for_inference
 
 FIXTURE = os.path.join(REPO, "tests", "data", "deeplab2_moat")
 PREFIX = os.path.join(FIXTURE, "model.ckpt")
@@ -37,12 +37,9 @@ STD = np.array([0.229, 0.224, 0.225]) * 255.0
 
 # ------------------------------------------------------------------------------------- helpers
 def fixture_cfg() -> MoatCfg:
-    """The fixture's architecture: stem 16/16, blocks 2/2/2/1, widths 16/32/64/96, global attention.
-
-    The one place that calls the ``MoatCfg`` constructor: it is about to gain keyword fields
-    (``stem_dims``, ``depths``, ``dims``, ``stage_types``) when architectures become config-driven.
-    """
-    return MoatCfg((16, 16), (2, 2, 2, 1), (16, 32, 64, 96), 0.0)
+    """The fixture's architecture: stem 16/16, blocks 2/2/2/1, widths 16/32/64/96, global attention."""
+    return MoatCfg(stem_dims=(16, 16), depths=(2, 2, 2, 1), dims=(16, 32, 64, 96),
+                   stage_types=("mbconv", "mbconv", "moat", "moat"))
 
 
 def fixture_model(pool_size: int = 2) -> MOAT:
@@ -166,7 +163,8 @@ def test_converted_weights_reproduce_the_official_logits(weights, size, pool, na
 def test_cli_writes_a_trainer_checkpoint_with_the_release_config_and_a_record(converted, capsys, tmp_path,
                                                                              registered):
     obj = torch.load(converted, map_location="cpu", weights_only=True)
-    assert set(obj) == {"model", "model_name", "class_names", "config", "converted_from"}
+    assert set(obj) == {"model", "model_name", "model_cfg", "class_names", "config", "converted_from"}
+    assert obj["model_cfg"] == fixture_cfg().to_dict()
     assert obj["model_name"] == VARIANT and obj["class_names"] == [f"class_{i}" for i in range(10)]
     data = obj["config"]["DATA"]
     assert obj["config"]["MODEL"]["NAME"] == VARIANT and obj["config"]["MODEL"]["NUM_CLASSES"] == 10
@@ -206,7 +204,7 @@ def test_pool_size_is_recorded_and_used_by_the_inference_loader(registered, tmp_
     code, _, err = run([PREFIX, "--model", VARIANT, "--output", tmp_path / "p3.pth", "--pool-size", "3"], capsys)
     assert code == 0, err
     model, meta = load_model_for_inference(str(tmp_path / "p3.pth"))
-    assert meta.model_args["pool_size"] == 3
+    assert meta.model_cfg["pool_size"] == 3
     assert rel(logits(model), expected("logits_ema_224_pool3")) < 1e-4
 
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from tools.tf_bundle import BundleError, BundleReader, crc32c, masked_crc32c, write_bundle
-from tools.tf_bundle import _block_entries, _handle  # block layout, for hand-made damage
+from tools.tf_bundle import (  # block layout, for hand-made damage
+    BundleError,
+    BundleReader,
+    _block_entries,
+    _handle,
+    crc32c,
+    masked_crc32c,
+    write_bundle,
+)
 
 FIXTURE = os.path.join(REPO, "tests", "data", "deeplab2_moat")
 PREFIX = os.path.join(FIXTURE, "model.ckpt")

@@ -58,7 +58,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from models.moat import MOAT, MOATBlock, MBConvBlock, create_moat, list_variants  # noqa: E402
+from models.moat import MOAT, MBConvBlock, MOATBlock, create_moat, list_variants  # noqa: E402
 from tools.tf_bundle import BundleError, BundleReader  # noqa: E402
 from utils import UserError  # noqa: E402
 
@@ -561,8 +561,8 @@ def calibrate_bn(model: nn.Module, folder: str, config_tree: dict, num_images: i
     from torch.utils.data import DataLoader
 
     from data.transforms import build_transform
-    from models.weights import config_from_dict
     from tools.predict import ImageFiles, find_images
+    from utils.inference import config_from_dict
 
     paths, _ = find_images([folder])
     if num_images < 1:
@@ -659,8 +659,8 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
     ``model``: an already-built MOAT to fill instead of ``create_moat(args.model)`` (custom
     architectures); ``args.model`` then only names it in the files.
     """
-    from models.weights import ModelMeta, config_from_dict, preprocessing_from_config, save_safetensors
     from utils.checkpoint import atomic_save
+    from utils.inference import ModelMeta, config_from_dict, preprocessing_from_config, save_safetensors
 
     release = RELEASES.get(args.model)
     img_size = args.img_size or (release.img_size if release else 224)
@@ -735,20 +735,19 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
     written = {}
     if "pth" in outputs:
         os.makedirs(os.path.dirname(os.path.abspath(outputs["pth"])), exist_ok=True)
-        atomic_save({"model": state, "model_name": args.model, "class_names": class_names,
-                     "config": config_tree, "converted_from": converted_from}, outputs["pth"])
+        atomic_save({"model": state, "model_name": args.model, "model_cfg": model.cfg.to_dict(),
+                     "class_names": class_names, "config": config_tree, "converted_from": converted_from},
+                    outputs["pth"])
         written["pth"] = outputs["pth"]
     if "safetensors" in outputs:
         config = config_from_dict(config_tree)
         meta = ModelMeta(variant=args.model, num_classes=num_classes, class_names=class_names,
                          preprocessing=preprocessing_from_config(config), config=config,
-                         weights=report.weights, source=args.checkpoint,
-                         model_args={"window_size": [int(w) for w in config.MODEL.MOAT.WINDOW_SIZE],
-                                     "pool_size": int(config.MODEL.MOAT.POOL_SIZE)})
+                         weights=report.weights, source=args.checkpoint, model_cfg=model.cfg.to_dict())
         save_safetensors(model, meta, outputs["safetensors"],
                          extra_metadata={"moat.converted_from": json.dumps(converted_from, sort_keys=True)})
         written["safetensors"] = outputs["safetensors"]
-    for fmt, path in written.items():
+    for path in written.values():
         print(f"wrote {path} ({args.model}, {what} weights, {num_classes} classes, {img_size} px, "
               f"normalisation option {option})")
     return written
