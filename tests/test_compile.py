@@ -18,7 +18,9 @@ from models.moat import MOAT, MoatCfg
 def small_moat(**kwargs) -> MOAT:
     """One block per stage (MBConv, MBConv, MOAT, MOAT), attention with relative bias."""
     torch.manual_seed(0)
-    return MOAT(MoatCfg((8, 8), (1, 1, 1, 1), (16, 16, 32, 32), 0.0), num_classes=5, **kwargs)
+    cfg = MoatCfg(stem_dims=(8, 8), depths=(1, 1, 1, 1), dims=(16, 16, 32, 32),
+                  stage_types=("mbconv", "mbconv", "moat", "moat"))
+    return MOAT(cfg, num_classes=5, **kwargs)
 
 
 def _batch(size: int = 64):
