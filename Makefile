@@ -1,10 +1,15 @@
 # Two entry points for a fresh machine (see README): `make demo` and `make test`.
+# `make test-floors` runs the fast tests on the oldest supported stack (constraints-floors.txt).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+VENV_FLOORS ?= .venv-floors
+PY_FLOORS := $(VENV_FLOORS)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+# One line naming the versions a test run uses (so a CI log says what it tested).
+SHOW_VERSIONS := -c "import sys, torch, torchvision, timm, PIL, numpy; print('versions: python', sys.version.split()[0], '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| Pillow', PIL.__version__, '| numpy', numpy.__version__)"
 
-.PHONY: demo test setup dataset-package clean-demo
+.PHONY: demo test test-floors setup setup-floors dataset-package clean-demo
 
 # A virtualenv with requirements.txt, re-made when the requirements change.
 $(VENV)/.installed: requirements.txt
@@ -14,6 +19,17 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# The floors: requirements.txt with every direct requirement pinned to its lower bound. Re-made
+# from scratch when either file changes, so nothing newer is left over from an earlier build.
+$(VENV_FLOORS)/.installed: requirements.txt constraints-floors.txt
+	rm -rf $(VENV_FLOORS)
+	$(PYTHON) -m venv $(VENV_FLOORS)
+	$(PY_FLOORS) -m pip install --upgrade --quiet pip
+	$(PY_FLOORS) -m pip install --quiet -r requirements.txt -c constraints-floors.txt
+	touch $@
+
+setup-floors: $(VENV_FLOORS)/.installed
 
 # Debian's dataset-fashion-mnist ships the four original idx files; install it when missing.
 dataset-package:
@@ -28,7 +44,13 @@ demo: setup dataset-package
 
 # The test suite, exactly as CI runs it.
 test: setup dataset-package
+	@$(PY) $(SHOW_VERSIONS)
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# The fast tier of the suite on the oldest supported versions (what .ci/run runs second).
+test-floors: setup-floors dataset-package
+	@$(PY_FLOORS) $(SHOW_VERSIONS)
+	$(PY_FLOORS) -m pytest tests -q -p no:cacheprovider -m "not slow"
 
 clean-demo:
 	rm -rf output/demo data_cache

@@ -48,7 +48,14 @@ def build_optimizer(config, model: nn.Module, lr: float) -> torch.optim.Optimize
     if _fused_supported(config, model):
         kwargs["fused"] = True
     layer_decay = config.TRAIN.LAYER_DECAY if config.TRAIN.LAYER_DECAY < 1.0 else None
-    return create_optimizer_v2(model, opt=timm_name, lr=lr, weight_decay=config.TRAIN.WEIGHT_DECAY,
+    params = model
+    if not config.TRAIN.WEIGHT_DECAY and layer_decay is None:
+        # Compat (timm < 1.0.12): with nothing to group by, older timm hands the optimizer
+        # model.parameters(), frozen ones included (a linear probe then carried the whole backbone
+        # in its optimizer state); newer timm keeps only the trainable ones, in one group. Pass
+        # those ourselves so every timm version builds the same optimizer.
+        params = [p for p in model.parameters() if p.requires_grad]
+    return create_optimizer_v2(params, opt=timm_name, lr=lr, weight_decay=config.TRAIN.WEIGHT_DECAY,
                                layer_decay=layer_decay, filter_bias_and_bn=True, **kwargs)
 
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import io
 import json
 import os
 import sys
@@ -46,6 +48,7 @@ if _REPO not in sys.path:  # run as a script: make the repo's packages importabl
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils.inference import ModelMeta, UserError, load_model_for_inference, safetensors_metadata, save_safetensors
 
@@ -138,6 +141,39 @@ def export_torchscript(model: nn.Module, meta: ModelMeta, path: str, img_size: i
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _legacy_onnx_exports_sdpa_scale(opset: int) -> bool:
+    """Compat (torch < 2.5): can the legacy ONNX exporter translate
+    ``F.scaled_dot_product_attention(..., scale=<float>)``? torch 2.4's opset-14 symbolic hands the
+    float to ``g.op`` and fails with a TypeError (pytorch/pytorch#135594, fixed in 2.5). Probed by
+    exporting a one-op module (tens of ms), not by version number."""
+    class _Probe(nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, q, q, scale=0.5)
+
+    try:
+        with _quiet_tracing(), torch.no_grad():
+            torch.onnx.export(_Probe(), (torch.zeros(1, 1, 2, 4),), io.BytesIO(), dynamo=False,
+                              opset_version=opset)
+    except Exception:  # noqa: BLE001 - any failure here means: do not export through SDPA
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module, enable: bool) -> Iterator[None]:
+    """With ``enable``, run every ``fused_attn`` module on its explicit (reference) attention path
+    for the duration; the ONNX graph then has the same MatMul/Softmax ops, without SDPA."""
+    saved = [(m, m.fused_attn) for m in model.modules() if hasattr(m, "fused_attn")] if enable else []
+    for m, _ in saved:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, fused in saved:
+            m.fused_attn = fused
+
+
 def export_onnx(model: nn.Module, meta: ModelMeta, path: str, img_size: int,
                 opset: int = DEFAULT_OPSET, dynamic_size: bool = True, dynamo: bool = False) -> str:
     """ONNX with a dynamic batch (and dynamic H, W when ``dynamic_size``); metadata as props."""
@@ -159,10 +195,11 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str, img_size: int,
             program.save(path)
         else:
             axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
-            torch.onnx.export(
-                model, example, path, dynamo=False, opset_version=opset,
-                input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: {0: "batch"}})
+            with _explicit_attention(model, not _legacy_onnx_exports_sdpa_scale(opset)):
+                torch.onnx.export(
+                    model, example, path, dynamo=False, opset_version=opset,
+                    input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                    dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: {0: "batch"}})
     proto = onnx.load(path)
     onnx.helper.set_model_props(proto, safetensors_metadata(meta))
     onnx.save(proto, path)
