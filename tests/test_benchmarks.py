@@ -7,7 +7,13 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Each test runs a benchmark script end to end in a subprocess.
+pytestmark = pytest.mark.slow
 
 
 def _run(*args: str) -> str:

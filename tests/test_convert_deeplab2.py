@@ -486,6 +486,7 @@ def _normalised(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((images.astype(np.float64) - MEAN) / STD).astype(np.float32).transpose(0, 3, 1, 2).copy())
 
 
+@pytest.mark.slow
 def test_bn_calibration_recovers_a_release_without_moving_statistics(registered, tensors, tmp_path, capsys):
     # The fixture's own moving statistics were perturbed far from any data's (re-estimating them on
     # the very images they came from moves the logits by ~115%), so the intact release here is the

@@ -75,6 +75,7 @@ def _copy_run(src_dir, dst_root, names=("last.pth", "config.yaml", "summary.csv"
 
 
 # ------------------------------------------------------------------------------- exact resume
+@pytest.mark.slow
 def test_sigkill_after_an_epoch_then_auto_resume_is_bit_identical(reference_run, image_tree, tiny_cfg,
                                                                   run_cli, tmp_path):
     args = ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", tmp_path]
@@ -91,6 +92,7 @@ def test_sigkill_after_an_epoch_then_auto_resume_is_bit_identical(reference_run,
     assert_same_training_state(os.path.join(run_dir, "last.pth"), os.path.join(reference_run, "last.pth"))
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_the_position_exits_0_and_resumes_bit_identically(
         reference_run, image_tree, tiny_cfg, run_cli, tmp_path):
     args = ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", tmp_path]
@@ -277,6 +279,7 @@ def test_output_folder_with_another_config_warns_naming_the_keys(reference_run, 
     assert "holds a run with a different config" in log and "TRAIN.WEIGHT_DECAY: 0.05 -> 0.1" in log
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identically(ddp_reference, run_cli, tmp_path):
     _, args, reference_dir = ddp_reference
     args = args + ["--output", tmp_path]
@@ -340,6 +343,7 @@ def test_second_run_on_a_busy_folder_stops_naming_the_holder_and_a_killed_holder
     assert os.path.exists(os.path.join(run_dir, "last.pth"))
 
 
+@pytest.mark.slow
 def test_disk_full_while_saving_is_one_line_naming_sizes_and_keeps_the_last_good_checkpoint(
         image_tree, tiny_cfg, tmp_path):
     """A file-size limit makes every checkpoint write fail as a full disk would (EFBIG instead

@@ -22,9 +22,9 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 PER_CLASS_TRAIN, PER_CLASS_VAL = 300, 50
 MIN_TOP1 = 70.0
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not os.path.isfile(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (`make test` and .ci/run install it)")  # reason: real data
+    reason="needs Debian's dataset-fashion-mnist (`make test` and .ci/run install it)")]  # reason: real data
 
 
 @pytest.fixture(scope="module")

@@ -73,6 +73,7 @@ def test_shipped_fine_tune_configs_load(path):
         assert config.TRAIN.FREEZE_BACKBONE and config.AUG.MIXUP == config.AUG.CUTMIX == 0.0
 
 
+@pytest.mark.slow
 def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shapes(
         pretrained, image_tree, tiny_cfg, run_cli, tmp_path):
     # The 384 recipe, scaled down: a 32 px checkpoint fine-tuned at 64 px on the same classes.
@@ -94,6 +95,7 @@ def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shape
     assert " * model Acc@1 " in log and " * ema Acc@1 " in log
 
 
+@pytest.mark.slow
 def test_transfer_with_layer_decay_reinitialises_head_and_decays_lr_with_depth(
         pretrained, two_class_tree, tiny_cfg, run_cli, tmp_path):
     cfg = tiny_cfg(BASE=[TRANSFER_FT], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2},
@@ -131,6 +133,7 @@ def test_transfer_with_layer_decay_reinitialises_head_and_decays_lr_with_depth(
     assert in_model_order == sorted(in_model_order) and len(set(in_model_order)) == 16
 
 
+@pytest.mark.slow
 def test_linear_probe_trains_only_the_new_head_and_keeps_backbone_bit_identical(
         pretrained, two_class_tree, tiny_cfg, run_cli, tmp_path):
     # Two epochs so the head is seen changing between the saved epochs while the backbone is not.

@@ -221,6 +221,7 @@ def test_cli_user_error_has_no_traceback(run_cli, tiny_cfg, tmp_path):
     assert str(tmp_path / "missing") in proc.stderr
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_and_eval_equals_one_process_eval(ddp_reference, image_tree, tmp_path):
     cfg, _, run_dir = ddp_reference
     assert os.path.isfile(os.path.join(run_dir, "log_rank1.txt"))
