@@ -9,7 +9,7 @@ FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 # One line naming the versions a test run uses (so a CI log says what it tested).
 SHOW_VERSIONS := -c "import sys, torch, torchvision, timm, PIL, numpy; print('versions: python', sys.version.split()[0], '| torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__, '| Pillow', PIL.__version__, '| numpy', numpy.__version__)"
 
-.PHONY: demo test test-floors setup setup-floors dataset-package clean-demo
+.PHONY: demo test test-floors lint setup setup-floors dataset-package clean-demo
 
 # A virtualenv with requirements.txt, re-made when the requirements change.
 $(VENV)/.installed: requirements.txt
@@ -42,10 +42,15 @@ dataset-package:
 demo: setup dataset-package
 	$(PY) tools/demo_fashion_mnist.py --python $(PY)
 
-# The test suite, exactly as CI runs it.
+# The test suite, exactly as CI runs it (`pytest -m "not slow"` is the fast tier for everyday work).
 test: setup dataset-package
 	@$(PY) $(SHOW_VERSIONS)
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# ruff lint and format check (settings in pyproject.toml); `ruff format .` fixes the formatting.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The fast tier of the suite on the oldest supported versions (what .ci/run runs second).
 test-floors: setup-floors dataset-package

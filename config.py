@@ -6,6 +6,7 @@ command-line flags (``--batch-size`` etc.), as in the Swin trainer. The result i
 anything is built, so no module can change it as a side effect. Unknown keys and values of the
 wrong type are errors, never ignored.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -340,68 +341,125 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
 
 def validate_config(config: CN) -> None:
     """Reject values no run could use, naming the key and what it accepts."""
+
     def check(ok: bool, key: str, value: Any, accepted: str) -> None:
         if not ok:
             raise ConfigError(f"invalid {key}={value!r}: {accepted}")
 
     check(config.MODEL.TYPE == "moat", "MODEL.TYPE", config.MODEL.TYPE, "accepted: 'moat'")
-    check(config.DATA.DATASET in ("imagenet", "imagefolder"), "DATA.DATASET",
-          config.DATA.DATASET, "accepted: 'imagenet', 'imagefolder'")
+    check(
+        config.DATA.DATASET in ("imagenet", "imagefolder"),
+        "DATA.DATASET",
+        config.DATA.DATASET,
+        "accepted: 'imagenet', 'imagefolder'",
+    )
     check(config.DATA.BATCH_SIZE > 0, "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE, "must be > 0")
-    check(config.DATA.INTERPOLATION in ("bicubic", "bilinear", "random"), "DATA.INTERPOLATION",
-          config.DATA.INTERPOLATION, "accepted: 'bicubic', 'bilinear', 'random'")
+    check(
+        config.DATA.INTERPOLATION in ("bicubic", "bilinear", "random"),
+        "DATA.INTERPOLATION",
+        config.DATA.INTERPOLATION,
+        "accepted: 'bicubic', 'bilinear', 'random'",
+    )
     check(0.0 < config.DATA.CROP_PCT <= 1.0, "DATA.CROP_PCT", config.DATA.CROP_PCT, "must be in (0, 1]")
-    check(len(config.DATA.MEAN) == 3 and len(config.DATA.STD) == 3, "DATA.MEAN/DATA.STD",
-          (config.DATA.MEAN, config.DATA.STD), "need three values each")
+    check(
+        len(config.DATA.MEAN) == 3 and len(config.DATA.STD) == 3,
+        "DATA.MEAN/DATA.STD",
+        (config.DATA.MEAN, config.DATA.STD),
+        "need three values each",
+    )
     check(config.DATA.NUM_WORKERS >= 0, "DATA.NUM_WORKERS", config.DATA.NUM_WORKERS, "must be >= 0")
     check(config.MODEL.NUM_CLASSES > 0, "MODEL.NUM_CLASSES", config.MODEL.NUM_CLASSES, "must be > 0")
-    check(config.MODEL.DROP_PATH_RATE < 1.0, "MODEL.DROP_PATH_RATE", config.MODEL.DROP_PATH_RATE,
-          "must be < 1 (negative = variant default)")
-    check(0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0, "MODEL.LABEL_SMOOTHING",
-          config.MODEL.LABEL_SMOOTHING, "must be in [0, 1)")
+    check(
+        config.MODEL.DROP_PATH_RATE < 1.0,
+        "MODEL.DROP_PATH_RATE",
+        config.MODEL.DROP_PATH_RATE,
+        "must be < 1 (negative = variant default)",
+    )
+    check(
+        0.0 <= config.MODEL.LABEL_SMOOTHING < 1.0,
+        "MODEL.LABEL_SMOOTHING",
+        config.MODEL.LABEL_SMOOTHING,
+        "must be in [0, 1)",
+    )
     _validate_architecture(config)
     check(config.TRAIN.EPOCHS > 0, "TRAIN.EPOCHS", config.TRAIN.EPOCHS, "must be > 0")
     check(0 <= config.TRAIN.WARMUP_EPOCHS, "TRAIN.WARMUP_EPOCHS", config.TRAIN.WARMUP_EPOCHS, "must be >= 0")
     for key in ("BASE_LR", "WARMUP_LR", "MIN_LR", "WEIGHT_DECAY", "CLIP_GRAD"):
         check(config.TRAIN[key] >= 0, f"TRAIN.{key}", config.TRAIN[key], "must be >= 0")
     check(config.TRAIN.BASE_LR > 0, "TRAIN.BASE_LR", config.TRAIN.BASE_LR, "must be > 0")
-    check(config.TRAIN.ACCUMULATION_STEPS >= 1, "TRAIN.ACCUMULATION_STEPS",
-          config.TRAIN.ACCUMULATION_STEPS, "must be >= 1")
-    check(config.TRAIN.COMPILE_MODE in COMPILE_MODES, "TRAIN.COMPILE_MODE", config.TRAIN.COMPILE_MODE,
-          "accepted: " + ", ".join(repr(m) for m in COMPILE_MODES))
+    check(
+        config.TRAIN.ACCUMULATION_STEPS >= 1,
+        "TRAIN.ACCUMULATION_STEPS",
+        config.TRAIN.ACCUMULATION_STEPS,
+        "must be >= 1",
+    )
+    check(
+        config.TRAIN.COMPILE_MODE in COMPILE_MODES,
+        "TRAIN.COMPILE_MODE",
+        config.TRAIN.COMPILE_MODE,
+        "accepted: " + ", ".join(repr(m) for m in COMPILE_MODES),
+    )
     check(config.TRAIN.SAVE_STEPS >= 0, "TRAIN.SAVE_STEPS", config.TRAIN.SAVE_STEPS, "must be >= 0")
-    check(0.0 < config.TRAIN.LAYER_DECAY <= 1.0, "TRAIN.LAYER_DECAY", config.TRAIN.LAYER_DECAY,
-          "must be in (0, 1]")
-    check(config.TRAIN.LR_SCHEDULER.NAME in ("cosine", "linear", "step"), "TRAIN.LR_SCHEDULER.NAME",
-          config.TRAIN.LR_SCHEDULER.NAME, "accepted: 'cosine', 'linear', 'step'")
-    check(config.TRAIN.OPTIMIZER.NAME in ("adamw", "sgd"), "TRAIN.OPTIMIZER.NAME",
-          config.TRAIN.OPTIMIZER.NAME, "accepted: 'adamw', 'sgd'")
+    check(0.0 < config.TRAIN.LAYER_DECAY <= 1.0, "TRAIN.LAYER_DECAY", config.TRAIN.LAYER_DECAY, "must be in (0, 1]")
+    check(
+        config.TRAIN.LR_SCHEDULER.NAME in ("cosine", "linear", "step"),
+        "TRAIN.LR_SCHEDULER.NAME",
+        config.TRAIN.LR_SCHEDULER.NAME,
+        "accepted: 'cosine', 'linear', 'step'",
+    )
+    check(
+        config.TRAIN.OPTIMIZER.NAME in ("adamw", "sgd"),
+        "TRAIN.OPTIMIZER.NAME",
+        config.TRAIN.OPTIMIZER.NAME,
+        "accepted: 'adamw', 'sgd'",
+    )
     check(0.0 <= config.TRAIN.EMA.DECAY < 1.0, "TRAIN.EMA.DECAY", config.TRAIN.EMA.DECAY, "must be in [0, 1)")
-    check(config.AMP in ("auto", "off", "fp16", "bf16"), "AMP", config.AMP,
-          "accepted: 'auto', 'off', 'fp16', 'bf16'")
-    check(config.AMP_OPT_LEVEL in ("", "O0", "O1", "O2"), "AMP_OPT_LEVEL", config.AMP_OPT_LEVEL,
-          "accepted: '' (torch.amp), 'O0', 'O1', 'O2' (NVIDIA apex)")
-    check(config.DEVICE in ("auto", "cuda", "cpu"), "DEVICE", config.DEVICE,
-          "accepted: 'auto', 'cuda', 'cpu'")
+    check(config.AMP in ("auto", "off", "fp16", "bf16"), "AMP", config.AMP, "accepted: 'auto', 'off', 'fp16', 'bf16'")
+    check(
+        config.AMP_OPT_LEVEL in ("", "O0", "O1", "O2"),
+        "AMP_OPT_LEVEL",
+        config.AMP_OPT_LEVEL,
+        "accepted: '' (torch.amp), 'O0', 'O1', 'O2' (NVIDIA apex)",
+    )
+    check(config.DEVICE in ("auto", "cuda", "cpu"), "DEVICE", config.DEVICE, "accepted: 'auto', 'cuda', 'cpu'")
     check(config.SAVE_FREQ >= 1, "SAVE_FREQ", config.SAVE_FREQ, "must be >= 1")
     check(config.KEEP_CHECKPOINTS >= 0, "KEEP_CHECKPOINTS", config.KEEP_CHECKPOINTS, "must be >= 0")
     check(config.PRINT_FREQ >= 1, "PRINT_FREQ", config.PRINT_FREQ, "must be >= 1")
-    check(config.AUG.REMODE in ("const", "rand", "pixel"), "AUG.REMODE", config.AUG.REMODE,
-          "accepted: 'const', 'rand', 'pixel'")
+    check(
+        config.AUG.REMODE in ("const", "rand", "pixel"),
+        "AUG.REMODE",
+        config.AUG.REMODE,
+        "accepted: 'const', 'rand', 'pixel'",
+    )
     check(config.AUG.RECOUNT >= 1, "AUG.RECOUNT", config.AUG.RECOUNT, "must be >= 1")
     check(0.0 <= config.AUG.REPROB <= 1.0, "AUG.REPROB", config.AUG.REPROB, "must be in [0, 1]")
-    check(config.AUG.MIXUP_MODE in ("batch", "pair", "elem"), "AUG.MIXUP_MODE", config.AUG.MIXUP_MODE,
-          "accepted: 'batch', 'pair', 'elem'")
-    check(len(config.AUG.SCALE) == 2 and 0 < config.AUG.SCALE[0] <= config.AUG.SCALE[1] <= 1,
-          "AUG.SCALE", config.AUG.SCALE, "two floats 0 < min <= max <= 1")
-    check(len(config.AUG.RATIO) == 2 and 0 < config.AUG.RATIO[0] <= config.AUG.RATIO[1],
-          "AUG.RATIO", config.AUG.RATIO, "two floats 0 < min <= max")
-    check(len(config.AUG.CUTMIX_MINMAX) in (0, 2), "AUG.CUTMIX_MINMAX", config.AUG.CUTMIX_MINMAX,
-          "empty or two floats")
+    check(
+        config.AUG.MIXUP_MODE in ("batch", "pair", "elem"),
+        "AUG.MIXUP_MODE",
+        config.AUG.MIXUP_MODE,
+        "accepted: 'batch', 'pair', 'elem'",
+    )
+    check(
+        len(config.AUG.SCALE) == 2 and 0 < config.AUG.SCALE[0] <= config.AUG.SCALE[1] <= 1,
+        "AUG.SCALE",
+        config.AUG.SCALE,
+        "two floats 0 < min <= max <= 1",
+    )
+    check(
+        len(config.AUG.RATIO) == 2 and 0 < config.AUG.RATIO[0] <= config.AUG.RATIO[1],
+        "AUG.RATIO",
+        config.AUG.RATIO,
+        "two floats 0 < min <= max",
+    )
+    check(len(config.AUG.CUTMIX_MINMAX) in (0, 2), "AUG.CUTMIX_MINMAX", config.AUG.CUTMIX_MINMAX, "empty or two floats")
     mixing = config.AUG.MIXUP > 0 or config.AUG.CUTMIX > 0 or len(config.AUG.CUTMIX_MINMAX) > 0
-    check(not mixing or config.DATA.BATCH_SIZE % 2 == 0, "DATA.BATCH_SIZE", config.DATA.BATCH_SIZE,
-          "must be even while Mixup/CutMix is on (timm mixes each batch with its flipped self); "
-          "or set AUG.MIXUP 0 AUG.CUTMIX 0")
+    check(
+        not mixing or config.DATA.BATCH_SIZE % 2 == 0,
+        "DATA.BATCH_SIZE",
+        config.DATA.BATCH_SIZE,
+        "must be even while Mixup/CutMix is on (timm mixes each batch with its flipped self); "
+        "or set AUG.MIXUP 0 AUG.CUTMIX 0",
+    )
 
 
 def _validate_architecture(config: CN) -> None:
@@ -427,20 +485,32 @@ def get_config(args: argparse.Namespace | None = None) -> CN:
 
 def config_to_dict(config: CN) -> dict:
     """The config as plain Python containers (safe for ``torch.load(weights_only=True)``)."""
+
     def convert(node):
         if isinstance(node, CN):
             return {k: convert(v) for k, v in node.items()}
         if isinstance(node, (list, tuple)):
             return [convert(v) for v in node]
         return node
+
     return convert(config)
 
 
 # ------------------------------------------------------------------------------ run folder
 # Keys that may differ between launches of the same run without mixing two experiments.
 # OUTPUT/TAG: a run folder that was moved or copied is still the same run.
-_LAUNCH_KEYS = {"MODEL.RESUME", "TRAIN.AUTO_RESUME", "DATA.NUM_WORKERS", "DATA.PIN_MEMORY", "DATA.DATA_PATH",
-                "PRINT_FREQ", "DEVICE", "OUTPUT", "TAG", *_RETIRED_KEYS}
+_LAUNCH_KEYS = {
+    "MODEL.RESUME",
+    "TRAIN.AUTO_RESUME",
+    "DATA.NUM_WORKERS",
+    "DATA.PIN_MEMORY",
+    "DATA.DATA_PATH",
+    "PRINT_FREQ",
+    "DEVICE",
+    "OUTPUT",
+    "TAG",
+    *_RETIRED_KEYS,
+}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -457,8 +527,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def config_differences(old: dict, new: dict, ignore=_LAUNCH_KEYS) -> list:
     """``KEY: old -> new`` for every config key that differs (launch-only keys ignored)."""
     a, b = _flatten(old), _flatten(new)
-    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
-            for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in ignore and a.get(k) != b.get(k)
+    ]
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

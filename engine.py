@@ -5,6 +5,7 @@ save), ``Trainer.train_one_epoch`` the steps, ``Trainer.restore`` a checkpoint's
 ``main.py`` builds the pieces and hands them over by keyword; nothing here parses flags or builds
 models. Host syncs (``.item()``) happen only at log steps and saves, never per step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,15 +43,23 @@ def memory_format_of(config: CfgNode) -> torch.memory_format:
 def memory_mb(device: torch.device) -> float:
     """Peak memory: allocated CUDA memory, or the process's peak RSS on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ----------------------------------------------------------------------------- eval and speed
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, device: torch.device, autocast: Autocast,
-             memory_format: torch.memory_format, logger: logging.Logger, print_freq: int = 10,
-             name: str = "model") -> Dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    autocast: Autocast,
+    memory_format: torch.memory_format,
+    logger: logging.Logger,
+    print_freq: int = 10,
+    name: str = "model",
+) -> Dict[str, float]:
     """Top-1/top-5 and mean loss over the exact validation set (summed over ranks).
 
     Runs the unwrapped model: the ranks hold different numbers of batches, so no collective
@@ -70,15 +79,25 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, autocast: Autoca
         if idx % print_freq == 0:
             logger.info(f"Test ({name}): [{idx}/{len(loader)}]\t{memory_mb(device):.0f}MB")
     metrics = totals.compute()
-    logger.info(f" * {name} Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} "
-                f"loss {metrics['loss']:.4f} ({metrics['n']} images, {time.time() - start:.1f}s)")
+    logger.info(
+        f" * {name} Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} "
+        f"loss {metrics['loss']:.4f} ({metrics['n']} images, {time.time() - start:.1f}s)"
+    )
     return metrics
 
 
 @torch.no_grad()
-def measure_throughput(model: nn.Module, loader, *, device: torch.device, autocast: Autocast,
-                       memory_format: torch.memory_format, logger: logging.Logger,
-                       warmup: int = 10, iters: int = 30) -> float:
+def measure_throughput(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    autocast: Autocast,
+    memory_format: torch.memory_format,
+    logger: logging.Logger,
+    warmup: int = 10,
+    iters: int = 30,
+) -> float:
     """Inference images/s on the loader's first batch, after ``warmup`` untimed passes."""
     model.eval()
     images, _ = next(iter(loader))
@@ -97,13 +116,14 @@ def measure_throughput(model: nn.Module, loader, *, device: torch.device, autoca
     return rate
 
 
-def check_class_names(checkpoint: Dict[str, Any], classes: List[str], source: str,
-                      logger: logging.Logger) -> None:
+def check_class_names(checkpoint: Dict[str, Any], classes: List[str], source: str, logger: logging.Logger) -> None:
     """Warn when ``source`` was trained on other class names than the current dataset's."""
     saved = checkpoint.get("class_names")
     if saved and list(saved) != [str(c) for c in classes]:
-        logger.warning(f"{source} was trained on other class names than this dataset's "
-                       f"(first: {list(saved)[:3]} vs {[str(c) for c in classes][:3]})")
+        logger.warning(
+            f"{source} was trained on other class names than this dataset's "
+            f"(first: {list(saved)[:3]} vs {[str(c) for c in classes][:3]})"
+        )
 
 
 # ------------------------------------------------------------------------------------ training
@@ -111,6 +131,7 @@ def check_class_names(checkpoint: Dict[str, Any], classes: List[str], source: st
 class ResumePoint:
     """Where a (re)started run begins: epoch, micro-batch inside it, and the RNG state to
     restore once the epoch's loader iterator has been created (mid-epoch only)."""
+
     epoch: int
     batch: int = 0
     rng_state: Optional[Dict[str, Any]] = None
@@ -123,6 +144,7 @@ class Trainer:
     ``model`` is the unwrapped module (what is saved, validated and EMA-tracked); ``model_fwd``
     the DDP and/or compiled wrapper used for training forwards.
     """
+
     config: CfgNode
     info: DistInfo
     logger: logging.Logger
@@ -140,7 +162,7 @@ class Trainer:
     class_names: List[str]
     steps_per_epoch: int
     preemption: PreemptionFlag = field(default_factory=PreemptionFlag)
-    step: int = 0                     # optimizer updates done (drives the schedule and EMA warmup)
+    step: int = 0  # optimizer updates done (drives the schedule and EMA warmup)
     max_accuracy: float = 0.0
     epoch_loss: List[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count (for resume)
     _bad_at: Optional[torch.Tensor] = None  # first micro-step index with a non-finite loss, or -1
@@ -162,12 +184,15 @@ class Trainer:
         with self.preemption:
             # Logged once SIGTERM/SIGINT are handled: from here on a signal means "checkpoint and stop".
             if start.epoch >= config.TRAIN.EPOCHS:
-                self.logger.info(f"all {config.TRAIN.EPOCHS} epochs are done: nothing to train "
-                                 "(raise TRAIN.EPOCHS to continue)")
+                self.logger.info(
+                    f"all {config.TRAIN.EPOCHS} epochs are done: nothing to train (raise TRAIN.EPOCHS to continue)"
+                )
                 return 0
-            self.logger.info(f"start training: epochs {start.epoch}..{config.TRAIN.EPOCHS - 1}, "
-                             f"{self.steps_per_epoch} steps/epoch, best.pth chosen by the "
-                             f"{self.best_by}'s top-1")
+            self.logger.info(
+                f"start training: epochs {start.epoch}..{config.TRAIN.EPOCHS - 1}, "
+                f"{self.steps_per_epoch} steps/epoch, best.pth chosen by the "
+                f"{self.best_by}'s top-1"
+            )
             for epoch in range(start.epoch, config.TRAIN.EPOCHS):
                 first = start if epoch == start.epoch else ResumePoint(epoch)
                 if not self._fit_epoch(loader_train, loader_val, first):
@@ -183,14 +208,14 @@ class Trainer:
             sampler.set_epoch(epoch)
         if start.batch:
             if not hasattr(sampler, "set_start_index"):
-                raise UserError("this checkpoint stopped mid-epoch but the train sampler cannot "
-                                "skip ahead (no set_start_index)")
+                raise UserError(
+                    "this checkpoint stopped mid-epoch but the train sampler cannot skip ahead (no set_start_index)"
+                )
             sampler.set_start_index(start.batch * loader_train.batch_size)
         else:
             self.epoch_loss = [0.0, 0.0]
         if self.train_one_epoch(loader_train, epoch, start.batch, start.rng_state):
-            self.logger.info(f"stopped by {self._signal_name()}: checkpoint written, the next "
-                             "start resumes from it")
+            self.logger.info(f"stopped by {self._signal_name()}: checkpoint written, the next start resumes from it")
             return False
 
         metrics, ema_metrics = self.validate(loader_val)
@@ -203,15 +228,21 @@ class Trainer:
         self.save(epoch, self.steps_per_epoch, epoch_complete=True, is_best=is_best)
         if any_rank(self.preemption.requested, self.info) and epoch + 1 < self.config.TRAIN.EPOCHS:
             # Signalled during validation: the epoch checkpoint just written is the resume point.
-            self.logger.info(f"stopped by {self._signal_name()} after the epoch's checkpoint; the "
-                             "next start resumes from it")
+            self.logger.info(
+                f"stopped by {self._signal_name()} after the epoch's checkpoint; the next start resumes from it"
+            )
             return False
         return True
 
     def validate(self, loader) -> tuple[Dict[str, float], Dict[str, float]]:
         """Metrics of the model and of its EMA (empty without EMA)."""
-        kwargs = dict(device=self.info.device, autocast=self.autocast, logger=self.logger,
-                      memory_format=memory_format_of(self.config), print_freq=self.config.PRINT_FREQ)
+        kwargs = dict(
+            device=self.info.device,
+            autocast=self.autocast,
+            logger=self.logger,
+            memory_format=memory_format_of(self.config),
+            print_freq=self.config.PRINT_FREQ,
+        )
         metrics = evaluate(self.model, loader, name="model", **kwargs)
         ema_metrics = evaluate(self.ema.module, loader, name="ema", **kwargs) if self.ema is not None else {}
         return metrics, ema_metrics
@@ -220,8 +251,9 @@ class Trainer:
         return self.preemption.signal_name or "a signal on another rank"
 
     # -- one epoch -----------------------------------------------------------------------------
-    def train_one_epoch(self, loader, epoch: int, start_batch: int = 0,
-                        rng_state: Optional[Dict[str, Any]] = None) -> bool:
+    def train_one_epoch(
+        self, loader, epoch: int, start_batch: int = 0, rng_state: Optional[Dict[str, Any]] = None
+    ) -> bool:
         """One pass over this rank's part of the training set, from micro-batch ``start_batch``.
 
         Returns True when a preemption signal stopped it (after writing a mid-epoch checkpoint).
@@ -285,7 +317,8 @@ class Trainer:
                     f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{steps}]\teta {eta} lr {lr:.6f}\t"
                     f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\tloss {loss_meter.val:.4f} "
                     f"({loss_meter.avg:.4f})\tgrad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
-                    f"loss_scale {self.scaler.get_scale():.1f}\tmem {memory_mb(info.device):.0f}MB")
+                    f"loss_scale {self.scaler.get_scale():.1f}\tmem {memory_mb(info.device):.0f}MB"
+                )
                 self.records.add_step(self.step, loss=loss_meter.val, lr=lr, grad_norm=norm_meter.val)
 
             if update:
@@ -312,8 +345,9 @@ class Trainer:
         self.epoch_loss[0] += float(loss_sum)
         self.epoch_loss[1] += n
 
-    def _epoch_row(self, epoch: int, metrics: Dict[str, float], ema_metrics: Dict[str, float],
-                   seconds: float) -> Dict[str, Any]:
+    def _epoch_row(
+        self, epoch: int, metrics: Dict[str, float], ema_metrics: Dict[str, float], seconds: float
+    ) -> Dict[str, Any]:
         """The epoch's summary.csv row (collective: the train loss is summed over ranks)."""
         totals = all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64, device=self.info.device))
         loss_sum, count = totals.tolist()
@@ -356,8 +390,12 @@ class Trainer:
             "world_size": self.info.world_size,
             # The data order is a function of these (the sampler permutes by SEED + epoch); a
             # mid-epoch resume skips batches_done x batch_size samples of this rank's order.
-            "data_order": {"seed": self.config.SEED, "epoch": epoch, "batches_done": batches_done,
-                           "batch_size": self.config.DATA.BATCH_SIZE},
+            "data_order": {
+                "seed": self.config.SEED,
+                "epoch": epoch,
+                "batches_done": batches_done,
+                "batch_size": self.config.DATA.BATCH_SIZE,
+            },
             "rng_state": rng,
             "torch_version": str(torch.__version__),
         }
@@ -367,22 +405,27 @@ class Trainer:
         state = self.state_dict(epoch, batches_done, epoch_complete)
         if self.info.is_primary:
             paths = self.saver.save(state, epoch, epoch_complete, is_best)
-            self.logger.info(f"saved {', '.join(os.path.basename(p) for p in paths)} "
-                             f"(epoch {epoch}, batch {batches_done}, step {self.step})")
+            self.logger.info(
+                f"saved {', '.join(os.path.basename(p) for p in paths)} "
+                f"(epoch {epoch}, batch {batches_done}, step {self.step})"
+            )
 
     def restore(self, path: str, checkpoint: Dict[str, Any]) -> ResumePoint:
         """Load a training checkpoint into this trainer; returns where the run continues."""
         missing = [k for k in ("model", "optimizer", "epoch") if k not in checkpoint]
         if missing:
-            raise UserError(f"{path}: not a resumable training checkpoint (missing {', '.join(missing)}); "
-                            "use --pretrained to start from its weights")
+            raise UserError(
+                f"{path}: not a resumable training checkpoint (missing {', '.join(missing)}); "
+                "use --pretrained to start from its weights"
+            )
         load_model_weights(self.model, model_state_from(checkpoint, path), path)
         check_class_names(checkpoint, self.class_names, path, self.logger)
         try:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         except (ValueError, KeyError) as e:
-            raise UserError(f"{path}: optimizer state does not fit (another optimizer or frozen "
-                            f"layers?): {e}") from None
+            raise UserError(
+                f"{path}: optimizer state does not fit (another optimizer or frozen layers?): {e}"
+            ) from None
         self.scaler.load_state_dict(checkpoint.get("scaler") or {})
         if self.ema is not None:
             if isinstance(checkpoint.get("model_ema"), dict):
@@ -396,8 +439,9 @@ class Trainer:
         # The schedule follows the current config (so EPOCHS can be extended); say so if it moved.
         saved_schedule = checkpoint.get("lr_scheduler")
         if saved_schedule and saved_schedule != self.lr_scheduler.state_dict():
-            self.logger.warning(f"{path}: the LR schedule differs from the checkpoint's "
-                                "(config changed); following the current config")
+            self.logger.warning(
+                f"{path}: the LR schedule differs from the checkpoint's (config changed); following the current config"
+            )
         self.lr_scheduler.step_update(self.step)
 
         epoch = int(checkpoint["epoch"])
@@ -409,11 +453,15 @@ class Trainer:
         if len(rng_states) == self.info.world_size:
             start.rng_state = rng_states[self.info.rank]
         else:
-            self.logger.warning(f"{path} was written by {len(rng_states)} process(es), this run has "
-                                f"{self.info.world_size}: RNG states not restored, so the resumed "
-                                "run is not bit-identical to an uninterrupted one")
-        self.logger.info(f"resumed {path}: epoch {start.epoch}, batch {start.batch}, step {self.step}, "
-                         f"max accuracy {self.max_accuracy:.2f}")
+            self.logger.warning(
+                f"{path} was written by {len(rng_states)} process(es), this run has "
+                f"{self.info.world_size}: RNG states not restored, so the resumed "
+                "run is not bit-identical to an uninterrupted one"
+            )
+        self.logger.info(
+            f"resumed {path}: epoch {start.epoch}, batch {start.batch}, step {self.step}, "
+            f"max accuracy {self.max_accuracy:.2f}"
+        )
         return start
 
     # -- divergence ----------------------------------------------------------------------------
@@ -435,4 +483,5 @@ class Trainer:
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at epoch {epoch}, {where} (global update {self.step}); "
                 "stopped without saving, the last good checkpoint is intact: lower TRAIN.BASE_LR, "
-                "raise TRAIN.WARMUP_EPOCHS or check TRAIN.CLIP_GRAD / AMP")
+                "raise TRAIN.WARMUP_EPOCHS or check TRAIN.CLIP_GRAD / AMP"
+            )

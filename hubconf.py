@@ -12,6 +12,7 @@ transform). Without ``weights`` the model is randomly initialised and the keywor
 to the model (``num_classes=10``, ``drop_path_rate=0.1``, ...). No PyTorch weights are published
 for MOAT, so ``pretrained=True`` needs ``weights``.
 """
+
 import torch as _torch
 
 dependencies = ["torch", "timm"]
@@ -27,20 +28,22 @@ def _entry(variant: str):
     def entry(pretrained: bool = False, weights: str = None, **kwargs) -> _torch.nn.Module:
         if weights is None:
             if pretrained:
-                raise _UserError(f"no published PyTorch weights for {variant}; pass "
-                                 f"weights=<trainer checkpoint or .safetensors>")
+                raise _UserError(
+                    f"no published PyTorch weights for {variant}; pass weights=<trainer checkpoint or .safetensors>"
+                )
             return _models.create_moat(variant, **kwargs)
         options = {k: kwargs.pop(k) for k in ("device", "use_ema") if k in kwargs}
         if kwargs:
-            raise _UserError(f"with weights=, only device= and use_ema= are accepted; got "
-                             f"{', '.join(sorted(kwargs))}")
+            raise _UserError(f"with weights=, only device= and use_ema= are accepted; got {', '.join(sorted(kwargs))}")
         model, meta = _load(weights, variant=variant, **options)
         model.moat_meta = meta
         return model
 
     entry.__name__ = entry.__qualname__ = variant
-    entry.__doc__ = (f"MOAT variant {variant}: weights=<checkpoint or .safetensors> loads trained "
-                     f"weights (eval mode); without weights, a random init with kwargs to the model.")
+    entry.__doc__ = (
+        f"MOAT variant {variant}: weights=<checkpoint or .safetensors> loads trained "
+        f"weights (eval mode); without weights, a random init with kwargs to the model."
+    )
     return entry
 
 

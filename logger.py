@@ -1,4 +1,5 @@
 """Per-run logger: rank 0 to the console, every rank to ``OUTPUT_DIR/log_rank{r}.txt``."""
+
 from __future__ import annotations
 
 import logging

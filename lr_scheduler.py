@@ -1,5 +1,6 @@
 """Per-update learning-rate schedules with linear warmup (timm schedulers, stepped per
 optimizer update rather than per epoch so warmup is smooth at any epoch length)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
 
-def build_scheduler(config, optimizer: torch.optim.Optimizer, updates_per_epoch: int,
-                    warmup_lr: float, min_lr: float) -> Scheduler:
+def build_scheduler(
+    config, optimizer: torch.optim.Optimizer, updates_per_epoch: int, warmup_lr: float, min_lr: float
+) -> Scheduler:
     """Schedule over ``EPOCHS x updates_per_epoch`` optimizer updates.
 
     Warmup runs linearly from ``warmup_lr`` to the optimizer's LR over ``WARMUP_EPOCHS`` (as a
@@ -22,13 +24,12 @@ def build_scheduler(config, optimizer: torch.optim.Optimizer, updates_per_epoch:
     name = config.TRAIN.LR_SCHEDULER.NAME
     common = dict(warmup_t=warmup, warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False)
     if name == "cosine":
-        return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr,
-                                 cycle_limit=1, **common)
+        return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=min_lr, cycle_limit=1, **common)
     if name == "linear":
-        return PolyLRScheduler(optimizer, t_initial=max(total - warmup, 1), power=1.0, lr_min=min_lr,
-                               cycle_limit=1, **common)
+        return PolyLRScheduler(
+            optimizer, t_initial=max(total - warmup, 1), power=1.0, lr_min=min_lr, cycle_limit=1, **common
+        )
     if name == "step":
         decay_t = max(int(config.TRAIN.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch), 1)
-        return StepLRScheduler(optimizer, decay_t=decay_t,
-                               decay_rate=config.TRAIN.LR_SCHEDULER.DECAY_RATE, **common)
+        return StepLRScheduler(optimizer, decay_t=decay_t, decay_rate=config.TRAIN.LR_SCHEDULER.DECAY_RATE, **common)
     raise ValueError(f"Invalid scheduler {name!r}. Only 'cosine', 'linear' and 'step' are supported.")

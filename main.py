@@ -11,6 +11,7 @@ then hands it to ``engine.Trainer`` (training), ``engine.evaluate`` (``--eval``)
 with one line on stderr and their exit code (2: bad input; 1: a run stopped to keep its files
 safe).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     experiment is, and so stay out of the saved config."""
     p = argparse.ArgumentParser("MOAT training and evaluation", add_help=add_help)
     p.add_argument("--cfg", required=True, metavar="FILE", help="YAML config (see configs/)")
-    p.add_argument("--opts", nargs="+", metavar="KEY VALUE",
-                   help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.IMG_SIZE 256")
+    p.add_argument(
+        "--opts",
+        nargs="+",
+        metavar="KEY VALUE",
+        help="override config keys, e.g. --opts TRAIN.EPOCHS 100 DATA.IMG_SIZE 256",
+    )
     p.add_argument("--batch-size", type=int, help="images per process per micro-step (DATA.BATCH_SIZE)")
     p.add_argument("--data-path", help="dataset root holding train/ and val/ (DATA.DATA_PATH)")
     p.add_argument("--dataset", choices=["imagenet", "imagefolder"], help="DATA.DATASET")
@@ -60,15 +65,29 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--resume", help="resume (or with --eval, evaluate) this checkpoint (MODEL.RESUME)")
     p.add_argument("--accumulation-steps", type=int, help="micro-steps per update (TRAIN.ACCUMULATION_STEPS)")
     # Switches default to None (not False) so that an absent flag leaves the config alone.
-    p.add_argument("--grad-checkpointing", "--use-checkpoint", dest="use_checkpoint", action="store_true",
-                   default=None, help="recompute blocks in backward to save memory (TRAIN.USE_CHECKPOINT)")
+    p.add_argument(
+        "--grad-checkpointing",
+        "--use-checkpoint",
+        dest="use_checkpoint",
+        action="store_true",
+        default=None,
+        help="recompute blocks in backward to save memory (TRAIN.USE_CHECKPOINT)",
+    )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (TRAIN.COMPILE)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory layout for the model and its inputs (CHANNELS_LAST, default on)")
-    p.add_argument("--amp", choices=["off", "fp16", "bf16"],
-                   help="mixed precision (default: bf16 where supported, else fp16 on CUDA)")
-    p.add_argument("--amp-opt-level", choices=["O0", "O1", "O2"],
-                   help="NVIDIA apex AMP level (only when apex is installed)")
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory layout for the model and its inputs (CHANNELS_LAST, default on)",
+    )
+    p.add_argument(
+        "--amp",
+        choices=["off", "fp16", "bf16"],
+        help="mixed precision (default: bf16 where supported, else fp16 on CUDA)",
+    )
+    p.add_argument(
+        "--amp-opt-level", choices=["O0", "O1", "O2"], help="NVIDIA apex AMP level (only when apex is installed)"
+    )
     p.add_argument("--output", help="root of all outputs (OUTPUT); a run writes OUTPUT/MODEL.NAME/TAG")
     p.add_argument("--tag", help="run name (TAG)")
     p.add_argument("--eval", action="store_true", help="only validate the checkpoint, then exit")
@@ -85,8 +104,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)  # argparse itself exits 2 on unknown flags
     try:
         if args.amp_opt_level and not apex_available():
-            raise UserError("--amp-opt-level needs NVIDIA apex, which is not installed; "
-                            "use --amp {off,fp16,bf16} (torch.amp) instead")
+            raise UserError(
+                "--amp-opt-level needs NVIDIA apex, which is not installed; "
+                "use --amp {off,fp16,bf16} (torch.amp) instead"
+            )
         if args.eval and args.throughput:
             raise UserError("--eval and --throughput exclude each other: pick one")
         mode = "eval" if args.eval else "throughput" if args.throughput else "train"
@@ -121,7 +142,7 @@ def output_dir_of(config: CfgNode) -> str:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -152,11 +173,15 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str) 
     if mode == "train" and info.is_primary:
         changed = save_run_config(config, output_dir)
         if changed:
-            logger.warning(f"{output_dir} holds a run with a different config ({'; '.join(changed)}); "
-                           "resuming from it mixes two experiments: use another --tag or --output "
-                           "to start fresh")
-    logger.info(f"device {info.device}, world size {info.world_size}, rank {info.rank}, "
-                f"threads {torch.get_num_threads()}, output {output_dir}")
+            logger.warning(
+                f"{output_dir} holds a run with a different config ({'; '.join(changed)}); "
+                "resuming from it mixes two experiments: use another --tag or --output "
+                "to start fresh"
+            )
+    logger.info(
+        f"device {info.device}, world size {info.world_size}, rank {info.rank}, "
+        f"threads {torch.get_num_threads()}, output {output_dir}"
+    )
     seed_everything(config.SEED + info.rank)
     if info.device.type == "cuda":
         # Fixed input sizes: let cuDNN pick the fastest kernels; TF32 for the fp32 matmuls/convs
@@ -178,38 +203,40 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str) 
     fmt = memory_format_of(config)
     model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"model {model_name_of(config, checkpoint)}: {n_params / 1e6:.2f}M params, "
-                f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
-                f"{len(dataset_train)} train / {len(dataset_val)} val images")
+    logger.info(
+        f"model {model_name_of(config, checkpoint)}: {n_params / 1e6:.2f}M params, "
+        f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
+        f"{len(dataset_train)} train / {len(dataset_val)} val images"
+    )
 
     if mode == "throughput":
-        measure_throughput(model, loader_val, device=info.device, autocast=autocast, memory_format=fmt,
-                           logger=logger)
+        measure_throughput(model, loader_val, device=info.device, autocast=autocast, memory_format=fmt, logger=logger)
         return 0
     if mode == "eval":
-        return evaluate_checkpoint(config, model, source, checkpoint, loader_val, class_names, autocast, info,
-                                   logger)
-    return train(config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast,
-                 info, logger, output_dir)
+        return evaluate_checkpoint(config, model, source, checkpoint, loader_val, class_names, autocast, info, logger)
+    return train(
+        config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast, info, logger, output_dir
+    )
 
 
 # ------------------------------------------------------------------------------------- --eval
-def checkpoint_to_evaluate(config: CfgNode, output_dir: str,
-                           logger: logging.Logger) -> Tuple[str, Dict[str, Any]]:
+def checkpoint_to_evaluate(config: CfgNode, output_dir: str, logger: logging.Logger) -> Tuple[str, Dict[str, Any]]:
     """``(path, checkpoint)`` for ``--eval``: MODEL.RESUME, MODEL.PRETRAINED, or the run folder's
     newest checkpoint."""
     source = config.MODEL.RESUME or config.MODEL.PRETRAINED
     if not source:
         found = find_resumable(output_dir, logger.warning)
         if found is None:
-            raise UserError(f"--eval needs --resume CHECKPOINT or --pretrained WEIGHTS "
-                            f"(no checkpoint found in {output_dir})")
+            raise UserError(
+                f"--eval needs --resume CHECKPOINT or --pretrained WEIGHTS (no checkpoint found in {output_dir})"
+            )
         return found
     return source, load_file(source)
 
 
-def with_checkpoint_preprocessing(config: CfgNode, checkpoint: Dict[str, Any], source: str,
-                                  logger: logging.Logger) -> CfgNode:
+def with_checkpoint_preprocessing(
+    config: CfgNode, checkpoint: Dict[str, Any], source: str, logger: logging.Logger
+) -> CfgNode:
     """The config with the normalisation (DATA.MEAN/STD) the checkpoint was trained with: a model
     evaluated with other statistics loses accuracy for no reason (converted official weights use
     mean/std 0.5 for some variants). Resolution and crop stay the config's, so any size can be
@@ -243,8 +270,12 @@ def build_model_for(config: CfgNode, checkpoint: Optional[Dict[str, Any]], logge
         cfg.check_img_size(config.DATA.IMG_SIZE)
     except ValueError as e:
         raise UserError(f"cannot evaluate the checkpoint's architecture at this config: {e}") from None
-    return create_moat(model_name_of(config, checkpoint), cfg=cfg, num_classes=config.MODEL.NUM_CLASSES,
-                       drop_rate=config.MODEL.DROP_RATE)
+    return create_moat(
+        model_name_of(config, checkpoint),
+        cfg=cfg,
+        num_classes=config.MODEL.NUM_CLASSES,
+        drop_rate=config.MODEL.DROP_RATE,
+    )
 
 
 def model_name_of(config: CfgNode, checkpoint: Optional[Dict[str, Any]]) -> str:
@@ -253,14 +284,28 @@ def model_name_of(config: CfgNode, checkpoint: Optional[Dict[str, Any]]) -> str:
     return config.MODEL.NAME
 
 
-def evaluate_checkpoint(config: CfgNode, model: nn.Module, source: str, checkpoint: Dict[str, Any], loader_val,
-                        class_names: List[str], autocast, info: DistInfo, logger: logging.Logger) -> int:
+def evaluate_checkpoint(
+    config: CfgNode,
+    model: nn.Module,
+    source: str,
+    checkpoint: Dict[str, Any],
+    loader_val,
+    class_names: List[str],
+    autocast,
+    info: DistInfo,
+    logger: logging.Logger,
+) -> int:
     """``--eval``: validate the given checkpoint (its EMA too, when it has one). Never trains."""
     load_model_weights(model, model_state_from(checkpoint, source), source)
     check_class_names(checkpoint, class_names, source, logger)
     logger.info(f"evaluating {source}")
-    kwargs = dict(device=info.device, autocast=autocast, memory_format=memory_format_of(config),
-                  logger=logger, print_freq=config.PRINT_FREQ)
+    kwargs = dict(
+        device=info.device,
+        autocast=autocast,
+        memory_format=memory_format_of(config),
+        logger=logger,
+        print_freq=config.PRINT_FREQ,
+    )
     evaluate(model, loader_val, name="model", **kwargs)
     if isinstance(checkpoint.get("model_ema"), dict):
         load_model_weights(model, model_state_from(checkpoint, source, prefer_ema=True), source)
@@ -286,9 +331,19 @@ def freeze_backbone(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def train(config: CfgNode, model: nn.Module, class_names: List[str], loader_train, loader_val, mixup_fn,
-          amp_dtype: Optional[torch.dtype], autocast, info: DistInfo, logger: logging.Logger,
-          output_dir: str) -> int:
+def train(
+    config: CfgNode,
+    model: nn.Module,
+    class_names: List[str],
+    loader_train,
+    loader_val,
+    mixup_fn,
+    amp_dtype: Optional[torch.dtype],
+    autocast,
+    info: DistInfo,
+    logger: logging.Logger,
+    output_dir: str,
+) -> int:
     """Build optimizer, schedule, EMA and wrappers, pick the starting point, run the Trainer."""
     if config.TRAIN.FREEZE_BACKBONE:
         freeze_backbone(model)
@@ -298,14 +353,18 @@ def train(config: CfgNode, model: nn.Module, class_names: List[str], loader_trai
         logger.info("SyncBatchNorm needs CUDA: on CPU each process keeps its own BatchNorm statistics")
 
     lrs = scaled_lrs(config, info.world_size)
-    logger.info(f"learning rate {lrs.base:.3g} (BASE_LR {config.TRAIN.BASE_LR} x total batch "
-                f"{config.DATA.BATCH_SIZE * info.world_size * config.TRAIN.ACCUMULATION_STEPS} / 512)")
+    logger.info(
+        f"learning rate {lrs.base:.3g} (BASE_LR {config.TRAIN.BASE_LR} x total batch "
+        f"{config.DATA.BATCH_SIZE * info.world_size * config.TRAIN.ACCUMULATION_STEPS} / 512)"
+    )
     optimizer = build_optimizer(config, model, lrs.base)
     scaler, model, optimizer = build_scaler(config, info.device, amp_dtype, model, optimizer)
     steps_per_epoch = len(loader_train)
     if steps_per_epoch == 0:
-        raise UserError(f"the training set is smaller than one batch ({config.DATA.BATCH_SIZE} x "
-                        f"{info.world_size} processes): lower --batch-size")
+        raise UserError(
+            f"the training set is smaller than one batch ({config.DATA.BATCH_SIZE} x "
+            f"{info.world_size} processes): lower --batch-size"
+        )
     updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch, lrs.warmup, lrs.min)
 
@@ -320,7 +379,8 @@ def train(config: CfgNode, model: nn.Module, class_names: List[str], loader_trai
     model_fwd = model
     if info.distributed:
         model_fwd = nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
     if config.TRAIN.COMPILE:
         mode = config.TRAIN.COMPILE_MODE
         model_fwd = torch.compile(model_fwd, mode=None if mode == "default" else mode)
@@ -329,19 +389,32 @@ def train(config: CfgNode, model: nn.Module, class_names: List[str], loader_trai
     records = RunRecords(output_dir, info.is_primary)
     try:
         trainer = Trainer(
-            config=config, info=info, logger=logger, model=model, model_fwd=model_fwd, optimizer=optimizer,
-            lr_scheduler=lr_scheduler, scaler=scaler, ema=ema, criterion=build_criterion(config, mixup_fn),
-            mixup_fn=mixup_fn, autocast=autocast,
+            config=config,
+            info=info,
+            logger=logger,
+            model=model,
+            model_fwd=model_fwd,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scaler=scaler,
+            ema=ema,
+            criterion=build_criterion(config, mixup_fn),
+            mixup_fn=mixup_fn,
+            autocast=autocast,
             saver=CheckpointSaver(output_dir, config.SAVE_FREQ, config.KEEP_CHECKPOINTS),
-            records=records, class_names=class_names, steps_per_epoch=steps_per_epoch)
+            records=records,
+            class_names=class_names,
+            steps_per_epoch=steps_per_epoch,
+        )
         start = trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH)
         return trainer.fit(loader_train, loader_val, start)
     finally:
         records.close()
 
 
-def choose_resume(config: CfgNode, output_dir: str, info: DistInfo,
-                  logger: logging.Logger) -> Optional[Tuple[str, Dict[str, Any]]]:
+def choose_resume(
+    config: CfgNode, output_dir: str, info: DistInfo, logger: logging.Logger
+) -> Optional[Tuple[str, Dict[str, Any]]]:
     """``(path, checkpoint)`` to resume from, or None. Rank 0 chooses, so all ranks agree."""
     if config.MODEL.RESUME:
         return config.MODEL.RESUME, load_file(config.MODEL.RESUME)
@@ -362,11 +435,13 @@ def load_pretrained(path: str, model: nn.Module, use_ema: bool, logger: logging.
     """Weights only (EMA when present and ``use_ema``); a head of another shape starts fresh."""
     checkpoint = load_file(path)
     use_ema = use_ema and isinstance(checkpoint.get("model_ema"), dict)
-    dropped = load_model_weights(model, model_state_from(checkpoint, path, prefer_ema=use_ema), path,
-                                 drop_mismatched_head=True)
-    logger.info(f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
-                + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh"
-                   if dropped else ""))
+    dropped = load_model_weights(
+        model, model_state_from(checkpoint, path, prefer_ema=use_ema), path, drop_mismatched_head=True
+    )
+    logger.info(
+        f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
+        + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh" if dropped else "")
+    )
 
 
 if __name__ == "__main__":

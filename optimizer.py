@@ -1,4 +1,5 @@
 """Optimizer factory: AdamW (default) or SGD with Nesterov, via timm's param-group helpers."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -22,8 +23,7 @@ def scaled_lrs(config, world_size: int) -> ScaledLRs:
     BATCH_SIZE x world size x ACCUMULATION_STEPS. Computed, not written back into the (frozen)
     config, so a resumed run scales from the same config values."""
     factor = config.DATA.BATCH_SIZE * world_size * config.TRAIN.ACCUMULATION_STEPS / REFERENCE_BATCH
-    return ScaledLRs(config.TRAIN.BASE_LR * factor, config.TRAIN.WARMUP_LR * factor,
-                     config.TRAIN.MIN_LR * factor)
+    return ScaledLRs(config.TRAIN.BASE_LR * factor, config.TRAIN.WARMUP_LR * factor, config.TRAIN.MIN_LR * factor)
 
 
 def build_optimizer(config, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -55,8 +55,15 @@ def build_optimizer(config, model: nn.Module, lr: float) -> torch.optim.Optimize
         # in its optimizer state); newer timm keeps only the trainable ones, in one group. Pass
         # those ourselves so every timm version builds the same optimizer.
         params = [p for p in model.parameters() if p.requires_grad]
-    return create_optimizer_v2(params, opt=timm_name, lr=lr, weight_decay=config.TRAIN.WEIGHT_DECAY,
-                               layer_decay=layer_decay, filter_bias_and_bn=True, **kwargs)
+    return create_optimizer_v2(
+        params,
+        opt=timm_name,
+        lr=lr,
+        weight_decay=config.TRAIN.WEIGHT_DECAY,
+        layer_decay=layer_decay,
+        filter_bias_and_bn=True,
+        **kwargs,
+    )
 
 
 def _fused_supported(config, model: nn.Module) -> bool:

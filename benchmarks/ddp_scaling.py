@@ -14,6 +14,7 @@ loading is left out (random tensors) so only the step scales. Configurations alt
 
 Not a unit test: numbers depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     scaler = NativeScaler(info.device, enabled=False)
     model_fwd = nn.parallel.DistributedDataParallel(model) if info.distributed else model
     criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size).contiguous(
-        memory_format=torch.channels_last)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size).contiguous(memory_format=torch.channels_last)
     targets = torch.randint(0, config.MODEL.NUM_CLASSES, (args.batch_size,))
     params = [p for p in model.parameters() if p.requires_grad]
     times: List[float] = []
@@ -69,23 +69,43 @@ def worker(args: argparse.Namespace) -> None:
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     if info.is_primary:
-        print("RESULT " + json.dumps({"nprocs": info.world_size, "threads": torch.get_num_threads(),
-                                      "times": times}), flush=True)
+        print(
+            "RESULT " + json.dumps({"nprocs": info.world_size, "threads": torch.get_num_threads(), "times": times}),
+            flush=True,
+        )
     del model_fwd
     teardown(info)
 
 
 def run_config(args: argparse.Namespace, nprocs: int) -> Dict:
     """Launch one configuration and return rank 0's RESULT record."""
-    common = ["--worker", "--model", args.model, "--batch-size", str(args.batch_size),
-              "--img-size", str(args.img_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-              "--threads", str(args.threads)]
+    common = [
+        "--worker",
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--img-size",
+        str(args.img_size),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+    ]
     script = os.path.abspath(__file__)
     if nprocs == 1:
         cmd = [sys.executable, script] + common
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nprocs}", script] + common
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nprocs}",
+            script,
+        ] + common
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)  # threads are set in the worker (--threads, or cores // processes), not inherited
     if args.malloc == "tuned":
@@ -93,7 +113,7 @@ def run_config(args: argparse.Namespace, nprocs: int) -> Dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
@@ -106,10 +126,18 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration and round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds over the configurations")
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
-                   help="threads of the single-process run (torchrun runs split the cores)")
-    p.add_argument("--malloc", choices=["default", "tuned"], default="tuned",
-                   help="'tuned': GLIBC_TUNABLES as in docs/benchmarks.md (finding 1)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="threads of the single-process run (torchrun runs split the cores)",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=["default", "tuned"],
+        default="tuned",
+        help="'tuned': GLIBC_TUNABLES as in docs/benchmarks.md (finding 1)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -124,11 +152,17 @@ def main(argv=None) -> None:
             result = run_config(args, n)
             times[n] += result["times"]
             threads[n] = result["threads"]
-            print(f"round {r + 1}/{args.rounds}: {n} process(es) x {result['threads']} thread(s): "
-                  f"median {statistics.median(result['times']) * 1000:.0f} ms/step", file=sys.stderr, flush=True)
-    print(f"{args.model}, batch {args.batch_size} per process, {args.img_size} px, fp32, channels_last, "
-          f"malloc {args.malloc}, {args.rounds} rounds x {args.steps} steps, "
-          f"load average {os.getloadavg()[0]:.1f}\n")
+            print(
+                f"round {r + 1}/{args.rounds}: {n} process(es) x {result['threads']} thread(s): "
+                f"median {statistics.median(result['times']) * 1000:.0f} ms/step",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"{args.model}, batch {args.batch_size} per process, {args.img_size} px, fp32, channels_last, "
+        f"malloc {args.malloc}, {args.rounds} rounds x {args.steps} steps, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+    )
     print("| processes x threads | ms/step (median) | total img/s | x 1st row |")
     print("|---|---:|---:|---:|")
     base = None

@@ -13,6 +13,7 @@ file sizes) into a temporary folder first.
 workers always use 1). On a CPU busy with other work, several intra-op threads spin against
 each other on the many tiny per-sample tensor ops and the 0-worker row can drop ~10x.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,18 +47,32 @@ def make_jpeg_tree(root: str, num_images: int, num_classes: int, size: tuple[int
             low = Image.fromarray(rng.integers(0, 256, (9, 12, 3), dtype=np.uint8))
             image = np.asarray(low.resize(size, Image.BICUBIC), dtype=np.float32)
             image += rng.normal(0, 8, image.shape)
-            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
-                os.path.join(folder, f"{i:06d}.jpg"), quality=90)
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
 
 
 def make_config(args: argparse.Namespace, data_path: str, num_workers: int):
     num_classes = len([e for e in os.scandir(os.path.join(data_path, "train")) if e.is_dir()])
     config = get_config().clone()
     config.defrost()
-    config.merge_from_list(["DATA.DATA_PATH", data_path, "DATA.DATASET", args.dataset,
-                            "MODEL.NUM_CLASSES", num_classes, "DATA.IMG_SIZE", args.img_size,
-                            "DATA.BATCH_SIZE", args.batch_size, "DATA.NUM_WORKERS", num_workers,
-                            "SEED", 0] + list(args.opts))
+    config.merge_from_list(
+        [
+            "DATA.DATA_PATH",
+            data_path,
+            "DATA.DATASET",
+            args.dataset,
+            "MODEL.NUM_CLASSES",
+            num_classes,
+            "DATA.IMG_SIZE",
+            args.img_size,
+            "DATA.BATCH_SIZE",
+            args.batch_size,
+            "DATA.NUM_WORKERS",
+            num_workers,
+            "SEED",
+            0,
+        ]
+        + list(args.opts)
+    )
     config.freeze()
     return config
 
@@ -104,25 +119,38 @@ def cpu_name() -> str:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-path", default="",
-                        help="ImageFolder root with train/ and val/ (default: synthetic JPEGs in a temp dir)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-path", default="", help="ImageFolder root with train/ and val/ (default: synthetic JPEGs in a temp dir)"
+    )
     parser.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "imagenet"])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
-                        help="DATA.NUM_WORKERS values to measure")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DATA.NUM_WORKERS values to measure")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=10, help="timed batches per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches after the first")
     parser.add_argument("--num-images", type=int, default=1024, help="synthetic train images")
     parser.add_argument("--num-classes", type=int, default=10, help="synthetic classes")
-    parser.add_argument("--source-size", type=int, nargs=2, default=[500, 375], metavar=("W", "H"),
-                        help="synthetic JPEG size (ImageNet's average is about 400x350)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads in the main process (default: torch's default)")
-    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
-                        help="config overrides, e.g. AUG.AUTO_AUGMENT '' AUG.MIXUP 0.0")
+    parser.add_argument(
+        "--source-size",
+        type=int,
+        nargs=2,
+        default=[500, 375],
+        metavar=("W", "H"),
+        help="synthetic JPEG size (ImageNet's average is about 400x350)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads in the main process (default: torch's default)"
+    )
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="config overrides, e.g. AUG.AUTO_AUGMENT '' AUG.MIXUP 0.0",
+    )
     return parser
 
 
@@ -137,22 +165,31 @@ def main(argv: list[str] | None = None) -> int:
         data_path = tmp.name
         start = time.perf_counter()
         make_jpeg_tree(data_path, args.num_images, args.num_classes, tuple(args.source_size))
-        print(f"wrote {args.num_images} synthetic {args.source_size[0]}x{args.source_size[1]} JPEGs "
-              f"to {data_path} in {time.perf_counter() - start:.1f} s")
+        print(
+            f"wrote {args.num_images} synthetic {args.source_size[0]}x{args.source_size[1]} JPEGs "
+            f"to {data_path} in {time.perf_counter() - start:.1f} s"
+        )
     try:
         config = make_config(args, data_path, 0)
         aug = config.AUG
-        print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
-              f"({torch.get_num_threads()} threads in the main process)")
-        print(f"loader: batch {args.batch_size}, {args.img_size} px, auto_augment "
-              f"'{aug.AUTO_AUGMENT}', re_prob {aug.REPROB}, mixup {aug.MIXUP} / cutmix {aug.CUTMIX}, "
-              f"data {data_path}")
+        print(
+            f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads in the main process)"
+        )
+        print(
+            f"loader: batch {args.batch_size}, {args.img_size} px, auto_augment "
+            f"'{aug.AUTO_AUGMENT}', re_prob {aug.REPROB}, mixup {aug.MIXUP} / cutmix {aug.CUTMIX}, "
+            f"data {data_path}"
+        )
         print(f"{'workers':>7} | {'first batch s':>13} | {'img/s':>8} | {'ms/batch':>8}")
         print(f"{'-' * 7}-+-{'-' * 13}-+-{'-' * 8}-+-{'-' * 8}")
         for workers in args.workers:
             row = measure(make_config(args, data_path, workers), args.batches, args.warmup)
-            print(f"{workers:>7} | {row['first_batch_s']:>13.2f} | {row['img_per_s']:>8.1f} | "
-                  f"{row['ms_per_batch']:>8.1f}", flush=True)
+            print(
+                f"{workers:>7} | {row['first_batch_s']:>13.2f} | {row['img_per_s']:>8.1f} | "
+                f"{row['ms_per_batch']:>8.1f}",
+                flush=True,
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()

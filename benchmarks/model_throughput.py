@@ -20,6 +20,7 @@ taken from the row itself, so ``--baseline coatnet_0_rw_224`` compares like with
 
 Not a unit test: numbers depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,11 @@ class RowSpec:
 
     @property
     def label(self) -> str:
-        return (f"{self.model} {self.mode} {self.dtype}"
-                f"{' CL' if self.channels_last else ''}{' compiled' if self.compile else ''}"
-                f"{' reparam' if self.reparam else ''}")
+        return (
+            f"{self.model} {self.mode} {self.dtype}"
+            f"{' CL' if self.channels_last else ''}{' compiled' if self.compile else ''}"
+            f"{' reparam' if self.reparam else ''}"
+        )
 
 
 @dataclass
@@ -83,41 +86,69 @@ class Row:
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("MOAT model throughput", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default="moat_0,coatnet_0_rw_224",
-                   help="comma list: MOAT variants (moat_0, tiny_moat_0, ...) or any timm model name")
+    p = argparse.ArgumentParser(
+        "MOAT model throughput", add_help=add_help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--models",
+        default="moat_0,coatnet_0_rw_224",
+        help="comma list: MOAT variants (moat_0, tiny_moat_0, ...) or any timm model name",
+    )
     p.add_argument("--modes", default="train,infer", help="comma list of train, infer")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--dtype", default="fp32", help="comma list of fp32, bf16 (autocast), fp16 (autocast, CUDA)")
     p.add_argument("--channels-last", default="off", help="comma list of on, off")
     p.add_argument("--compile", default="off", help="comma list of on, off (torch.compile)")
-    p.add_argument("--reparam", default="off",
-                   help="comma list of on, off: inference rows after timm.utils.reparameterize_model "
-                        "(MOAT folds its BatchNorms into the convolutions); train rows stay off")
+    p.add_argument(
+        "--reparam",
+        default="off",
+        help="comma list of on, off: inference rows after timm.utils.reparameterize_model "
+        "(MOAT folds its BatchNorms into the convolutions); train rows stay off",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
     p.add_argument("--steps", type=int, default=10, help="timed steps per row (median reported)")
-    p.add_argument("--stat", default="median", choices=["median", "min"],
-                   help="step-time statistic behind img/s and the ratios; 'min' estimates the "
-                        "uncontended speed on a machine shared with bursty jobs")
-    p.add_argument("--adamw", default="fused", choices=["fused", "foreach", "loop"],
-                   help="AdamW implementation for train rows (same for every row)")
-    p.add_argument("--baseline", action="append", default=[],
-                   help="row spec model[:mode][:dtype][:cl|nocl][:compiled|eager][:reparam|plain]; repeatable, one "
-                        "ratio column each; omitted fields match the row being compared")
-    p.add_argument("--memory", default="on", choices=["on", "off"],
-                   help="peak-memory column (CPU: one subprocess per row)")
+    p.add_argument(
+        "--stat",
+        default="median",
+        choices=["median", "min"],
+        help="step-time statistic behind img/s and the ratios; 'min' estimates the "
+        "uncontended speed on a machine shared with bursty jobs",
+    )
+    p.add_argument(
+        "--adamw",
+        default="fused",
+        choices=["fused", "foreach", "loop"],
+        help="AdamW implementation for train rows (same for every row)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="row spec model[:mode][:dtype][:cl|nocl][:compiled|eager][:reparam|plain]; repeatable, one "
+        "ratio column each; omitted fields match the row being compared",
+    )
+    p.add_argument(
+        "--memory", default="on", choices=["on", "off"], help="peak-memory column (CPU: one subprocess per row)"
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.add_argument("--import-file", action="append", default=[],
-                   help="python file to import first (e.g. one registering a reference copy of a model "
-                        "under other names, to compare two versions in one run); repeatable")
-    p.add_argument("--malloc", default="default", choices=["default", "tuned"],
-                   help="'tuned' re-runs this script with glibc malloc told to keep freed memory "
-                        "(no mmap/trim for big blocks): on VMs where fresh pages are costly this "
-                        "removes per-step page faults; see docs/benchmarks.md")
+    p.add_argument(
+        "--import-file",
+        action="append",
+        default=[],
+        help="python file to import first (e.g. one registering a reference copy of a model "
+        "under other names, to compare two versions in one run); repeatable",
+    )
+    p.add_argument(
+        "--malloc",
+        default="default",
+        choices=["default", "tuned"],
+        help="'tuned' re-runs this script with glibc malloc told to keep freed memory "
+        "(no mmap/trim for big blocks): on VMs where fresh pages are costly this "
+        "removes per-step page faults; see docs/benchmarks.md",
+    )
     p.add_argument("--measure-memory-row", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -134,9 +165,13 @@ def _split(value: str, allowed=None, what="value") -> List[str]:
 def row_specs(args) -> List[RowSpec]:
     specs = []
     for model, mode, dtype, cl, comp, rep in itertools.product(
-            _split(args.models), _split(args.modes, MODES, "mode"), _split(args.dtype, DTYPES, "dtype"),
-            _split(args.channels_last, ONOFF, "--channels-last"), _split(args.compile, ONOFF, "--compile"),
-            _split(args.reparam, ONOFF, "--reparam")):
+        _split(args.models),
+        _split(args.modes, MODES, "mode"),
+        _split(args.dtype, DTYPES, "dtype"),
+        _split(args.channels_last, ONOFF, "--channels-last"),
+        _split(args.compile, ONOFF, "--compile"),
+        _split(args.reparam, ONOFF, "--reparam"),
+    ):
         if dtype == "fp16" and args.device != "cuda":
             raise SystemExit("fp16 autocast is only benchmarked on cuda; use fp32 or bf16 on cpu")
         if ONOFF[rep] and mode == "train":
@@ -187,6 +222,7 @@ def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
     """Forward GMACs per image (FLOPs / 2), attention through the countable math backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
+
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
@@ -203,10 +239,23 @@ def _sync(device: torch.device) -> None:
 
 def measure_memory_subprocess(spec: RowSpec, args) -> float:
     """CPU peak-RSS growth (MiB) of warm-up steps of one row, in a fresh process."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--measure-memory-row", json.dumps(spec.__dict__),
-           "--batch-size", str(args.batch_size), "--img-size", str(args.img_size),
-           "--device", args.device, *itertools.chain(*(("--import-file", f) for f in args.import_file)),
-           "--warmup", str(max(1, min(args.warmup, 2))), "--adamw", args.adamw]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--measure-memory-row",
+        json.dumps(spec.__dict__),
+        "--batch-size",
+        str(args.batch_size),
+        "--img-size",
+        str(args.img_size),
+        "--device",
+        args.device,
+        *itertools.chain(*(("--import-file", f) for f in args.import_file)),
+        "--warmup",
+        str(max(1, min(args.warmup, 2))),
+        "--adamw",
+        args.adamw,
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -230,8 +279,14 @@ def _memory_child(args) -> None:
 def _matches(base: str, row: RowSpec) -> RowSpec:
     """Resolve a baseline spec against a row: fields the spec omits come from the row."""
     parts = base.split(":")
-    fields = dict(model=parts[0], mode=row.mode, dtype=row.dtype, channels_last=row.channels_last,
-                  compile=row.compile, reparam=row.reparam)
+    fields = dict(
+        model=parts[0],
+        mode=row.mode,
+        dtype=row.dtype,
+        channels_last=row.channels_last,
+        compile=row.compile,
+        reparam=row.reparam,
+    )
     for part in parts[1:]:
         if part in MODES:
             fields["mode"] = part
@@ -260,14 +315,17 @@ def machine_line(args, device: torch.device) -> str:
                     name = line.split(":", 1)[1].strip()
                     break
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    return (f"device {device.type}: {name}; torch {torch.__version__}, timm {timm.__version__}; "
-            f"threads {torch.get_num_threads()}; cpu capability {torch.backends.cpu.get_cpu_capability()}; "
-            f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
-            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}")
+    return (
+        f"device {device.type}: {name}; torch {torch.__version__}, timm {timm.__version__}; "
+        f"threads {torch.get_num_threads()}; cpu capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"load avg {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
+    )
 
 
 def import_files(paths: List[str]) -> None:
     import importlib.util
+
     for path in paths:
         name = os.path.splitext(os.path.basename(path))[0]
         spec = importlib.util.spec_from_file_location(name, path)
@@ -315,8 +373,12 @@ def main(args) -> None:
     peaks: Dict[RowSpec, int] = {}
     for rep in range(args.steps):  # round-robin: one step of every row per repeat
         if rep:
-            print(f"repeat {rep}/{args.steps}: " + ", ".join(
-                f"{r.spec.label} {r.times[-1] * 1e3:.0f} ms" for r in rows.values()), file=sys.stderr, flush=True)
+            print(
+                f"repeat {rep}/{args.steps}: "
+                + ", ".join(f"{r.spec.label} {r.times[-1] * 1e3:.0f} ms" for r in rows.values()),
+                file=sys.stderr,
+                flush=True,
+            )
         for row in rows.values():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -328,13 +390,17 @@ def main(args) -> None:
             if device.type == "cuda":
                 peaks[row.spec] = max(peaks.get(row.spec, 0), torch.cuda.max_memory_allocated(device))
     for spec, peak in peaks.items():
-        rows[spec].peak_mib = peak / 2 ** 20
+        rows[spec].peak_mib = peak / 2**20
 
-    print(machine_line(args, device).replace("load avg", "load avg at end")
-          + f" (1-min load at timing start {start_load:.2f})")
+    print(
+        machine_line(args, device).replace("load avg", "load avg at end")
+        + f" (1-min load at timing start {start_load:.2f})"
+    )
     end_load = os.getloadavg()[0]
-    print(f"batch {args.batch_size}, {args.img_size}px, warmup {args.warmup}, {args.stat} of {args.steps} "
-          f"interleaved steps, AdamW {args.adamw}; load avg at end {end_load:.2f}")
+    print(
+        f"batch {args.batch_size}, {args.img_size}px, warmup {args.warmup}, {args.stat} of {args.steps} "
+        f"interleaved steps, AdamW {args.adamw}; load avg at end {end_load:.2f}"
+    )
     print()
     bases = args.baseline
     head = ["row", "img/s", "ms/step (median)", "ms/step (min)", "GMACs/img", "GMAC/s", "peak MiB"]
@@ -348,12 +414,27 @@ def main(args) -> None:
         for b in bases:
             ref = rows.get(_matches(b, spec))
             ratios.append(row.img_s / ref.img_s if ref else float("nan"))
-        cells = [spec.label, f"{row.img_s:.2f}", f"{med * 1e3:.0f}", f"{min(row.times) * 1e3:.0f}", f"{row.gmacs:.2f}",
-                 f"{row.gmacs * row.img_s:.1f}", f"{row.peak_mib:.0f}"] + [
-                    "-" if r != r else f"{r:.2f}" for r in ratios]
+        cells = [
+            spec.label,
+            f"{row.img_s:.2f}",
+            f"{med * 1e3:.0f}",
+            f"{min(row.times) * 1e3:.0f}",
+            f"{row.gmacs:.2f}",
+            f"{row.gmacs * row.img_s:.1f}",
+            f"{row.peak_mib:.0f}",
+        ] + ["-" if r != r else f"{r:.2f}" for r in ratios]
         print("| " + " | ".join(cells) + " |")
-        results.append(dict(**spec.__dict__, img_s=row.img_s, ms_step=med * 1e3, gmacs=row.gmacs,
-                            peak_mib=row.peak_mib, ratios=dict(zip(bases, ratios)), times=row.times))
+        results.append(
+            dict(
+                **spec.__dict__,
+                img_s=row.img_s,
+                ms_step=med * 1e3,
+                gmacs=row.gmacs,
+                peak_mib=row.peak_mib,
+                ratios=dict(zip(bases, ratios)),
+                times=row.times,
+            )
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(machine=machine_line(args, device), args=vars(args), rows=results), f, indent=1)

@@ -5,6 +5,7 @@ inference step of one model (after warm-up), as the op table docs/benchmarks.md 
 
 Not a unit test: numbers depend on the machine and its load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def main(argv=None) -> None:
         def step() -> None:
             with torch.inference_mode():
                 model(x)
+
     for _ in range(args.warmup):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -65,9 +67,11 @@ def main(argv=None) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    print(f"{args.model} {args.mode}{' reparam' if args.reparam else ''}, batch {args.batch_size}, "
-          f"{args.img_size} px, {'channels_last' if args.channels_last else 'NCHW'}, "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"{args.model} {args.mode}{' reparam' if args.reparam else ''}, batch {args.batch_size}, "
+        f"{args.img_size} px, {'channels_last' if args.channels_last else 'NCHW'}, "
+        f"threads {torch.get_num_threads()}"
+    )
     print(prof.key_averages().table(sort_by=sort, row_limit=args.rows, max_name_column_width=48))
 
 

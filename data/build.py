@@ -16,6 +16,7 @@ Reproducibility (what makes a resumed run bit-identical):
   ``Mixup``); data loading leaves that stream untouched, so seeding or checkpointing numpy's
   global state in the trainer is all that is needed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,16 +59,21 @@ def build_dataset(is_train: bool, config: CfgNode) -> ClassFolderDataset:
     root = os.path.join(data.DATA_PATH, data.TRAIN_SPLIT if is_train else data.VAL_SPLIT)
     # SKIP_BAD_IMAGES applies to val too: opting in means "never stop for a bad file"; the
     # substituted val samples are logged like the train ones.
-    dataset = ClassFolderDataset(root, transform=build_transform(is_train, config),
-                                 skip_bad_images=data.SKIP_BAD_IMAGES)
+    dataset = ClassFolderDataset(
+        root, transform=build_transform(is_train, config), skip_bad_images=data.SKIP_BAD_IMAGES
+    )
     found = len(dataset.classes)
     if data.DATASET == "imagenet" and found != IMAGENET_NUM_CLASSES:
-        raise DataError(f"found {found} class folders in {root}, but DATA.DATASET 'imagenet' "
-                        f"expects {IMAGENET_NUM_CLASSES}; for another class-folder tree use "
-                        f"DATA.DATASET imagefolder (--dataset imagefolder) and MODEL.NUM_CLASSES {found}")
+        raise DataError(
+            f"found {found} class folders in {root}, but DATA.DATASET 'imagenet' "
+            f"expects {IMAGENET_NUM_CLASSES}; for another class-folder tree use "
+            f"DATA.DATASET imagefolder (--dataset imagefolder) and MODEL.NUM_CLASSES {found}"
+        )
     if found != config.MODEL.NUM_CLASSES:
-        raise DataError(f"found {found} class folders in {root}, but MODEL.NUM_CLASSES is "
-                        f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {found}")
+        raise DataError(
+            f"found {found} class folders in {root}, but MODEL.NUM_CLASSES is "
+            f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {found}"
+        )
     return dataset
 
 
@@ -92,8 +98,9 @@ def build_mixup(config: CfgNode) -> Mixup | None:
     )
 
 
-def build_loader(config: CfgNode) -> tuple[ClassFolderDataset, ClassFolderDataset, DataLoader,
-                                           DataLoader, Mixup | None]:
+def build_loader(
+    config: CfgNode,
+) -> tuple[ClassFolderDataset, ClassFolderDataset, DataLoader, DataLoader, Mixup | None]:
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``; reads
     ``config`` only.
 
@@ -108,12 +115,13 @@ def build_loader(config: CfgNode) -> tuple[ClassFolderDataset, ClassFolderDatase
     check_same_classes(dataset_train, dataset_val)
 
     world_size, rank = _world()
-    sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank,
-                                     seed=config.SEED)
+    sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank, seed=config.SEED)
     if len(sampler_train) < config.DATA.BATCH_SIZE:
-        raise DataError(f"{dataset_train.root} has {len(dataset_train)} images "
-                        f"({len(sampler_train)} per process), fewer than DATA.BATCH_SIZE="
-                        f"{config.DATA.BATCH_SIZE}: no full training batch")
+        raise DataError(
+            f"{dataset_train.root} has {len(dataset_train)} images "
+            f"({len(sampler_train)} per process), fewer than DATA.BATCH_SIZE="
+            f"{config.DATA.BATCH_SIZE}: no full training batch"
+        )
     sampler_val = ShardedEvalSampler(dataset_val, num_replicas=world_size, rank=rank)
 
     num_workers = config.DATA.NUM_WORKERS
@@ -123,13 +131,29 @@ def build_loader(config: CfgNode) -> tuple[ClassFolderDataset, ClassFolderDatase
         pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
-    data_loader_train = DataLoader(dataset_train, sampler=sampler_train, drop_last=True,
-                                   generator=torch.Generator().manual_seed(config.SEED + rank),
-                                   **common)
-    data_loader_val = DataLoader(dataset_val, sampler=sampler_val, shuffle=False, drop_last=False,
-                                 generator=torch.Generator().manual_seed(config.SEED + rank),
-                                 **common)
-    logger.info("data: %d train images (%s), %d val images (%s), %d classes; rank %d/%d",
-                len(dataset_train), dataset_train.root, len(dataset_val), dataset_val.root,
-                len(dataset_train.classes), rank, world_size)
+    data_loader_train = DataLoader(
+        dataset_train,
+        sampler=sampler_train,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(config.SEED + rank),
+        **common,
+    )
+    data_loader_val = DataLoader(
+        dataset_val,
+        sampler=sampler_val,
+        shuffle=False,
+        drop_last=False,
+        generator=torch.Generator().manual_seed(config.SEED + rank),
+        **common,
+    )
+    logger.info(
+        "data: %d train images (%s), %d val images (%s), %d classes; rank %d/%d",
+        len(dataset_train),
+        dataset_train.root,
+        len(dataset_val),
+        dataset_val.root,
+        len(dataset_train.classes),
+        rank,
+        world_size,
+    )
     return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)

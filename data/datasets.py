@@ -11,6 +11,7 @@
   number of workers or how many samples came before it: a run resumed mid-epoch draws exactly
   the augmentations the uninterrupted run would have drawn.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 # The key the training sampler yields: (dataset index, per-sample augmentation seed).
 SampleKey = tuple[int, int]
+
 
 class _SeededRNG:
     """Seed python/numpy/torch-CPU global RNGs for one sample; in the main process, restore them.
@@ -114,15 +116,13 @@ class ClassFolderDataset(ImageFolder):
     with ours).
     """
 
-    def __init__(self, root: str, transform: Callable | None = None,
-                 skip_bad_images: bool = False) -> None:
+    def __init__(self, root: str, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
         _check_split_dir(root)
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
         counts = np.bincount([t for _, t in self.samples], minlength=len(self.classes))
         if (counts == 0).any():
             empty = self.classes[int(np.flatnonzero(counts == 0)[0])]
-            raise DataError(f"empty class folder (no {'/'.join(IMG_EXTENSIONS)} files): "
-                            f"{os.path.join(root, empty)}")
+            raise DataError(f"empty class folder (no {'/'.join(IMG_EXTENSIONS)} files): {os.path.join(root, empty)}")
         self.skip_bad_images = skip_bad_images
         # One flag per sample in shared memory: DataLoader workers (forked or spawned) see and
         # set the same flags, so a bad file is logged once per process group and counted here.
@@ -151,11 +151,11 @@ class ClassFolderDataset(ImageFolder):
             except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, ...
                 reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 if not self.skip_bad_images:
-                    raise DataError(f"unreadable image {path} ({reason}); set "
-                                    f"DATA.SKIP_BAD_IMAGES True to skip such files") from e
+                    raise DataError(
+                        f"unreadable image {path} ({reason}); set DATA.SKIP_BAD_IMAGES True to skip such files"
+                    ) from e
                 self._bad[i] = 1
-                logger.warning("skipping unreadable image %s (%s); %d skipped so far",
-                               path, reason, self.num_skipped)
+                logger.warning("skipping unreadable image %s (%s); %d skipped so far", path, reason, self.num_skipped)
         raise DataError(f"no readable image left in {self.root}")
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Any, int]:
@@ -180,6 +180,8 @@ def check_same_classes(train: ClassFolderDataset, val: ClassFolderDataset) -> No
     only_val = sorted(set(val.classes) - set(train.classes))
     first = min(only_train[:1] + only_val[:1])
     side, other = (train.root, val.root) if first in only_train else (val.root, train.root)
-    raise DataError(f"class folders differ between {train.root} ({len(train.classes)} classes) "
-                    f"and {val.root} ({len(val.classes)} classes): first difference "
-                    f"'{first}' is in {side} but not in {other}")
+    raise DataError(
+        f"class folders differ between {train.root} ({len(train.classes)} classes) "
+        f"and {val.root} ({len(val.classes)} classes): first difference "
+        f"'{first}' is in {side} but not in {other}"
+    )

@@ -1,4 +1,5 @@
 """Samplers: a resumable, seeded training order and an exact (unpadded) distributed eval split."""
+
 from __future__ import annotations
 
 from typing import Iterator, Sized
@@ -39,10 +40,10 @@ class ResumableSampler(DistributedSampler):
     and LR schedules computed from ``len(loader)`` do not move on resume.
     """
 
-    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 drop_last: bool = False) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=drop_last)
+    def __init__(
+        self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = False
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last)
         self.start_index = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -57,8 +58,7 @@ class ResumableSampler(DistributedSampler):
         pass ``k * B``: the remaining batches are exactly those the uninterrupted run had.
         """
         if not 0 <= start_index <= self.num_samples:
-            raise ValueError(f"start index {start_index} outside [0, {self.num_samples}] "
-                             f"(samples per rank this epoch)")
+            raise ValueError(f"start index {start_index} outside [0, {self.num_samples}] (samples per rank this epoch)")
         self.start_index = start_index
 
     def epoch_indices(self) -> list[int]:
@@ -66,7 +66,7 @@ class ResumableSampler(DistributedSampler):
         return list(super().__iter__())
 
     def __iter__(self) -> Iterator[SampleKey]:
-        indices = self.epoch_indices()[self.start_index:]
+        indices = self.epoch_indices()[self.start_index :]
         return iter(zip(indices, sample_seeds(self.seed, self.epoch, indices)))
 
 

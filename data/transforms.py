@@ -1,4 +1,5 @@
 """Train and eval image transforms, both built by timm from the DATA / AUG / TEST config keys."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterator
@@ -38,9 +39,11 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
                 std=std,
             )
         except (AssertionError, KeyError) as e:  # timm's policy parser asserts on unknown parts
-            raise ConfigError(f"invalid AUG.AUTO_AUGMENT={aug.AUTO_AUGMENT!r}: timm cannot parse it "
-                              f"({e or type(e).__name__}); e.g. 'rand-m9-mstd0.5-inc1', 'v0', "
-                              "'augmix-m5-w4-d2', or '' for none") from None
+            raise ConfigError(
+                f"invalid AUG.AUTO_AUGMENT={aug.AUTO_AUGMENT!r}: timm cannot parse it "
+                f"({e or type(e).__name__}); e.g. 'rand-m9-mstd0.5-inc1', 'v0', "
+                "'augmix-m5-w4-d2', or '' for none"
+            ) from None
         _patch_posterize(transform)
         return transform
     # 'random' interpolation is a train-time augmentation; eval must be deterministic.

@@ -1,4 +1,5 @@
 """Build the model the trainer's config describes."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -7,6 +7,7 @@ so one name travels unchanged from Python to YAML. The defaults are the authors'
 (deeplab2 ``model/pixel_encoder/moat.py`` and ``model/layers/moat_blocks.py``); see
 ``docs/architecture.md``.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,15 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
-    "MOAT_CFGS", "MoatCfg", "MoatConfigError", "BLOCK_TYPES", "CONV_NORM_LAYERS", "FIELD_NAMES",
-    "REQUIRED_FIELDS", "POS_EMBED_IMG_SIZE", "resolve_cfg",
+    "MOAT_CFGS",
+    "MoatCfg",
+    "MoatConfigError",
+    "BLOCK_TYPES",
+    "CONV_NORM_LAYERS",
+    "FIELD_NAMES",
+    "REQUIRED_FIELDS",
+    "POS_EMBED_IMG_SIZE",
+    "resolve_cfg",
 ]
 
 # Block types a stage can hold (deeplab2 moat.py: MOAT._build_block accepts exactly these two).
@@ -28,13 +36,13 @@ CONV_NORM_LAYERS = ("batchnorm2d", "batchnorm", "groupnorm", "groupnorm1", "laye
 # attention stage covers that stage's feature map at this size (14 at stride 16, 7 at stride 32).
 POS_EMBED_IMG_SIZE = 224
 
+
 class MoatConfigError(ValueError):
     """An invalid architecture: ``field`` (a :class:`MoatCfg` field, or ``name`` / ``img_size``),
     the offending ``value`` and why. With ``key_of`` every field name in the message is spelt
     ``key_of(field)`` (a trainer config key, say)."""
 
-    def __init__(self, field: str, value: Any, reason: str,
-                 key_of: Optional[Callable[[str], str]] = None) -> None:
+    def __init__(self, field: str, value: Any, reason: str, key_of: Optional[Callable[[str], str]] = None) -> None:
         self.field, self.value, self.reason, self.key_of = field, value, reason, key_of
         # Field names in the reason are written as `field`, so each reader gets its own spelling.
         name = key_of or (lambda f: f)
@@ -61,32 +69,33 @@ class MoatCfg:
     when every stage is global. ``pos_embed_size`` None derives each attention stage's table from
     its feature-map size at ``POS_EMBED_IMG_SIZE`` (224) px.
     """
+
     # --- stem and stages (required for a new architecture)
-    stem_dims: Tuple[int, ...]          # stem conv widths; the first conv has stride 2
-    depths: Tuple[int, ...]             # blocks per stage
-    dims: Tuple[int, ...]               # output channels per stage
-    stage_types: Tuple[str, ...]        # 'mbconv' or 'moat' per stage
+    stem_dims: Tuple[int, ...]  # stem conv widths; the first conv has stride 2
+    depths: Tuple[int, ...]  # blocks per stage
+    dims: Tuple[int, ...]  # output channels per stage
+    stage_types: Tuple[str, ...]  # 'mbconv' or 'moat' per stage
     strides: Optional[Tuple[int, ...]] = None  # stride of each stage's first block; None: all 2
     # --- convolution (MBConv blocks and the MBConv half of MOAT blocks)
-    expand_ratio: float = 4.0           # expansion of the 1x1 conv, times the OUTPUT channels
-    se_ratio: float = 0.25              # squeeze-excite width, times the output channels; 0: no SE
-    kernel_size: int = 3                # depthwise kernel
-    pool_size: int = 2                  # average pool of strided shortcuts: 2 (classification) or 3
+    expand_ratio: float = 4.0  # expansion of the 1x1 conv, times the OUTPUT channels
+    se_ratio: float = 0.25  # squeeze-excite width, times the output channels; 0: no SE
+    kernel_size: int = 3  # depthwise kernel
+    pool_size: int = 2  # average pool of strided shortcuts: 2 (classification) or 3
     # --- attention (MOAT blocks)
-    head_dim: int = 32                  # channels per head
+    head_dim: int = 32  # channels per head
     window_size: Optional[Tuple[Optional[int], ...]] = None  # per stage; None: global
-    pos_embed: bool = True              # learned relative position bias
+    pos_embed: bool = True  # learned relative position bias
     pos_embed_size: Optional[Tuple[Optional[int], ...]] = None  # native bias window P per stage
     # --- layers, by timm name
-    norm_layer: str = "batchnorm2d"     # norm of the conv path and the stem
-    act_layer: str = "gelu"             # activation of the conv path and the stem (exact GELU)
-    se_act_layer: str = "silu"          # squeeze-excite hidden activation (swish)
-    bn_eps: float = 1e-3                # eps of the conv-path norm (Keras 1e-3)
-    bn_momentum: float = 0.01           # BatchNorm running-stat momentum, PyTorch sense (Keras 0.99)
-    ln_eps: float = 1e-5                # eps of the attention LayerNorm and the head LayerNorm
+    norm_layer: str = "batchnorm2d"  # norm of the conv path and the stem
+    act_layer: str = "gelu"  # activation of the conv path and the stem (exact GELU)
+    se_act_layer: str = "silu"  # squeeze-excite hidden activation (swish)
+    bn_eps: float = 1e-3  # eps of the conv-path norm (Keras 1e-3)
+    bn_momentum: float = 0.01  # BatchNorm running-stat momentum, PyTorch sense (Keras 0.99)
+    ln_eps: float = 1e-5  # eps of the attention LayerNorm and the head LayerNorm
     # --- head and regularisation
-    head_hidden_size: int = 0           # 0: pool -> LayerNorm -> Linear; >0 adds Linear + tanh
-    drop_path_rate: float = 0.0         # block b of N drops with rate * b / N
+    head_hidden_size: int = 0  # 0: pool -> LayerNorm -> Linear; >0 adds Linear + tanh
+    drop_path_rate: float = 0.0  # block b of N drops with rate * b / N
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -135,14 +144,19 @@ class MoatCfg:
         """Raise :class:`MoatConfigError` unless ``img_size`` fits this architecture: divisible by
         the total stride, and every attention window divides its stage's feature map."""
         if img_size <= 0 or img_size % self.total_stride:
-            raise MoatConfigError("img_size", img_size, f"must be a positive multiple of the total "
-                                  f"stride {self.total_stride} (2 x the product of `strides`)")
+            raise MoatConfigError(
+                "img_size",
+                img_size,
+                f"must be a positive multiple of the total stride {self.total_stride} (2 x the product of `strides`)",
+            )
         for i, (window, size) in enumerate(zip(self.stage_windows, self.feature_sizes(img_size))):
             if window is not None and size % window:
                 raise MoatConfigError(
-                    "window_size", _plain(self.window_size),
+                    "window_size",
+                    _plain(self.window_size),
                     f"window {window} of stage {i + 1} does not divide its {size}x{size} feature map "
-                    f"at `img_size` {img_size}; use a divisor of {size} or 0 (global attention)")
+                    f"at `img_size` {img_size}; use a divisor of {size} or 0 (global attention)",
+                )
 
     # ------------------------------------------------------------------------ copies and storage
     def replace(self, **overrides: Any) -> "MoatCfg":
@@ -160,8 +174,9 @@ class MoatCfg:
         _check_field_names(data)
         missing = [f for f in REQUIRED_FIELDS if f not in data]
         if missing:
-            raise MoatConfigError(missing[0], None, "required (a MoatCfg needs "
-                                  + ", ".join(f"`{f}`" for f in REQUIRED_FIELDS) + ")")
+            raise MoatConfigError(
+                missing[0], None, "required (a MoatCfg needs " + ", ".join(f"`{f}`" for f in REQUIRED_FIELDS) + ")"
+            )
         return cls(**dict(data))
 
 
@@ -172,8 +187,7 @@ REQUIRED_FIELDS: Tuple[str, ...] = ("stem_dims", "depths", "dims", "stage_types"
 def _check_field_names(names) -> None:
     unknown = sorted(set(names) - set(FIELD_NAMES))
     if unknown:
-        raise ValueError(f"unknown MOAT config field(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(FIELD_NAMES)}")
+        raise ValueError(f"unknown MOAT config field(s) {', '.join(unknown)}; accepted: {', '.join(FIELD_NAMES)}")
 
 
 def _map_sizes(img_size: int, strides: Sequence[int]) -> Tuple[int, ...]:
@@ -217,8 +231,7 @@ def _set(cfg: MoatCfg, name: str, value: Any) -> None:
     object.__setattr__(cfg, name, value)  # normalising a frozen dataclass in __post_init__
 
 
-def _per_stage(cfg: MoatCfg, name: str, value: Any, what: str,
-               unset: str) -> Optional[Tuple[Optional[int], ...]]:
+def _per_stage(cfg: MoatCfg, name: str, value: Any, what: str, unset: str) -> Optional[Tuple[Optional[int], ...]]:
     """``value`` given per stage or per attention stage -> per stage (None where unset or not an
     attention stage), or None when it is unset everywhere. Entries are ints > 0; None and 0 mean
     ``unset``."""
@@ -227,19 +240,25 @@ def _per_stage(cfg: MoatCfg, name: str, value: Any, what: str,
     if value is None or _is_int(value):
         per_attn = [value] * len(attn)
     elif isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        _fail(name, value, f"must be an int, None, or a list with one {what} per stage ({n}) or per "
-              f"attention stage ({len(attn)})")
+        _fail(
+            name,
+            value,
+            f"must be an int, None, or a list with one {what} per stage ({n}) or per attention stage ({len(attn)})",
+        )
     elif len(value) == len(attn):
         per_attn = list(value)
     elif len(value) == n:
         for i, v in enumerate(value):
             if i not in attn and v not in (None, 0):
-                _fail(name, value, f"stage {i + 1} is an 'mbconv' stage (no attention): its entry "
-                      f"must be 0 or null")
+                _fail(name, value, f"stage {i + 1} is an 'mbconv' stage (no attention): its entry must be 0 or null")
         per_attn = [value[i] for i in attn]
     else:
-        _fail(name, value, f"has {len(value)} entries; needs one per stage ({n}) or one per "
-              f"attention ('moat') stage ({len(attn)}) of `stage_types` {list(cfg.stage_types)}")
+        _fail(
+            name,
+            value,
+            f"has {len(value)} entries; needs one per stage ({n}) or one per "
+            f"attention ('moat') stage ({len(attn)}) of `stage_types` {list(cfg.stage_types)}",
+        )
     for v in per_attn:
         if not (v is None or (_is_int(v) and v >= 0)):
             _fail(name, value, f"entries must be ints >= 0 or null (0 / null: {unset})")
@@ -260,22 +279,26 @@ def _validate(cfg: MoatCfg) -> None:
     _set(cfg, "dims", dims)
     types = cfg.stage_types
     if isinstance(types, str) or not isinstance(types, Sequence):
-        _fail("stage_types", types, "must be a list with one block type per stage, each "
-              + ", ".join(map(repr, BLOCK_TYPES)))
+        _fail(
+            "stage_types",
+            types,
+            "must be a list with one block type per stage, each " + ", ".join(map(repr, BLOCK_TYPES)),
+        )
     types = tuple(types)
     for i, t in enumerate(types):
         if t not in BLOCK_TYPES:
-            _fail("stage_types", types, f"unknown block type {t!r} in stage {i + 1}; "
-                  f"accepted: {', '.join(map(repr, BLOCK_TYPES))}")
+            _fail(
+                "stage_types",
+                types,
+                f"unknown block type {t!r} in stage {i + 1}; accepted: {', '.join(map(repr, BLOCK_TYPES))}",
+            )
     if len(types) != n:
-        _fail("stage_types", types, f"has {len(types)} entries but `depths` {list(depths)} has {n} "
-              f"(one per stage)")
+        _fail("stage_types", types, f"has {len(types)} entries but `depths` {list(depths)} has {n} (one per stage)")
     _set(cfg, "stage_types", types)
     if cfg.strides is not None:
         strides = _int_tuple(cfg, "strides")
         if len(strides) != n:
-            _fail("strides", strides, f"has {len(strides)} entries but `depths` {list(depths)} has {n} "
-                  f"(one per stage)")
+            _fail("strides", strides, f"has {len(strides)} entries but `depths` {list(depths)} has {n} (one per stage)")
         _set(cfg, "strides", None if all(s == 2 for s in strides) else strides)
 
     if not (_is_number(cfg.expand_ratio) and cfg.expand_ratio > 0):
@@ -291,14 +314,13 @@ def _validate(cfg: MoatCfg) -> None:
         _fail("head_dim", cfg.head_dim, "must be a positive int")
     for i, (t, d) in enumerate(zip(types, dims)):
         if t == "moat" and d % cfg.head_dim:
-            _fail("dims", dims, f"width {d} of attention stage {i + 1} is not divisible by "
-                  f"`head_dim` {cfg.head_dim}")
-    _set(cfg, "window_size", _per_stage(cfg, "window_size", _plain_seq(cfg.window_size), "window",
-                                         "global attention"))
+            _fail("dims", dims, f"width {d} of attention stage {i + 1} is not divisible by `head_dim` {cfg.head_dim}")
+    _set(cfg, "window_size", _per_stage(cfg, "window_size", _plain_seq(cfg.window_size), "window", "global attention"))
     if not isinstance(cfg.pos_embed, bool):
         _fail("pos_embed", cfg.pos_embed, "must be true or false")
-    sizes = _per_stage(cfg, "pos_embed_size", _plain_seq(cfg.pos_embed_size), "size",
-                       "the stage's feature-map size at 224 px")
+    sizes = _per_stage(
+        cfg, "pos_embed_size", _plain_seq(cfg.pos_embed_size), "size", "the stage's feature-map size at 224 px"
+    )
     if sizes is not None:
         default = _default_pos_embed_sizes(types, cfg.stage_strides)
         sizes = tuple(s if s is not None else d for s, d in zip(sizes, default))
@@ -342,8 +364,13 @@ def _check_layer_name(cfg: MoatCfg, name: str, norm: bool = False) -> None:
 # ------------------------------------------------------------------------------------ variants
 def _moat(stem: int, depths: Tuple[int, ...], width: int, drop_path_rate: float) -> MoatCfg:
     """The official layout: two stem convs, MBConv, MBConv, MOAT, MOAT, widths doubling."""
-    return MoatCfg(stem_dims=(stem, stem), depths=depths, dims=(width, 2 * width, 4 * width, 8 * width),
-                   stage_types=("mbconv", "mbconv", "moat", "moat"), drop_path_rate=drop_path_rate)
+    return MoatCfg(
+        stem_dims=(stem, stem),
+        depths=depths,
+        dims=(width, 2 * width, 4 * width, 8 * width),
+        stage_types=("mbconv", "mbconv", "moat", "moat"),
+        drop_path_rate=drop_path_rate,
+    )
 
 
 # deeplab2 moat.py: moat{0..4}_config / tiny_moat{0..3}_config; the drop-path rates are
@@ -366,8 +393,7 @@ MOAT_CFGS: Dict[str, MoatCfg] = {
 }
 
 
-def resolve_cfg(name: str, overrides: Optional[Mapping[str, Any]] = None,
-                base: Optional[MoatCfg] = None) -> MoatCfg:
+def resolve_cfg(name: str, overrides: Optional[Mapping[str, Any]] = None, base: Optional[MoatCfg] = None) -> MoatCfg:
     """The architecture called ``name`` with ``overrides`` (field -> value) applied and checked.
 
     ``base`` defaults to the registered variant ``name``. A name that is neither registered nor
@@ -384,6 +410,9 @@ def resolve_cfg(name: str, overrides: Optional[Mapping[str, Any]] = None,
     missing = [f for f in REQUIRED_FIELDS if f not in overrides]
     if missing:
         raise MoatConfigError(
-            "name", name, f"not a registered variant (accepted: {', '.join(MOAT_CFGS)}); a new "
-            f"architecture must set " + ", ".join(f"`{f}`" for f in missing))
+            "name",
+            name,
+            f"not a registered variant (accepted: {', '.join(MOAT_CFGS)}); a new "
+            f"architecture must set " + ", ".join(f"`{f}`" for f in missing),
+        )
     return MoatCfg(**overrides)

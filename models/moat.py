@@ -12,6 +12,7 @@ a :class:`~models.config.MoatCfg`; every registered variant is one
 (``timm.create_model('moat_0')`` once ``models`` is imported) and keyword arguments override its
 fields (``timm.create_model('moat_0', depths=(2, 3, 5, 2))``).
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,12 @@ _LAYER_NORM_EPS = 1e-5
 # Published ImageNet-1K top-1 and each variant's default input size (the resolution the authors
 # trained at: 224 for MOAT, 256 for tiny-MOAT); the no-PE variants have no published number.
 PUBLISHED_TOP1: Dict[str, float] = {
-    "moat_0": 83.3, "moat_1": 84.2,
-    "tiny_moat_0": 76.6, "tiny_moat_1": 79.2, "tiny_moat_2": 81.7, "tiny_moat_3": 83.3,
+    "moat_0": 83.3,
+    "moat_1": 84.2,
+    "tiny_moat_0": 76.6,
+    "tiny_moat_1": 79.2,
+    "tiny_moat_2": 81.7,
+    "tiny_moat_3": 83.3,
 }
 DEFAULT_IMG_SIZE: Dict[str, int] = {n: 256 if n.startswith("tiny_") else 224 for n in MOAT_CFGS}
 
@@ -132,8 +137,9 @@ def _fold_input_bn(bn: nn.BatchNorm2d, conv: nn.Conv2d) -> nn.Conv2d:
     assert conv.kernel_size == (1, 1) and conv.groups == 1 and not bn.training
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     shift = bn.bias - bn.running_mean * scale
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=True,
-                      device=conv.weight.device, dtype=conv.weight.dtype).train(conv.training)
+    fused = nn.Conv2d(
+        conv.in_channels, conv.out_channels, 1, bias=True, device=conv.weight.device, dtype=conv.weight.dtype
+    ).train(conv.training)
     # Element-wise on the 4-D weight, so its memory layout carries over.
     fused.weight = nn.Parameter(conv.weight * scale.view(1, -1, 1, 1))
     bias = conv.weight.flatten(1) @ shift
@@ -161,16 +167,17 @@ class Stem(nn.Sequential):
     ``conv1 -> norm1 -> act1 -> conv2``."""
 
     def __init__(
-            self,
-            in_chans: int,
-            widths: Sequence[int],
-            norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
-            act_layer: Callable[[], nn.Module] = nn.GELU,
+        self,
+        in_chans: int,
+        widths: Sequence[int],
+        norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
         for i, width in enumerate(widths):
-            self.add_module(f"conv{i + 1}", create_conv2d(in_chans, width, 3, stride=2 if i == 0 else 1,
-                                                          padding="same", bias=True))
+            self.add_module(
+                f"conv{i + 1}", create_conv2d(in_chans, width, 3, stride=2 if i == 0 else 1, padding="same", bias=True)
+            )
             if i < len(widths) - 1:
                 self.add_module(f"norm{i + 1}", norm_layer(width))
                 self.add_module(f"act{i + 1}", act_layer())
@@ -183,7 +190,7 @@ class Stem(nn.Sequential):
         for name, module in list(self.named_children()):
             if isinstance(module, nn.BatchNorm2d):
                 _require_eval(module)
-                conv_name = "conv" + name[len("norm"):]
+                conv_name = "conv" + name[len("norm") :]
                 setattr(self, conv_name, fuse_conv_bn_eval(getattr(self, conv_name), module))
                 setattr(self, name, nn.Identity())
 
@@ -198,18 +205,18 @@ class MBConvBlock(nn.Module):
     """
 
     def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            stride: int = 1,
-            expand_ratio: float = 4.0,
-            se_ratio: float = 0.25,
-            kernel_size: int = 3,
-            pool_size: int = 2,
-            drop_path: float = 0.0,
-            norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
-            act_layer: Callable[[], nn.Module] = nn.GELU,
-            se_act_layer: Callable[[], nn.Module] = nn.SiLU,
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        expand_ratio: float = 4.0,
+        se_ratio: float = 0.25,
+        kernel_size: int = 3,
+        pool_size: int = 2,
+        drop_path: float = 0.0,
+        norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        se_act_layer: Callable[[], nn.Module] = nn.SiLU,
     ) -> None:
         super().__init__()
         mid_chs = int(out_chs * expand_ratio)
@@ -227,12 +234,16 @@ class MBConvBlock(nn.Module):
         self.conv1_1x1 = nn.Conv2d(in_chs, mid_chs, 1, bias=False)
         self.norm1 = norm_layer(mid_chs)
         self.act1 = act_layer()
-        self.conv2_kxk = create_conv2d(mid_chs, mid_chs, kernel_size, stride=stride, padding="same",
-                                       depthwise=True, bias=False)
+        self.conv2_kxk = create_conv2d(
+            mid_chs, mid_chs, kernel_size, stride=stride, padding="same", depthwise=True, bias=False
+        )
         self.norm2 = norm_layer(mid_chs)
         self.act2 = act_layer()
-        self.se = (SqueezeExcite(mid_chs, rd_channels=max(1, int(se_ratio * out_chs)), act_layer=se_act_layer)
-                   if se_ratio > 0 else nn.Identity())
+        self.se = (
+            SqueezeExcite(mid_chs, rd_channels=max(1, int(se_ratio * out_chs)), act_layer=se_act_layer)
+            if se_ratio > 0
+            else nn.Identity()
+        )
         self.conv3_1x1 = nn.Conv2d(mid_chs, out_chs, 1, bias=True)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -291,8 +302,8 @@ class RelativePositionBias(nn.Module):
         """``[h*w, h*w]`` flat indices into a ``[2h-1, 2w-1]`` table (query rows, key columns)."""
         i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
         i, j = i.flatten(), j.flatten()
-        rel_h = i[None, :] - i[:, None] + h - 1   # key row - query row
-        rel_w = j[None, :] - j[:, None] + w - 1   # key col - query col
+        rel_h = i[None, :] - i[:, None] + h - 1  # key row - query row
+        rel_w = j[None, :] - j[:, None] + w - 1  # key col - query col
         return rel_h * (2 * w - 1) + rel_w
 
     def _index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -328,8 +339,9 @@ class RelativePositionBias(nn.Module):
     def forward(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
         table = self.relative_position_bias_table
         # Inference tensors (a model built under torch.inference_mode) have no version counter.
-        cacheable = (not (torch.is_grad_enabled() and table.requires_grad) and not _is_tracing()
-                     and not table.is_inference())
+        cacheable = (
+            not (torch.is_grad_enabled() and table.requires_grad) and not _is_tracing() and not table.is_inference()
+        )
         if not cacheable:
             return self.compute(h, w).to(dtype)
         key = (h, w, dtype, table.device)
@@ -364,12 +376,12 @@ class Attention(nn.Module):
     fused_attn: bool = True
 
     def __init__(
-            self,
-            dim: int,
-            window_size: Optional[int] = None,
-            native_window: int = 14,
-            pos_embed: bool = True,
-            head_dim: int = 32,
+        self,
+        dim: int,
+        window_size: Optional[int] = None,
+        native_window: int = 14,
+        pos_embed: bool = True,
+        head_dim: int = 32,
     ) -> None:
         super().__init__()
         if dim % head_dim:
@@ -378,7 +390,7 @@ class Attention(nn.Module):
             raise ValueError(f"window_size must be a positive int or None (global), got {window_size}")
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim**-0.5
         self.window_size = window_size
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
@@ -393,7 +405,8 @@ class Attention(nn.Module):
             if H % wh or W % ww:
                 raise ValueError(
                     f"attention window {self.window_size} does not divide the {H}x{W} feature map; "
-                    f"pick a window that divides it or use global attention (window 0)")
+                    f"pick a window that divides it or use global attention (window 0)"
+                )
         x = _window_partition(x, wh, ww)  # [B * nW, wh * ww, C]
         Bw, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -410,7 +423,7 @@ class Attention(nn.Module):
 
 
 def explicit_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], scale: float
 ) -> torch.Tensor:
     """Reference attention ``softmax(q k^T * scale + bias) v`` with the softmax in float32."""
     attn = (q @ k.transpose(-2, -1)) * scale
@@ -443,26 +456,35 @@ class MOATBlock(nn.Module):
     -> residual. No MLP, no layer scale. Both branches drop independently at the same rate."""
 
     def __init__(
-            self,
-            in_chs: int,
-            out_chs: int,
-            stride: int = 1,
-            window_size: Optional[int] = None,
-            native_window: int = 14,
-            pos_embed: bool = True,
-            pool_size: int = 2,
-            drop_path: float = 0.0,
-            expand_ratio: float = 4.0,
-            kernel_size: int = 3,
-            head_dim: int = 32,
-            ln_eps: float = _LAYER_NORM_EPS,
-            norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
-            act_layer: Callable[[], nn.Module] = nn.GELU,
+        self,
+        in_chs: int,
+        out_chs: int,
+        stride: int = 1,
+        window_size: Optional[int] = None,
+        native_window: int = 14,
+        pos_embed: bool = True,
+        pool_size: int = 2,
+        drop_path: float = 0.0,
+        expand_ratio: float = 4.0,
+        kernel_size: int = 3,
+        head_dim: int = 32,
+        ln_eps: float = _LAYER_NORM_EPS,
+        norm_layer: Callable[[int], nn.Module] = _BATCH_NORM,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
     ) -> None:
         super().__init__()
-        self.mbconv = MBConvBlock(in_chs, out_chs, stride, expand_ratio=expand_ratio, se_ratio=0.0,
-                                  kernel_size=kernel_size, pool_size=pool_size, drop_path=drop_path,
-                                  norm_layer=norm_layer, act_layer=act_layer)
+        self.mbconv = MBConvBlock(
+            in_chs,
+            out_chs,
+            stride,
+            expand_ratio=expand_ratio,
+            se_ratio=0.0,
+            kernel_size=kernel_size,
+            pool_size=pool_size,
+            drop_path=drop_path,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+        )
         self.attn_norm = nn.LayerNorm(out_chs, eps=ln_eps)
         self.attn = Attention(out_chs, window_size, native_window, pos_embed, head_dim)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -510,13 +532,13 @@ class MOAT(nn.Module):
     """
 
     def __init__(
-            self,
-            cfg: MoatCfg,
-            num_classes: int = 1000,
-            in_chans: int = 3,
-            drop_rate: float = 0.0,
-            global_pool: str = "avg",
-            **kwargs,
+        self,
+        cfg: MoatCfg,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
+        **kwargs,
     ) -> None:
         super().__init__()
         if "drop_path_rate" in kwargs and kwargs["drop_path_rate"] is None:
@@ -535,38 +557,73 @@ class MOAT(nn.Module):
 
         norm_layer = conv_norm_layer(cfg)
         act_layer = act_layer_class(cfg.act_layer)
-        conv_args = dict(expand_ratio=cfg.expand_ratio, kernel_size=cfg.kernel_size, pool_size=cfg.pool_size,
-                         norm_layer=norm_layer, act_layer=act_layer)
+        conv_args = dict(
+            expand_ratio=cfg.expand_ratio,
+            kernel_size=cfg.kernel_size,
+            pool_size=cfg.pool_size,
+            norm_layer=norm_layer,
+            act_layer=act_layer,
+        )
         self.stem = Stem(in_chans, cfg.stem_dims, norm_layer, act_layer)
         self.feature_info = []
         total_blocks = sum(cfg.depths)
         block_idx = 0
         in_chs = cfg.stem_dims[-1]
         stages = []
-        per_stage = zip(cfg.depths, cfg.dims, cfg.stage_types, cfg.stage_strides, cfg.stage_windows,
-                        cfg.stage_pos_embed_sizes, cfg.reductions)
+        per_stage = zip(
+            cfg.depths,
+            cfg.dims,
+            cfg.stage_types,
+            cfg.stage_strides,
+            cfg.stage_windows,
+            cfg.stage_pos_embed_sizes,
+            cfg.reductions,
+        )
         for stage_idx, (depth, dim, kind, stride, window, pe_size, reduction) in enumerate(per_stage):
             blocks = []
             for i in range(depth):
                 block_stride = stride if i == 0 else 1
                 dpr = cfg.drop_path_rate * block_idx / total_blocks
                 if kind == "mbconv":
-                    blocks.append(MBConvBlock(
-                        in_chs, dim, block_stride, se_ratio=cfg.se_ratio, drop_path=dpr,
-                        se_act_layer=act_layer_class(cfg.se_act_layer), **conv_args))
+                    blocks.append(
+                        MBConvBlock(
+                            in_chs,
+                            dim,
+                            block_stride,
+                            se_ratio=cfg.se_ratio,
+                            drop_path=dpr,
+                            se_act_layer=act_layer_class(cfg.se_act_layer),
+                            **conv_args,
+                        )
+                    )
                 else:  # 'moat' (MoatCfg accepts no other block type)
-                    blocks.append(MOATBlock(
-                        in_chs, dim, block_stride, window_size=window, native_window=pe_size,
-                        pos_embed=cfg.pos_embed, drop_path=dpr, head_dim=cfg.head_dim,
-                        ln_eps=cfg.ln_eps, **conv_args))
+                    blocks.append(
+                        MOATBlock(
+                            in_chs,
+                            dim,
+                            block_stride,
+                            window_size=window,
+                            native_window=pe_size,
+                            pos_embed=cfg.pos_embed,
+                            drop_path=dpr,
+                            head_dim=cfg.head_dim,
+                            ln_eps=cfg.ln_eps,
+                            **conv_args,
+                        )
+                    )
                 in_chs = dim
                 block_idx += 1
             stages.append(MoatStage(blocks))
             self.feature_info.append(dict(num_chs=dim, reduction=reduction, module=f"stages.{stage_idx}"))
         self.stages = nn.ModuleList(stages)
         self.head = NormMlpClassifierHead(
-            self.num_features, num_classes, hidden_size=cfg.head_hidden_size or None,
-            pool_type=global_pool, drop_rate=drop_rate, norm_layer=partial(LayerNorm2d, eps=cfg.ln_eps))
+            self.num_features,
+            num_classes,
+            hidden_size=cfg.head_hidden_size or None,
+            pool_type=global_pool,
+            drop_rate=drop_rate,
+            norm_layer=partial(LayerNorm2d, eps=cfg.ln_eps),
+        )
         # Dense-task features are the stage outputs after the activation (official endpoints).
         self.feature_act = act_layer()
         self.apply(_init_weights)
@@ -644,13 +701,13 @@ class MOAT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Stage outputs for dense tasks, after the activation (GELU) as the authors use them.
 
@@ -680,7 +737,7 @@ class MOAT(nn.Module):
         return x, intermediates
 
     def prune_intermediate_layers(
-            self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
         """Drop the stages after the last of ``indices`` and, with ``prune_head``, the head (the
         head's LayerNorm goes with it, or alone with ``prune_norm``) for backbone use. Returns
@@ -744,7 +801,9 @@ def create_moat(name: str, pretrained: bool = False, cfg: Optional[MoatCfg] = No
         size = math.ceil(224 / cfg.total_stride) * cfg.total_stride
         kwargs.setdefault("pretrained_cfg", _cfg(size, cfg.total_stride))
     return build_model_with_cfg(
-        MOAT, name, pretrained,
+        MOAT,
+        name,
+        pretrained,
         cfg=cfg,
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(cfg.num_stages))),
         **kwargs,

@@ -1,5 +1,6 @@
 """Shared fixtures for the trainer tests: a tiny PNG class-folder tree, a tiny-config writer,
 a ``main.py`` subprocess runner and one reference 2-epoch run reused by several test files."""
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,7 @@ COLORS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
 # give 6 steps per epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
 TINY_CONFIG = {
     "BASE": [os.path.join(REPO, "configs", "tiny_moat_0.yaml")],
-    "DATA": {"IMG_SIZE": 32, "NUM_WORKERS": 0, "DATASET": "imagefolder", "BATCH_SIZE": 4,
-             "PIN_MEMORY": False},
+    "DATA": {"IMG_SIZE": 32, "NUM_WORKERS": 0, "DATASET": "imagefolder", "BATCH_SIZE": 4, "PIN_MEMORY": False},
     "MODEL": {"NUM_CLASSES": 3},
     # BASE_LR is per 512 images: 0.1 x 4 / 512 = 7.8e-4 at batch 4.
     "TRAIN": {"EPOCHS": 2, "WARMUP_EPOCHS": 1, "BASE_LR": 0.1, "MIN_LR": 1e-3, "WARMUP_LR": 1e-4},
@@ -43,8 +43,9 @@ TINY_CONFIG = {
 }
 
 
-def make_image_tree(root: str, train_per_class: int = 8, val_per_class: int = 3,
-                    classes=CLASSES, size: int = 40) -> str:
+def make_image_tree(
+    root: str, train_per_class: int = 8, val_per_class: int = 3, classes=CLASSES, size: int = 40
+) -> str:
     """Noisy solid-colour PNGs, one colour per class (learnable in a few steps)."""
     rng = np.random.default_rng(0)
     for split, count in (("train", train_per_class), ("val", val_per_class)):
@@ -53,8 +54,7 @@ def make_image_tree(root: str, train_per_class: int = 8, val_per_class: int = 3,
             os.makedirs(folder, exist_ok=True)
             for i in range(count):
                 pixels = np.asarray(color)[None, None, :] + rng.normal(0, 30, (size, size, 3))
-                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
-                    os.path.join(folder, f"{i}.png"))
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
     return root
 
 
@@ -80,8 +80,7 @@ def write_every_image_mode(folder, seed: int = 0) -> dict[str, str]:
     save("tall", Image.fromarray(rng.integers(0, 256, (1500, 3), dtype=np.uint8)), "tall.png")
     exif = Image.Exif()
     exif[0x0112] = 6  # EXIF orientation: rotate 90 degrees clockwise to display
-    save("EXIF-rotated", Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)), "exif.jpg",
-         exif=exif)
+    save("EXIF-rotated", Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)), "exif.jpg", exif=exif)
     return paths
 
 
@@ -123,12 +122,20 @@ def cli_env(**extra: str) -> dict:
 def run_cli():
     """``run_cli(args, launcher=None, timeout=..)``: ``python main.py ARGS`` (or through
     ``python -m torch.distributed.run`` with ``launcher=['--nproc_per_node=2']``) in the repo."""
+
     def run(args, launcher=None, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
         prefix = [sys.executable]
         if launcher is not None:
             prefix += ["-m", "torch.distributed.run", "--standalone", *launcher]
-        return subprocess.run([*prefix, "main.py", *map(str, args)], cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout, env=env or cli_env())
+        return subprocess.run(
+            [*prefix, "main.py", *map(str, args)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or cli_env(),
+        )
+
     return run
 
 

@@ -4,6 +4,7 @@ trainer's format, made in-process (no main.py run), and a few PNG images.
 The config deliberately differs from the defaults where the eval transform reads it (64 px,
 bilinear, crop 0.8) so a loader that ignored the saved config would give other numbers.
 """
+
 from __future__ import annotations
 
 import copy
@@ -33,8 +34,9 @@ MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
 def checkpoint_config(**model_overrides) -> dict:
     cfg = config_module.config_to_dict(config_module.get_config())
     cfg["MODEL"].update(NAME=VARIANT, NUM_CLASSES=len(CLASS_NAMES), **model_overrides)
-    cfg["DATA"].update(IMG_SIZE=IMG_SIZE, CROP_PCT=CROP_PCT, INTERPOLATION=INTERPOLATION,
-                       MEAN=list(MEAN), STD=list(STD))
+    cfg["DATA"].update(
+        IMG_SIZE=IMG_SIZE, CROP_PCT=CROP_PCT, INTERPOLATION=INTERPOLATION, MEAN=list(MEAN), STD=list(STD)
+    )
     cfg["TEST"]["CROP"] = True
     return cfg
 
@@ -98,12 +100,14 @@ def make_images(folder: str, count: int = 5) -> list:
 
 def reference_transform():
     """The eval transform written out by hand from the documented recipe (not via our code)."""
-    return T.Compose([
-        T.Resize(int(IMG_SIZE / CROP_PCT), interpolation=T.InterpolationMode.BILINEAR),
-        T.CenterCrop(IMG_SIZE),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    return T.Compose(
+        [
+            T.Resize(int(IMG_SIZE / CROP_PCT), interpolation=T.InterpolationMode.BILINEAR),
+            T.CenterCrop(IMG_SIZE),
+            T.ToTensor(),
+            T.Normalize(MEAN, STD),
+        ]
+    )
 
 
 def reference_model(checkpoint: str, key: str = "model_ema") -> torch.nn.Module:

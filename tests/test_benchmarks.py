@@ -1,5 +1,6 @@
 """Smoke runs of the benchmark scripts at toy sizes: they must run and print their tables (the
 numbers themselves are checked by nobody here; see docs/benchmarks.md)."""
+
 from __future__ import annotations
 
 import os
@@ -23,26 +24,77 @@ def _run(*args: str) -> str:
 
 
 def test_model_throughput_prints_train_infer_and_reparam_rows_with_ratios():
-    out = _run("benchmarks/model_throughput.py", "--models", "tiny_moat_0", "--modes", "train,infer",
-               "--reparam", "off,on", "--channels-last", "on", "--img-size", "32", "--batch-size", "2",
-               "--warmup", "1", "--steps", "2", "--memory", "off", "--threads", "1",
-               "--baseline", "tiny_moat_0:infer:plain")
+    out = _run(
+        "benchmarks/model_throughput.py",
+        "--models",
+        "tiny_moat_0",
+        "--modes",
+        "train,infer",
+        "--reparam",
+        "off,on",
+        "--channels-last",
+        "on",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "1",
+        "--steps",
+        "2",
+        "--memory",
+        "off",
+        "--threads",
+        "1",
+        "--baseline",
+        "tiny_moat_0:infer:plain",
+    )
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| tiny_moat_0")}
     # A folded model cannot train: no 'train ... reparam' row.
-    assert set(rows) == {"tiny_moat_0 train fp32 CL", "tiny_moat_0 infer fp32 CL",
-                         "tiny_moat_0 infer fp32 CL reparam"}
+    assert set(rows) == {"tiny_moat_0 train fp32 CL", "tiny_moat_0 infer fp32 CL", "tiny_moat_0 infer fp32 CL reparam"}
     assert rows["tiny_moat_0 infer fp32 CL"].rstrip(" |").endswith("1.00")
 
 
 def test_ddp_scaling_runs_one_process_and_a_two_process_torchrun():
-    out = _run("benchmarks/ddp_scaling.py", "--model", "tiny_moat_0", "--nprocs", "1,2", "--img-size", "32",
-               "--batch-size", "2", "--steps", "1", "--warmup", "1", "--rounds", "1", "--threads", "1")
+    out = _run(
+        "benchmarks/ddp_scaling.py",
+        "--model",
+        "tiny_moat_0",
+        "--nprocs",
+        "1,2",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--rounds",
+        "1",
+        "--threads",
+        "1",
+    )
     assert re.search(r"^\| 1 x 1 \| \d+ \| [\d.]+ \| 1\.00 \|$", out, re.M), out
     assert re.search(r"^\| 2 x 1 \| \d+ \| [\d.]+ \| [\d.]+ \|$", out, re.M), out
 
 
 def test_profile_model_prints_the_op_table_of_a_folded_model():
-    out = _run("benchmarks/profile_model.py", "--model", "tiny_moat_0", "--mode", "infer", "--reparam",
-               "--img-size", "32", "--batch-size", "2", "--warmup", "1", "--threads", "1")
+    out = _run(
+        "benchmarks/profile_model.py",
+        "--model",
+        "tiny_moat_0",
+        "--mode",
+        "infer",
+        "--reparam",
+        "--img-size",
+        "32",
+        "--batch-size",
+        "2",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+    )
     assert "tiny_moat_0 infer reparam" in out and "aten::mkldnn_convolution" in out
     assert "aten::native_batch_norm" not in out  # every BatchNorm was folded away

@@ -1,5 +1,6 @@
 """Checkpoint files: weights-only round trip, atomic saves, retention, auto-resume choice,
 refusal of pickled code, shape-mismatch reports, RNG state and config diffs."""
+
 from __future__ import annotations
 
 import os
@@ -60,6 +61,7 @@ def test_crash_during_save_keeps_the_previous_file_and_leaves_no_temp(tmp_path, 
     def crash(obj, f, *a, **k):
         f.write(b"partial bytes")
         raise OSError("disk full")
+
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
         atomic_save({"epoch": 2}, path)
@@ -103,11 +105,14 @@ def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("content, match", [
-    (None, "not found"),
-    (b"just some text\n", "not a"),
-    (pickle.dumps([1, 2, 3]), "not a"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "not found"),
+        (b"just some text\n", "not a"),
+        (pickle.dumps([1, 2, 3]), "not a"),
+    ],
+)
 def test_missing_or_non_checkpoint_files_are_one_line_user_errors(tmp_path, content, match):
     path = tmp_path / "x.pth"
     if content is not None:
@@ -128,8 +133,10 @@ def test_pretrained_head_of_another_class_count_is_dropped_and_the_rest_loads():
     src, dst = _model(num_classes=10), _model(num_classes=3)
     dropped = load_model_weights(dst, src.state_dict(), "src.pth", drop_mismatched_head=True)
     assert dropped == ["head.fc.weight", "head.fc.bias"]
-    assert torch.equal(dst.stem.state_dict()[next(iter(dst.stem.state_dict()))],
-                       src.stem.state_dict()[next(iter(src.stem.state_dict()))])
+    assert torch.equal(
+        dst.stem.state_dict()[next(iter(dst.stem.state_dict()))],
+        src.stem.state_dict()[next(iter(src.stem.state_dict()))],
+    )
     with pytest.raises(UserError, match="head.fc.weight"):  # without the option it is an error
         load_model_weights(_model(num_classes=3), src.state_dict(), "src.pth")
 

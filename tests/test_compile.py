@@ -4,6 +4,7 @@ training steps give the eager losses and gradients, and ``main.py --compile`` tr
 Inductor compiles C++ kernels on the CPU (about a minute per model here), so the compiling tests
 are marked slow and use a 4-block MOAT.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,8 +19,9 @@ from models.moat import MOAT, MoatCfg
 def small_moat(**kwargs) -> MOAT:
     """One block per stage (MBConv, MBConv, MOAT, MOAT), attention with relative bias."""
     torch.manual_seed(0)
-    cfg = MoatCfg(stem_dims=(8, 8), depths=(1, 1, 1, 1), dims=(16, 16, 32, 32),
-                  stage_types=("mbconv", "mbconv", "moat", "moat"))
+    cfg = MoatCfg(
+        stem_dims=(8, 8), depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), stage_types=("mbconv", "mbconv", "moat", "moat")
+    )
     return MOAT(cfg, num_classes=5, **kwargs)
 
 

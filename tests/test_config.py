@@ -1,5 +1,6 @@
 """Config tree: BASE inheritance, precedence of flags and --opts, and one-line errors for
 unknown keys, wrong types and invalid values (each naming the key and what is accepted)."""
+
 from __future__ import annotations
 
 import os
@@ -28,17 +29,24 @@ def test_base_files_merge_first_and_the_child_overrides_them(tmp_path):
 
 def test_flags_override_yaml_and_opts_override_everything(tmp_path):
     cfg = _write(tmp_path / "c.yaml", "DATA:\n  BATCH_SIZE: 16\n")
-    config = get_config(_args("--cfg", cfg, "--batch-size", "32", "--tag", "x",
-                              "--opts", "TRAIN.EPOCHS", "3", "MODEL.NAME", "tiny_moat_1"))
-    assert (config.DATA.BATCH_SIZE, config.TAG, config.TRAIN.EPOCHS, config.MODEL.NAME) == \
-        (32, "x", 3, "tiny_moat_1")
+    config = get_config(
+        _args(
+            "--cfg", cfg, "--batch-size", "32", "--tag", "x", "--opts", "TRAIN.EPOCHS", "3", "MODEL.NAME", "tiny_moat_1"
+        )
+    )
+    assert (config.DATA.BATCH_SIZE, config.TAG, config.TRAIN.EPOCHS, config.MODEL.NAME) == (32, "x", 3, "tiny_moat_1")
     assert config.is_frozen()
 
 
-@pytest.mark.parametrize("yaml_value,flags,expected", [
-    ("true", [], True), ("false", [], False),  # an absent switch leaves the file's value
-    ("true", ["--no-channels-last"], False), ("false", ["--channels-last"], True),
-])
+@pytest.mark.parametrize(
+    "yaml_value,flags,expected",
+    [
+        ("true", [], True),
+        ("false", [], False),  # an absent switch leaves the file's value
+        ("true", ["--no-channels-last"], False),
+        ("false", ["--channels-last"], True),
+    ],
+)
 def test_channels_last_switch_overrides_the_file_both_ways(tmp_path, yaml_value, flags, expected):
     cfg = _write(tmp_path / "c.yaml", f"CHANNELS_LAST: {yaml_value}\n")
     assert get_config(_args("--cfg", cfg, *flags)).CHANNELS_LAST is expected
@@ -55,6 +63,7 @@ def test_every_config_file_loads_and_every_variant_has_one():
     import os
 
     from models import list_variants
+
     folder = os.path.join(os.path.dirname(__file__), "..", "configs")
     for path in sorted(glob.glob(os.path.join(folder, "*.yaml"))):
         get_config(_args("--cfg", path))
@@ -65,17 +74,20 @@ def test_every_config_file_loads_and_every_variant_has_one():
             assert (ft.MODEL.NAME, ft.DATA.IMG_SIZE) == (variant, 384)
 
 
-@pytest.mark.parametrize("opts, key, accepted", [
-    (["TRAIN.NOT_A_KEY", "1"], "TRAIN.NOT_A_KEY", "Non-existent"),
-    (["TRAIN.EPOCHS", "many"], "TRAIN.EPOCHS", "Type mismatch"),
-    (["TRAIN.BASE_LR", "-0.1"], "TRAIN.BASE_LR", "must be"),
-    (["DATA.BATCH_SIZE", "0"], "DATA.BATCH_SIZE", "must be > 0"),
-    (["MODEL.NAME", "moat_9"], "MODEL.NAME", "tiny_moat_0"),
-    (["TRAIN.OPTIMIZER.NAME", "lion"], "TRAIN.OPTIMIZER.NAME", "'adamw', 'sgd'"),
-    (["TRAIN.LR_SCHEDULER.NAME", "poly"], "TRAIN.LR_SCHEDULER.NAME", "'cosine', 'linear', 'step'"),
-    (["AMP_OPT_LEVEL", "O7"], "AMP_OPT_LEVEL", "'O1'"),
-    (["DATA.BATCH_SIZE", "5"], "DATA.BATCH_SIZE", "even while Mixup/CutMix is on"),
-])
+@pytest.mark.parametrize(
+    "opts, key, accepted",
+    [
+        (["TRAIN.NOT_A_KEY", "1"], "TRAIN.NOT_A_KEY", "Non-existent"),
+        (["TRAIN.EPOCHS", "many"], "TRAIN.EPOCHS", "Type mismatch"),
+        (["TRAIN.BASE_LR", "-0.1"], "TRAIN.BASE_LR", "must be"),
+        (["DATA.BATCH_SIZE", "0"], "DATA.BATCH_SIZE", "must be > 0"),
+        (["MODEL.NAME", "moat_9"], "MODEL.NAME", "tiny_moat_0"),
+        (["TRAIN.OPTIMIZER.NAME", "lion"], "TRAIN.OPTIMIZER.NAME", "'adamw', 'sgd'"),
+        (["TRAIN.LR_SCHEDULER.NAME", "poly"], "TRAIN.LR_SCHEDULER.NAME", "'cosine', 'linear', 'step'"),
+        (["AMP_OPT_LEVEL", "O7"], "AMP_OPT_LEVEL", "'O1'"),
+        (["DATA.BATCH_SIZE", "5"], "DATA.BATCH_SIZE", "even while Mixup/CutMix is on"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_key_and_accepted_values(tmp_path, opts, key, accepted):
     cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\n")
     with pytest.raises(ConfigError) as err:
@@ -105,13 +117,15 @@ def test_old_launchers_local_rank_flag_is_accepted_and_launch_state_stays_out_of
 
 
 def test_a_saved_config_of_an_older_version_with_launch_keys_still_loads(tmp_path):
-    cfg = _write(tmp_path / "old.yaml", "EVAL_MODE: false\nLOCAL_RANK: 3\nTHROUGHPUT_MODE: false\n"
-                                        "MODEL:\n  NAME: tiny_moat_0\n")
+    cfg = _write(
+        tmp_path / "old.yaml", "EVAL_MODE: false\nLOCAL_RANK: 3\nTHROUGHPUT_MODE: false\nMODEL:\n  NAME: tiny_moat_0\n"
+    )
     assert get_config(_args("--cfg", cfg)).MODEL.NAME == "tiny_moat_0"
 
 
 def test_config_differences_name_the_changed_keys_and_ignore_launch_keys():
     from config import config_differences
+
     old = {"TRAIN": {"BASE_LR": 0.1, "AUTO_RESUME": True}, "LOCAL_RANK": 0, "DATA": {"MEAN": [1, 2]}}
     new = {"TRAIN": {"BASE_LR": 0.2, "AUTO_RESUME": False}, "DATA": {"MEAN": (1, 2)}}
     assert config_differences(old, new) == ["TRAIN.BASE_LR: 0.1 -> 0.2"]
@@ -119,6 +133,7 @@ def test_config_differences_name_the_changed_keys_and_ignore_launch_keys():
 
 def test_config_to_dict_is_plain_containers_for_weights_only_checkpoints(tmp_path):
     import torch
+
     d = config_to_dict(get_config())
     torch.save({"config": d}, tmp_path / "c.pth")
     assert torch.load(tmp_path / "c.pth", weights_only=True)["config"] == d
@@ -127,6 +142,7 @@ def test_config_to_dict_is_plain_containers_for_weights_only_checkpoints(tmp_pat
 # ------------------------------------------------------------------ architecture keys (MODEL.MOAT)
 def _build(config):
     from models import build_model
+
     return build_model(config)
 
 
@@ -135,6 +151,7 @@ def test_every_architecture_field_has_a_commented_key_and_every_key_a_field():
 
     from config import _C
     from models.config import FIELD_NAMES
+
     keys = set(_C.MODEL.MOAT.keys())
     assert keys == {f.upper() for f in FIELD_NAMES} - {"DROP_PATH_RATE"}  # that one is MODEL.DROP_PATH_RATE
     source = open(os.path.join(os.path.dirname(__file__), "..", "config.py")).read()
@@ -145,16 +162,23 @@ def test_every_architecture_field_has_a_commented_key_and_every_key_a_field():
 def test_config_module_imports_without_torch():
     import subprocess
     import sys
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
-            "import config; assert config.get_config().MODEL.MOAT.DEPTHS == []")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(__file__), ".."),
-                          capture_output=True, text=True)
+
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['timm'] = None\n"
+        "import config; assert config.get_config().MODEL.MOAT.DEPTHS == []"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=os.path.join(os.path.dirname(__file__), ".."), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_unset_keys_keep_the_variant_and_set_keys_override_it(tmp_path):
-    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\n  MOAT:\n    DEPTHS: [1, 2, 2, 1]\n"
-                 "    HEAD_DIM: 16\n    EXPAND_RATIO: 6.0\n    POS_EMBED: false\n")
+    cfg = _write(
+        tmp_path / "c.yaml",
+        "MODEL:\n  NAME: tiny_moat_0\n  MOAT:\n    DEPTHS: [1, 2, 2, 1]\n"
+        "    HEAD_DIM: 16\n    EXPAND_RATIO: 6.0\n    POS_EMBED: false\n",
+    )
     config = get_config(_args("--cfg", cfg, "--opts", "MODEL.MOAT.KERNEL_SIZE", "5", "MODEL.NUM_CLASSES", "3"))
     model = _build(config)
     assert model.cfg.depths == (1, 2, 2, 1) and model.cfg.head_dim == 16 and model.cfg.kernel_size == 5
@@ -163,13 +187,17 @@ def test_unset_keys_keep_the_variant_and_set_keys_override_it(tmp_path):
     assert model.stages[2].blocks[0].attn.num_heads == 8 and model.stages[2].blocks[0].attn.rel_pos is None
     default = get_config(_args("--cfg", _write(tmp_path / "d.yaml", "MODEL:\n  NAME: tiny_moat_0\n")))
     from models import MOAT_CFGS, moat_cfg_from_config
+
     assert moat_cfg_from_config(default) == MOAT_CFGS["tiny_moat_0"]
 
 
 def test_a_new_name_builds_the_architecture_its_keys_define(tmp_path):
-    cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: my_moat\n  NUM_CLASSES: 5\n  DROP_PATH_RATE: 0.1\n"
-                 "  MOAT:\n    STEM_DIMS: [16, 16]\n    DEPTHS: [1, 1, 2]\n    DIMS: [32, 64, 96]\n"
-                 "    STAGE_TYPES: [mbconv, moat, moat]\n    WINDOW_SIZE: [0, 2]\nDATA:\n  IMG_SIZE: 64\n")
+    cfg = _write(
+        tmp_path / "c.yaml",
+        "MODEL:\n  NAME: my_moat\n  NUM_CLASSES: 5\n  DROP_PATH_RATE: 0.1\n"
+        "  MOAT:\n    STEM_DIMS: [16, 16]\n    DEPTHS: [1, 1, 2]\n    DIMS: [32, 64, 96]\n"
+        "    STAGE_TYPES: [mbconv, moat, moat]\n    WINDOW_SIZE: [0, 2]\nDATA:\n  IMG_SIZE: 64\n",
+    )
     model = _build(get_config(_args("--cfg", cfg)))
     assert model.cfg.dims == (32, 64, 96) and model.num_classes == 5 and model.cfg.drop_path_rate == 0.1
     assert model.window_size == (None, None, 2) and model.cfg.head_dim == 32  # unset: the official value
@@ -189,24 +217,33 @@ def test_a_new_name_without_a_required_key_is_a_one_line_error_naming_it(tmp_pat
     assert msg.endswith(f"must set MODEL.MOAT.{missing}")
 
 
-@pytest.mark.parametrize("opts, key, needle", [
-    (["MODEL.MOAT.HEAD_DIM", "48"], "MODEL.MOAT.DIMS", "not divisible by MODEL.MOAT.HEAD_DIM 48"),
-    (["MODEL.MOAT.DIMS", "[32, 64, 100, 256]"], "MODEL.MOAT.DIMS", "width 100 of attention stage 3"),
-    (["MODEL.MOAT.STAGE_TYPES", "['mbconv', 'mbconv', 'conv', 'moat']"], "MODEL.MOAT.STAGE_TYPES",
-     "unknown block type 'conv'"),
-    (["MODEL.MOAT.DEPTHS", "[2, 3]"], "MODEL.MOAT.DIMS", "but MODEL.MOAT.DEPTHS [2, 3] has 2"),
-    (["MODEL.MOAT.STAGE_TYPES", "['mbconv', 'moat']"], "MODEL.MOAT.STAGE_TYPES", "MODEL.MOAT.DEPTHS [2, 3, 7, 2]"),
-    (["MODEL.MOAT.STRIDES", "[2, 2]"], "MODEL.MOAT.STRIDES", "has 2 entries"),
-    (["MODEL.MOAT.WINDOW_SIZE", "[7, 0, 0]"], "MODEL.MOAT.WINDOW_SIZE", "one per attention ('moat') stage (2)"),
-    (["MODEL.MOAT.WINDOW_SIZE", "[5, 0]"], "MODEL.MOAT.WINDOW_SIZE",
-     "window 5 of stage 3 does not divide its 14x14 feature map at DATA.IMG_SIZE 224"),
-    (["DATA.IMG_SIZE", "100"], "DATA.IMG_SIZE", "multiple of the total stride 32"),
-    (["MODEL.MOAT.STRIDES", "[2, 2, 2, 4]", "DATA.IMG_SIZE", "224"], "DATA.IMG_SIZE", "total stride 64"),
-    (["MODEL.MOAT.POOL_SIZE", "4"], "MODEL.MOAT.POOL_SIZE", "2 (classification), 3"),
-    (["MODEL.MOAT.BN_MOMENTUM", "0.0"], "MODEL.MOAT.BN_MOMENTUM", "(0, 1]"),
-    (["MODEL.MOAT.NORM_LAYER", "'instancenorm'"], "MODEL.MOAT.NORM_LAYER", "batchnorm2d"),
-    (["MODEL.MOAT.POS_EMBED", "'yes'"], "MODEL.MOAT.POS_EMBED", "true or false"),
-])
+@pytest.mark.parametrize(
+    "opts, key, needle",
+    [
+        (["MODEL.MOAT.HEAD_DIM", "48"], "MODEL.MOAT.DIMS", "not divisible by MODEL.MOAT.HEAD_DIM 48"),
+        (["MODEL.MOAT.DIMS", "[32, 64, 100, 256]"], "MODEL.MOAT.DIMS", "width 100 of attention stage 3"),
+        (
+            ["MODEL.MOAT.STAGE_TYPES", "['mbconv', 'mbconv', 'conv', 'moat']"],
+            "MODEL.MOAT.STAGE_TYPES",
+            "unknown block type 'conv'",
+        ),
+        (["MODEL.MOAT.DEPTHS", "[2, 3]"], "MODEL.MOAT.DIMS", "but MODEL.MOAT.DEPTHS [2, 3] has 2"),
+        (["MODEL.MOAT.STAGE_TYPES", "['mbconv', 'moat']"], "MODEL.MOAT.STAGE_TYPES", "MODEL.MOAT.DEPTHS [2, 3, 7, 2]"),
+        (["MODEL.MOAT.STRIDES", "[2, 2]"], "MODEL.MOAT.STRIDES", "has 2 entries"),
+        (["MODEL.MOAT.WINDOW_SIZE", "[7, 0, 0]"], "MODEL.MOAT.WINDOW_SIZE", "one per attention ('moat') stage (2)"),
+        (
+            ["MODEL.MOAT.WINDOW_SIZE", "[5, 0]"],
+            "MODEL.MOAT.WINDOW_SIZE",
+            "window 5 of stage 3 does not divide its 14x14 feature map at DATA.IMG_SIZE 224",
+        ),
+        (["DATA.IMG_SIZE", "100"], "DATA.IMG_SIZE", "multiple of the total stride 32"),
+        (["MODEL.MOAT.STRIDES", "[2, 2, 2, 4]", "DATA.IMG_SIZE", "224"], "DATA.IMG_SIZE", "total stride 64"),
+        (["MODEL.MOAT.POOL_SIZE", "4"], "MODEL.MOAT.POOL_SIZE", "2 (classification), 3"),
+        (["MODEL.MOAT.BN_MOMENTUM", "0.0"], "MODEL.MOAT.BN_MOMENTUM", "(0, 1]"),
+        (["MODEL.MOAT.NORM_LAYER", "'instancenorm'"], "MODEL.MOAT.NORM_LAYER", "batchnorm2d"),
+        (["MODEL.MOAT.POS_EMBED", "'yes'"], "MODEL.MOAT.POS_EMBED", "true or false"),
+    ],
+)
 def test_invalid_architecture_keys_are_one_line_errors_naming_the_key(tmp_path, opts, key, needle):
     cfg = _write(tmp_path / "c.yaml", "MODEL:\n  NAME: tiny_moat_0\nDATA:\n  IMG_SIZE: 224\n")
     with pytest.raises(ConfigError) as err:
@@ -226,6 +263,7 @@ def test_example_architectures_load_and_describe_what_their_names_say():
     import glob
 
     from models import moat_cfg_from_config
+
     folder = os.path.join(os.path.dirname(__file__), "..", "configs", "examples")
     paths = sorted(glob.glob(os.path.join(folder, "*.yaml")))
     assert len(paths) >= 2

@@ -5,6 +5,7 @@ The converted weights reproduce the official logits; every model tensor gets one
 the output loads in predict, export, torch.hub and ``main.py --pretrained``; damaged or mismatched
 checkpoints are one-line errors; a file without BatchNorm statistics is recovered by calibration.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ from utils.inference import build_eval_transform, load_model_for_inference
 
 FIXTURE = os.path.join(REPO, "tests", "data", "deeplab2_moat")
 PREFIX = os.path.join(FIXTURE, "model.ckpt")
-VARIANT = "deeplab2_fixture"   # the fixture's architecture, registered only inside these tests
+VARIANT = "deeplab2_fixture"  # the fixture's architecture, registered only inside these tests
 EMA = "/ExponentialMovingAverage"
 # Input normalisation option 1 of the release notes, as the fixture's README applies it.
 MEAN = np.array([0.485, 0.456, 0.406]) * 255.0
@@ -38,8 +39,9 @@ STD = np.array([0.229, 0.224, 0.225]) * 255.0
 # ------------------------------------------------------------------------------------- helpers
 def fixture_cfg() -> MoatCfg:
     """The fixture's architecture: stem 16/16, blocks 2/2/2/1, widths 16/32/64/96, global attention."""
-    return MoatCfg(stem_dims=(16, 16), depths=(2, 2, 2, 1), dims=(16, 32, 64, 96),
-                   stage_types=("mbconv", "mbconv", "moat", "moat"))
+    return MoatCfg(
+        stem_dims=(16, 16), depths=(2, 2, 2, 1), dims=(16, 32, 64, 96), stage_types=("mbconv", "mbconv", "moat", "moat")
+    )
 
 
 def fixture_model(pool_size: int = 2) -> MOAT:
@@ -146,12 +148,15 @@ def test_every_registered_variant_maps_completely(name):
     assert tf_elements == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("weights, size, pool, name", [
-    ("ema", 224, 2, "logits_ema_224"),
-    ("ema", 288, 2, "logits_ema_288"),   # the relative tables are resized
-    ("raw", 224, 2, "logits_raw_224"),
-    ("ema", 224, 3, "logits_ema_224_pool3"),
-])
+@pytest.mark.parametrize(
+    "weights, size, pool, name",
+    [
+        ("ema", 224, 2, "logits_ema_224"),
+        ("ema", 288, 2, "logits_ema_288"),  # the relative tables are resized
+        ("raw", 224, 2, "logits_raw_224"),
+        ("ema", 224, 3, "logits_ema_224_pool3"),
+    ],
+)
 def test_converted_weights_reproduce_the_official_logits(weights, size, pool, name):
     # An already-built model object (the way in for architectures that are not registered).
     model, report, _ = convert.load_deeplab2(PREFIX, fixture_model(pool), weights=weights)
@@ -160,8 +165,7 @@ def test_converted_weights_reproduce_the_official_logits(weights, size, pool, na
 
 
 # --------------------------------------------------------------------------------- CLI outputs
-def test_cli_writes_a_trainer_checkpoint_with_the_release_config_and_a_record(converted, capsys, tmp_path,
-                                                                             registered):
+def test_cli_writes_a_trainer_checkpoint_with_the_release_config_and_a_record(converted, capsys, tmp_path, registered):
     obj = torch.load(converted, map_location="cpu", weights_only=True)
     assert set(obj) == {"model", "model_name", "model_cfg", "class_names", "config", "converted_from"}
     assert obj["model_cfg"] == fixture_cfg().to_dict()
@@ -181,8 +185,23 @@ def test_cli_writes_a_trainer_checkpoint_with_the_release_config_and_a_record(co
     # Option 2 (MOAT-2/3/4): mean = std = 127.5 on 0..255 pixels is 0.5 / 0.5 on 0..1.
     names = tmp_path / "names.txt"
     names.write_text("\n".join(f"thing {i}" for i in range(10)) + "\n")
-    code, out, err = run([PREFIX, "--model", VARIANT, "--output", tmp_path / "o2.pth", "--normalization", "2",
-                          "--img-size", "288", "--class-names", names, "--raw"], capsys)
+    code, out, err = run(
+        [
+            PREFIX,
+            "--model",
+            VARIANT,
+            "--output",
+            tmp_path / "o2.pth",
+            "--normalization",
+            "2",
+            "--img-size",
+            "288",
+            "--class-names",
+            names,
+            "--raw",
+        ],
+        capsys,
+    )
     assert code == 0, err
     obj = torch.load(tmp_path / "o2.pth", weights_only=True)
     assert obj["config"]["DATA"]["MEAN"] == [0.5] * 3 and obj["config"]["DATA"]["STD"] == [0.5] * 3
@@ -214,8 +233,9 @@ def test_predict_gives_the_official_probabilities(converted, registered, tmp_pat
     for i, image in enumerate(np.load(os.path.join(FIXTURE, "images_224_uint8.npy"))):
         Image.fromarray(image).save(folder / f"{i}.png")
     out = tmp_path / "preds.csv"
-    assert predict.main([converted, str(folder), "--topk", "10", "--num-workers", "0", "--csv", str(out),
-                         "--quiet"]) == 0
+    assert (
+        predict.main([converted, str(folder), "--topk", "10", "--num-workers", "0", "--csv", str(out), "--quiet"]) == 0
+    )
     want = torch.from_numpy(expected("logits_ema_224")).softmax(-1)
     rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
     for row, probs in zip(rows, want):
@@ -227,8 +247,10 @@ def test_export_writes_safetensors_and_torchscript_that_match(converted, registe
     base = str(tmp_path / "exported")
     # Traced at 256: a trace at 224, where the stage-3/4 maps are the tables' native 14/7, skips
     # the table resize (models/moat.py returns the table itself there) and fails at other sizes.
-    assert export.main([converted, "--format", "safetensors", "torchscript", "--check", "-o", base,
-                        "--img-size", "256"]) == 0
+    assert (
+        export.main([converted, "--format", "safetensors", "torchscript", "--check", "-o", base, "--img-size", "256"])
+        == 0
+    )
     assert "check: reloaded weights equal" in capsys.readouterr().out
     model, meta = load_model_for_inference(base + ".safetensors")
     assert meta.variant == VARIANT and meta.weights == "ema"
@@ -253,6 +275,7 @@ def test_safetensors_output_loads_for_inference_with_its_record(registered, tmp_
     assert meta.weights == "raw" and meta.variant == VARIANT
     assert rel(logits(model), expected("logits_raw_224")) < 1e-4
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         assert '"weights": "raw"' in f.metadata()["moat.converted_from"]
 
@@ -264,10 +287,24 @@ def test_main_pretrained_starts_from_the_converted_weights(converted, registered
     # A linear probe on 3 new classes: the head is dropped and re-initialised, the frozen backbone
     # (BatchNorm statistics included) must still be the converted weights after an epoch.
     data = make_image_tree(str(tmp_path / "data"), train_per_class=4, val_per_class=1)
-    cfg = tiny_cfg(MODEL={"NAME": VARIANT, "NUM_CLASSES": 3},
-                   TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0, "FREEZE_BACKBONE": True, "EMA": {"ENABLE": False}})
-    code = trainer.main(["--cfg", cfg, "--data-path", data, "--output", str(tmp_path / "out"),
-                         "--pretrained", converted, "--device", "cpu"])
+    cfg = tiny_cfg(
+        MODEL={"NAME": VARIANT, "NUM_CLASSES": 3},
+        TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0, "FREEZE_BACKBONE": True, "EMA": {"ENABLE": False}},
+    )
+    code = trainer.main(
+        [
+            "--cfg",
+            cfg,
+            "--data-path",
+            data,
+            "--output",
+            str(tmp_path / "out"),
+            "--pretrained",
+            converted,
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     run_dir = tmp_path / "out" / VARIANT / "default"
     log = (run_dir / "log_rank0.txt").read_text()
@@ -290,8 +327,21 @@ def test_main_eval_resume_validates_the_converted_checkpoint(converted, register
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(image).save(folder / f"{i}.png")
     cfg = tiny_cfg(MODEL={"NAME": VARIANT, "NUM_CLASSES": 10}, DATA={"IMG_SIZE": 224, "CROP_PCT": 1.0})
-    code = trainer.main(["--cfg", cfg, "--data-path", str(tmp_path / "data"), "--output", str(tmp_path / "out"),
-                         "--eval", "--resume", converted, "--device", "cpu"])
+    code = trainer.main(
+        [
+            "--cfg",
+            cfg,
+            "--data-path",
+            str(tmp_path / "data"),
+            "--output",
+            str(tmp_path / "out"),
+            "--eval",
+            "--resume",
+            converted,
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     log = (tmp_path / "out" / VARIANT / "default" / "log_rank0.txt").read_text()
     found = re.findall(r"\* (model|ema) Acc@1 ([\d.]+) Acc@5 [\d.]+ loss [\d.]+ \((\d+) images", log)
@@ -324,9 +374,9 @@ def test_stem_under_its_eager_name_and_blocks_without_the_moat_scope_convert_the
     renamed = {}
     for name, value in tensors.items():
         if name.startswith("moat/stem/"):
-            name = name[len("moat/stem/"):]        # Keras eager name of the stem's layers
+            name = name[len("moat/stem/") :]  # Keras eager name of the stem's layers
         elif name.startswith("moat/block_00"):
-            name = name[len("moat/"):]
+            name = name[len("moat/") :]
         renamed[name] = value
     prefix = str(tmp_path / "renamed.ckpt")
     write_bundle(prefix, renamed)
@@ -345,9 +395,11 @@ def test_file_without_ema_converts_the_raw_weights_unless_ema_is_demanded(regist
     assert torch.load(tmp_path / "r.pth", weights_only=True)["converted_from"]["weights"] == "raw"
     code, _, err = run([prefix, "--model", VARIANT, "--output", tmp_path / "e.pth", "--ema"], capsys)
     assert code == 2
-    assert error_line(err) == ("convert_deeplab2.py: error: variable missing from the checkpoint: "
-                               "moat/stem/conv_0/kernel/ExponentialMovingAverage (its raw value is there: --raw "
-                               "converts the raw weights) (and 134 more problem(s))")
+    assert error_line(err) == (
+        "convert_deeplab2.py: error: variable missing from the checkpoint: "
+        "moat/stem/conv_0/kernel/ExponentialMovingAverage (its raw value is there: --raw "
+        "converts the raw weights) (and 134 more problem(s))"
+    )
 
 
 def test_file_without_a_head_converts_the_backbone_with_a_fresh_head(registered, tensors, tmp_path, capsys):
@@ -365,21 +417,25 @@ def test_file_without_a_head_converts_the_backbone_with_a_fresh_head(registered,
     converted = MOAT(fixture_cfg(), num_classes=5)
     converted.load_state_dict(obj["model"])
     with torch.no_grad():
-        torch.testing.assert_close(converted.eval().forward_features(inputs(224)),
-                                   model.eval().forward_features(inputs(224)))
+        torch.testing.assert_close(
+            converted.eval().forward_features(inputs(224)), model.eval().forward_features(inputs(224))
+        )
 
 
 # ------------------------------------------------------------------------------------- errors
 def _missing_variable(tmp_path, tensors):
     prefix = edited(tmp_path, tensors, drop=["moat/block_01_00/shortcut_conv/bias/ExponentialMovingAverage"])
-    return [prefix, "--model", VARIANT], ("variable missing from the checkpoint: "
-                                          "moat/block_01_00/shortcut_conv/bias/ExponentialMovingAverage")
+    return [prefix, "--model", VARIANT], (
+        "variable missing from the checkpoint: moat/block_01_00/shortcut_conv/bias/ExponentialMovingAverage"
+    )
 
 
 def _wrong_model(tmp_path, tensors):
-    return [PREFIX, "--model", "tiny_moat_0"], ("moat/stem/conv_0/kernel/ExponentialMovingAverage: shape "
-                                                "[3, 3, 3, 16] in the checkpoint, but tiny_moat_0 needs "
-                                                "[3, 3, 3, 32] (wrong --model?)")
+    return [PREFIX, "--model", "tiny_moat_0"], (
+        "moat/stem/conv_0/kernel/ExponentialMovingAverage: shape "
+        "[3, 3, 3, 16] in the checkpoint, but tiny_moat_0 needs "
+        "[3, 3, 3, 32] (wrong --model?)"
+    )
 
 
 def _truncated_shard(tmp_path, tensors):
@@ -396,8 +452,11 @@ def _missing_index(tmp_path, tensors):
     return [tmp_path / "model.ckpt", "--model", VARIANT], f"checkpoint index not found: {tmp_path / 'model.ckpt.index'}"
 
 
-@pytest.mark.parametrize("case", [_missing_variable, _wrong_model, _truncated_shard, _missing_index],
-                         ids=["missing-variable", "wrong-model", "truncated-shard", "missing-index"])
+@pytest.mark.parametrize(
+    "case",
+    [_missing_variable, _wrong_model, _truncated_shard, _missing_index],
+    ids=["missing-variable", "wrong-model", "truncated-shard", "missing-index"],
+)
 def test_errors_are_one_line_with_exit_code_2_naming_the_variable_or_file(case, registered, tensors, tmp_path, capsys):
     argv, message = case(tmp_path, tensors)
     code, out, err = run([*argv, "--output", tmp_path / "out.pth"], capsys)
@@ -407,10 +466,11 @@ def test_errors_are_one_line_with_exit_code_2_naming_the_variable_or_file(case, 
     assert not os.path.exists(tmp_path / "out.pth")
 
 
-def test_leftover_entries_are_listed_but_optimizer_slots_and_global_step_are_not(registered, tensors, tmp_path,
-                                                                                 capsys):
-    extra = {"moat/block_00_00/unexpected/kernel": np.zeros((1, 1, 2, 2), np.float32),
-             "moat/stem/conv_0/kernel/Adam_1": np.zeros((3, 3, 3, 16), np.float32)}
+def test_leftover_entries_are_listed_but_optimizer_slots_and_global_step_are_not(registered, tensors, tmp_path, capsys):
+    extra = {
+        "moat/block_00_00/unexpected/kernel": np.zeros((1, 1, 2, 2), np.float32),
+        "moat/stem/conv_0/kernel/Adam_1": np.zeros((3, 3, 3, 16), np.float32),
+    }
     prefix = edited(tmp_path, tensors, **extra)
     code, _, err = run([prefix, "--model", VARIANT, "--output", tmp_path / "l.pth"], capsys)
     assert code == 0
@@ -418,20 +478,29 @@ def test_leftover_entries_are_listed_but_optimizer_slots_and_global_step_are_not
     assert "Momentum" not in err and "global_step" not in err and "Adam_1" not in err
     record = torch.load(tmp_path / "l.pth", weights_only=True)["converted_from"]
     assert record["leftover"] == ["moat/block_00_00/unexpected/kernel"]
-    assert sorted(record["ignored"]) == ["global_step", "moat/logits_head/kernel/Momentum",
-                                         "moat/stem/conv_0/kernel/Adam_1"]
+    assert sorted(record["ignored"]) == [
+        "global_step",
+        "moat/logits_head/kernel/Momentum",
+        "moat/stem/conv_0/kernel/Adam_1",
+    ]
 
 
 def test_checkpoints_of_deeper_or_position_embedding_variants_do_not_convert_into_smaller_models(tensors, tmp_path):
     # Same widths, one more block (as moat_1 is moat_0 with more blocks): not a stray leftover.
     deeper = {n.replace("block_02_01", "block_02_02"): v for n, v in tensors.items() if "block_02_01" in n}
-    with pytest.raises(convert.ConversionError, match=r"^moat/block_02_02/\S+: the checkpoint has a block "
-                                                     r"\(block_02_02\) that the model lacks \(wrong --model"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"^moat/block_02_02/\S+: the checkpoint has a block "
+        r"\(block_02_02\) that the model lacks \(wrong --model",
+    ):
         convert.load_deeplab2(edited(tmp_path / "deeper", tensors, **deeper), fixture_model())
     # Position embeddings into a _no_pe model: the trained tables would be dropped silently.
     no_pe = MOAT(replace(fixture_cfg(), pos_embed=False), num_classes=10)
-    with pytest.raises(convert.ConversionError, match=r"relative_position_embedding\S*: the checkpoint has "
-                                                     r"relative position embeddings and the model has none"):
+    with pytest.raises(
+        convert.ConversionError,
+        match=r"relative_position_embedding\S*: the checkpoint has "
+        r"relative position embeddings and the model has none",
+    ):
         convert.load_deeplab2(PREFIX, no_pe)
 
 
@@ -441,8 +510,9 @@ def test_unknown_model_and_missing_bn_statistics_are_one_line_errors(registered,
     prefix = edited(tmp_path, tensors, drop=["moving_"])
     code, _, err = run([prefix, "--model", VARIANT, "--output", tmp_path / "x.pth"], capsys)
     assert code == 2
-    assert ("no BatchNorm moving statistics (e.g. moat/stem/norm_0/moving_mean); re-estimate them with "
-            "--calibrate-bn") in error_line(err)
+    assert (
+        "no BatchNorm moving statistics (e.g. moat/stem/norm_0/moving_mean); re-estimate them with --calibrate-bn"
+    ) in error_line(err)
 
 
 # ------------------------------------------------------------------------------ BN calibration
@@ -461,8 +531,9 @@ def _varied_images(n: int, seed: int, size: int = 64) -> np.ndarray:
     """The fixture images' kinds with variation: resized crops of the fixture images, new smooth
     colour fields, and tinted uniform noise, each with noise of random strength; uint8 NHWC."""
     rng = np.random.default_rng(seed)
-    originals = [Image.fromarray(im) for s in (224, 288)
-                 for im in np.load(os.path.join(FIXTURE, f"images_{s}_uint8.npy"))]
+    originals = [
+        Image.fromarray(im) for s in (224, 288) for im in np.load(os.path.join(FIXTURE, f"images_{s}_uint8.npy"))
+    ]
     out = []
     for i in range(n):
         kind = i % 3
@@ -507,15 +578,20 @@ def test_bn_calibration_recovers_a_release_without_moving_statistics(registered,
             m.train()
     with torch.no_grad():
         model(_normalised(images))
-    stats = {f"moat/{r.sources[0]}": model.state_dict()[r.target].numpy()
-             for r in convert.deeplab2_rules(model) if not r.trainable}
+    stats = {
+        f"moat/{r.sources[0]}": model.state_dict()[r.target].numpy()
+        for r in convert.deeplab2_rules(model)
+        if not r.trainable
+    }
     intact = edited(tmp_path / "intact", tensors, **stats)
     stripped = edited(tmp_path / "stripped", tensors, drop=["moving_"])
 
     # The labelled training folder: every image as a PNG in the folder of the class the intact
     # converted model predicts for it (the eval transform at 64 px, crop 1.0, is the identity).
-    code, _, err = run([intact, "--model", VARIANT, "--output", tmp_path / "intact.pth", "--img-size", size,
-                        "--crop-pct", "1.0"], capsys)
+    code, _, err = run(
+        [intact, "--model", VARIANT, "--output", tmp_path / "intact.pth", "--img-size", size, "--crop-pct", "1.0"],
+        capsys,
+    )
     assert code == 0, err
     reference, meta = load_model_for_inference(str(tmp_path / "intact.pth"))
     transform = build_eval_transform(meta)
@@ -545,9 +621,28 @@ def test_bn_calibration_recovers_a_release_without_moving_statistics(registered,
     blank.load_state_dict(state)
     before = agreement(blank)
 
-    code, _, err = run([stripped, "--model", VARIANT, "--output", tmp_path / "calibrated.pth", "--img-size", size,
-                        "--crop-pct", "1.0", "--calibrate-bn", folder, "--batch-size", "64", "--num-workers", "0",
-                        "--device", "cpu"], capsys)
+    code, _, err = run(
+        [
+            stripped,
+            "--model",
+            VARIANT,
+            "--output",
+            tmp_path / "calibrated.pth",
+            "--img-size",
+            size,
+            "--crop-pct",
+            "1.0",
+            "--calibrate-bn",
+            folder,
+            "--batch-size",
+            "64",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "BatchNorm moving statistics: not in the checkpoint" in err
     calibrated, calibrated_meta = load_model_for_inference(str(tmp_path / "calibrated.pth"))
@@ -555,8 +650,10 @@ def test_bn_calibration_recovers_a_release_without_moving_statistics(registered,
     record = torch.load(tmp_path / "calibrated.pth", weights_only=True)["converted_from"]
     assert record["bn_statistics"] == f"calibrated over {count} images of {folder}"
     after = agreement(calibrated)
-    print(f"agreement with the intact model: {before:.3f} without statistics, {after:.3f} calibrated "
-          f"(labels per class {counts.tolist()})")
+    print(
+        f"agreement with the intact model: {before:.3f} without statistics, {after:.3f} calibrated "
+        f"(labels per class {counts.tolist()})"
+    )
     assert before < 0.5 and after > 0.97
 
 

@@ -5,6 +5,7 @@ refusal of checkpoints carrying code, and a warning when an output folder holds 
 The kill/SIGTERM tests run ``main.py`` as real subprocesses and compare their final ``last.pth``
 tensor by tensor with the uninterrupted ``conftest.reference_run`` (same config and seed).
 """
+
 from __future__ import annotations
 
 import glob
@@ -43,8 +44,14 @@ def assert_same_training_state(a_path, b_path):
 
 
 def _start(args):
-    return subprocess.Popen([sys.executable, "main.py", *map(str, args)], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "main.py", *map(str, args)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_log(proc, log_path, needle, timeout=240):
@@ -76,8 +83,9 @@ def _copy_run(src_dir, dst_root, names=("last.pth", "config.yaml", "summary.csv"
 
 # ------------------------------------------------------------------------------- exact resume
 @pytest.mark.slow
-def test_sigkill_after_an_epoch_then_auto_resume_is_bit_identical(reference_run, image_tree, tiny_cfg,
-                                                                  run_cli, tmp_path):
+def test_sigkill_after_an_epoch_then_auto_resume_is_bit_identical(
+    reference_run, image_tree, tiny_cfg, run_cli, tmp_path
+):
     args = ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", tmp_path]
     run_dir = os.path.join(tmp_path, *RUN)
     proc = _start(args)
@@ -94,7 +102,8 @@ def test_sigkill_after_an_epoch_then_auto_resume_is_bit_identical(reference_run,
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_checkpoints_the_position_exits_0_and_resumes_bit_identically(
-        reference_run, image_tree, tiny_cfg, run_cli, tmp_path):
+    reference_run, image_tree, tiny_cfg, run_cli, tmp_path
+):
     args = ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", tmp_path]
     run_dir = os.path.join(tmp_path, *RUN)
     log_path = os.path.join(run_dir, "log_rank0.txt")
@@ -133,12 +142,25 @@ def test_periodic_step_checkpoints_record_the_position_inside_the_epoch(image_tr
 
 # ------------------------------------------------------------------------------- divergence
 def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(
-        reference_run, image_tree, tiny_cfg, tmp_path, capsys):
-    run_dir = _copy_run(reference_run, str(tmp_path), names=("epoch_0.pth",),
-                        rename={"epoch_0.pth": "last.pth"})
+    reference_run, image_tree, tiny_cfg, tmp_path, capsys
+):
+    run_dir = _copy_run(reference_run, str(tmp_path), names=("epoch_0.pth",), rename={"epoch_0.pth": "last.pth"})
     good = _sha(os.path.join(run_dir, "last.pth"))
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--opts", "TRAIN.BASE_LR", "1e30", "TRAIN.CLIP_GRAD", "0.0"])
+    code = trainer.main(
+        [
+            "--cfg",
+            tiny_cfg(),
+            "--data-path",
+            image_tree,
+            "--output",
+            str(tmp_path),
+            "--opts",
+            "TRAIN.BASE_LR",
+            "1e30",
+            "TRAIN.CLIP_GRAD",
+            "0.0",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and err.count("\n") == 0
     assert "non-finite loss" in err and "epoch 1" in err
@@ -170,8 +192,9 @@ def test_bad_data_is_a_one_line_error_naming_the_path(damage, image_tree, tiny_c
     root = str(tmp_path / "data")
     shutil.copytree(image_tree, root)
     needle = damage(root)
-    code = trainer.main(["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", root,
-                         "--output", str(tmp_path / "out")])
+    code = trainer.main(
+        ["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", root, "--output", str(tmp_path / "out")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and needle in err, err
 
@@ -192,19 +215,22 @@ def test_skip_bad_images_option_trains_and_logs_each_skipped_file_once(image_tre
     assert log.count(f"skipping unreadable image {bad}") == 1
 
 
-@pytest.mark.parametrize("opts, needle", [
-    (["TRAIN.NO_SUCH", "1"], "TRAIN.NO_SUCH"),
-    (["TRAIN.EPOCHS", "abc"], "TRAIN.EPOCHS"),
-    (["TRAIN.BASE_LR", "-1.0"], "TRAIN.BASE_LR"),
-    (["DATA.BATCH_SIZE", "0"], "DATA.BATCH_SIZE"),
-    (["MODEL.NAME", "resnet50"], "accepted: moat_0"),
-    (["TRAIN.OPTIMIZER.NAME", "adam"], "accepted: 'adamw', 'sgd'"),
-    (["TRAIN.LR_SCHEDULER.NAME", "poly"], "accepted: 'cosine', 'linear', 'step'"),
-])
-def test_bad_config_is_a_one_line_error_naming_key_and_accepted_values(opts, needle, image_tree, tiny_cfg,
-                                                                       tmp_path, capsys):
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--opts", *opts])
+@pytest.mark.parametrize(
+    "opts, needle",
+    [
+        (["TRAIN.NO_SUCH", "1"], "TRAIN.NO_SUCH"),
+        (["TRAIN.EPOCHS", "abc"], "TRAIN.EPOCHS"),
+        (["TRAIN.BASE_LR", "-1.0"], "TRAIN.BASE_LR"),
+        (["DATA.BATCH_SIZE", "0"], "DATA.BATCH_SIZE"),
+        (["MODEL.NAME", "resnet50"], "accepted: moat_0"),
+        (["TRAIN.OPTIMIZER.NAME", "adam"], "accepted: 'adamw', 'sgd'"),
+        (["TRAIN.LR_SCHEDULER.NAME", "poly"], "accepted: 'cosine', 'linear', 'step'"),
+    ],
+)
+def test_bad_config_is_a_one_line_error_naming_key_and_accepted_values(
+    opts, needle, image_tree, tiny_cfg, tmp_path, capsys
+):
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path), "--opts", *opts])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and needle in err, err
 
@@ -232,11 +258,13 @@ def _bad_checkpoint(kind, tmp_path, reference_run):
     if kind == "other_variant":
         from config import get_config
         from models import build_model
+
         config = get_config().clone()
         config.defrost()
         config.merge_from_list(["MODEL.NAME", "tiny_moat_1", "MODEL.NUM_CLASSES", 3])
-        torch.save({"model": build_model(config).state_dict(), "model_name": "tiny_moat_1", "epoch": 0,
-                    "optimizer": {}}, path)
+        torch.save(
+            {"model": build_model(config).state_dict(), "model_name": "tiny_moat_1", "epoch": 0, "optimizer": {}}, path
+        )
         return str(path), "shape mismatch"
     if kind == "malicious":
         torch.save({"model": {}, "x": _Exploit(str(tmp_path / "pwned"))}, path)
@@ -246,11 +274,13 @@ def _bad_checkpoint(kind, tmp_path, reference_run):
 
 @pytest.mark.parametrize("flag", [["--resume"], ["--pretrained"], ["--eval", "--resume"]])
 @pytest.mark.parametrize("kind", ["missing", "text", "truncated", "other_variant", "malicious"])
-def test_bad_checkpoints_are_one_line_errors_and_code_never_runs(flag, kind, reference_run, image_tree, tiny_cfg,
-                                                                 tmp_path, capsys):
+def test_bad_checkpoints_are_one_line_errors_and_code_never_runs(
+    flag, kind, reference_run, image_tree, tiny_cfg, tmp_path, capsys
+):
     path, needle = _bad_checkpoint(kind, tmp_path, reference_run)
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path / "out"),
-                         *flag, path])
+    code = trainer.main(
+        ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path / "out"), *flag, path]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and needle in err and path in err, err
     assert not (tmp_path / "pwned").exists()
@@ -272,8 +302,19 @@ def test_auto_resume_skips_a_malicious_checkpoint_with_a_warning(image_tree, tin
 # ----------------------------------------------------------------------------------- outputs
 def test_output_folder_with_another_config_warns_naming_the_keys(reference_run, image_tree, tiny_cfg, tmp_path):
     run_dir = _copy_run(reference_run, str(tmp_path))
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--opts", "TRAIN.WEIGHT_DECAY", "0.1"])
+    code = trainer.main(
+        [
+            "--cfg",
+            tiny_cfg(),
+            "--data-path",
+            image_tree,
+            "--output",
+            str(tmp_path),
+            "--opts",
+            "TRAIN.WEIGHT_DECAY",
+            "0.1",
+        ]
+    )
     assert code == 0  # nothing left to train: both epochs are done
     log = open(os.path.join(run_dir, "log_rank0.txt")).read()
     assert "holds a run with a different config" in log and "TRAIN.WEIGHT_DECAY: 0.05 -> 0.1" in log
@@ -285,8 +326,14 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identically(ddp
     args = args + ["--output", tmp_path]
     run_dir = os.path.join(tmp_path, *RUN)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.Popen([*launcher, "main.py", *map(str, args)], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*launcher, "main.py", *map(str, args)],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for rank in (0, 1):  # both ranks handle SIGTERM from here on
         _wait_for_log(proc, os.path.join(run_dir, f"log_rank{rank}.txt"), "start training")
     proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
@@ -307,7 +354,8 @@ def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identically(ddp
 
 
 def test_auto_resume_skips_a_truncated_last_checkpoint_and_uses_the_newest_good_one(
-        reference_run, image_tree, tiny_cfg, tmp_path):
+    reference_run, image_tree, tiny_cfg, tmp_path
+):
     run_dir = _copy_run(reference_run, str(tmp_path), names=("epoch_0.pth", "config.yaml"))
     data = open(os.path.join(reference_run, "last.pth"), "rb").read()
     with open(os.path.join(run_dir, "last.pth"), "wb") as f:  # a save torn by a crash (no atomic rename)
@@ -321,13 +369,22 @@ def test_auto_resume_skips_a_truncated_last_checkpoint_and_uses_the_newest_good_
 
 
 def test_second_run_on_a_busy_folder_stops_naming_the_holder_and_a_killed_holder_blocks_nothing(
-        image_tree, tiny_cfg, tmp_path, capsys):
+    image_tree, tiny_cfg, tmp_path, capsys
+):
     run_dir = os.path.join(tmp_path, *RUN)
     os.makedirs(run_dir)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from utils.run_lock import RunFolderLock; "
-         "RunFolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", run_dir],
-        cwd=REPO, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from utils.run_lock import RunFolderLock; "
+            "RunFolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
+            run_dir,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         args = ["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", image_tree, "--output", str(tmp_path)]
@@ -345,7 +402,8 @@ def test_second_run_on_a_busy_folder_stops_naming_the_holder_and_a_killed_holder
 
 @pytest.mark.slow
 def test_disk_full_while_saving_is_one_line_naming_sizes_and_keeps_the_last_good_checkpoint(
-        image_tree, tiny_cfg, tmp_path):
+    image_tree, tiny_cfg, tmp_path
+):
     """A file-size limit makes every checkpoint write fail as a full disk would (EFBIG instead
     of ENOSPC): the run stops with exit code 1 and one line, and last.pth of epoch 0 survives."""
     import resource
@@ -360,9 +418,27 @@ def test_disk_full_while_saving_is_one_line_naming_sizes_and_keeps_the_last_good
     def limit_file_size():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    proc = subprocess.run([sys.executable, "main.py", "--cfg", cfg, "--data-path", image_tree, "--output",
-                           str(tmp_path), "--opts", "TRAIN.EPOCHS", "2"], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "main.py",
+            "--cfg",
+            cfg,
+            "--data-path",
+            image_tree,
+            "--output",
+            str(tmp_path),
+            "--opts",
+            "TRAIN.EPOCHS",
+            "2",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     err = proc.stderr.strip()
     assert err.count("\n") == 0 and "Traceback" not in err, err

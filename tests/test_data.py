@@ -1,5 +1,6 @@
 """The data pipeline: transforms, one-line data errors, bad-image skipping, resumable seeded
 sampling, exact distributed eval sharding and Mixup wiring (tiny PNG trees in tmp_path)."""
+
 from __future__ import annotations
 
 import logging
@@ -32,9 +33,22 @@ def make_config(data_path="", **opts):
     """Frozen default config for a tiny imagefolder run, with ``opts`` as KEY=value overrides."""
     config = get_config().clone()
     config.defrost()
-    config.merge_from_list(["DATA.DATA_PATH", data_path, "DATA.DATASET", "imagefolder",
-                            "MODEL.NUM_CLASSES", len(CLASSES), "DATA.IMG_SIZE", 32,
-                            "DATA.BATCH_SIZE", 4, "DATA.NUM_WORKERS", 0])
+    config.merge_from_list(
+        [
+            "DATA.DATA_PATH",
+            data_path,
+            "DATA.DATASET",
+            "imagefolder",
+            "MODEL.NUM_CLASSES",
+            len(CLASSES),
+            "DATA.IMG_SIZE",
+            32,
+            "DATA.BATCH_SIZE",
+            4,
+            "DATA.NUM_WORKERS",
+            0,
+        ]
+    )
     for key, value in opts.items():
         config.merge_from_list([key.replace("__", "."), value])
     config.freeze()
@@ -49,6 +63,7 @@ def truncate(path, keep=60):
 
 
 # ----------------------------------------------------------------------------- data errors
+
 
 def test_class_count_mismatch_names_path_count_and_config_key(tmp_path):
     root = make_tree(tmp_path)
@@ -139,8 +154,7 @@ def test_skip_bad_images_substitutes_next_sample_and_logs_each_file_once(tmp_pat
 def test_skip_bad_images_counts_files_skipped_inside_loader_workers(tmp_path):
     root = make_tree(tmp_path)
     truncate(os.path.join(root, "train", "dog", "0.png"))
-    dataset_train, _, loader, _, _ = build_loader(
-        make_config(root, DATA__SKIP_BAD_IMAGES=True, DATA__NUM_WORKERS=1))
+    dataset_train, _, loader, _, _ = build_loader(make_config(root, DATA__SKIP_BAD_IMAGES=True, DATA__NUM_WORKERS=1))
     for epoch in range(2):
         loader.sampler.set_epoch(epoch)
         for _ in loader:
@@ -149,6 +163,7 @@ def test_skip_bad_images_counts_files_skipped_inside_loader_workers(tmp_path):
 
 
 # ----------------------------------------------------------------------------- samplers
+
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_train_order_is_a_function_of_seed_and_epoch_for_every_rank(world_size):
@@ -187,11 +202,13 @@ def test_eval_sampler_ranks_cover_the_exact_dataset_without_duplicates(num_items
     parts = [list(ShardedEvalSampler(range(num_items), world_size, r)) for r in range(world_size)]
     flat = [i for part in parts for i in part]
     assert sorted(flat) == list(range(num_items))
-    assert [len(p) for p in parts] == [len(ShardedEvalSampler(range(num_items), world_size, r))
-                                       for r in range(world_size)]
+    assert [len(p) for p in parts] == [
+        len(ShardedEvalSampler(range(num_items), world_size, r)) for r in range(world_size)
+    ]
 
 
 # ----------------------------------------------------------------------------- loaders
+
 
 def _batches(loader, epoch, start_index=0):
     loader.sampler.set_epoch(epoch)
@@ -201,12 +218,15 @@ def _batches(loader, epoch, start_index=0):
 
 def test_resumed_epoch_reproduces_the_remaining_augmented_batches_for_any_worker_count(tmp_path):
     root = make_tree(tmp_path, per_class=8)
-    config = make_config(root, AUG__AUTO_AUGMENT="rand-m9-mstd0.5-inc1", AUG__REPROB=0.5,
-                         DATA__INTERPOLATION="random")
+    config = make_config(root, AUG__AUTO_AUGMENT="rand-m9-mstd0.5-inc1", AUG__REPROB=0.5, DATA__INTERPOLATION="random")
     _, _, loader0, _, _ = build_loader(config)
-    _, _, loader1, _, _ = build_loader(make_config(root, DATA__NUM_WORKERS=1, **{
-        "AUG__AUTO_AUGMENT": "rand-m9-mstd0.5-inc1", "AUG__REPROB": 0.5,
-        "DATA__INTERPOLATION": "random"}))
+    _, _, loader1, _, _ = build_loader(
+        make_config(
+            root,
+            DATA__NUM_WORKERS=1,
+            **{"AUG__AUTO_AUGMENT": "rand-m9-mstd0.5-inc1", "AUG__REPROB": 0.5, "DATA__INTERPOLATION": "random"},
+        )
+    )
     rng_before = torch.get_rng_state()
     full = _batches(loader0, epoch=1)
     assert torch.equal(torch.get_rng_state(), rng_before)  # loading leaves the caller's RNG alone
@@ -228,6 +248,7 @@ def test_val_loader_keeps_order_and_every_sample(tmp_path):
 
 
 # ----------------------------------------------------------------------------- mixup
+
 
 def test_mixup_is_off_when_mixup_and_cutmix_are_off(tmp_path):
     root = make_tree(tmp_path)

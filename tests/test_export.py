@@ -1,5 +1,6 @@
 """tools/export.py: safetensors round trip with metadata, TorchScript and ONNX (onnxruntime)
 outputs equal to PyTorch, dynamic batch and dynamic image size for global attention."""
+
 import json
 
 import onnx
@@ -37,8 +38,7 @@ def exported(tmp_path_factory):
             value.mul_(150.0)
     torch.save(state, checkpoint)
     base = str(root / "out" / "model")
-    assert export.main([checkpoint, "--format", "safetensors", "torchscript", "onnx",
-                        "-o", base, "--check"]) == 0
+    assert export.main([checkpoint, "--format", "safetensors", "torchscript", "onnx", "-o", base, "--check"]) == 0
     return checkpoint, export.output_paths(base, export.FORMATS)
 
 
@@ -49,8 +49,14 @@ def test_safetensors_round_trip_is_equal_and_carries_metadata(exported):
     got = model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert (meta.variant, meta.class_names, meta.weights) == (VARIANT, CLASS_NAMES, "ema")
-    assert meta.preprocessing == {"img_size": IMG_SIZE, "crop_pct": CROP_PCT, "interpolation":
-                                  INTERPOLATION, "mean": list(MEAN), "std": list(STD), "crop": True}
+    assert meta.preprocessing == {
+        "img_size": IMG_SIZE,
+        "crop_pct": CROP_PCT,
+        "interpolation": INTERPOLATION,
+        "mean": list(MEAN),
+        "std": list(STD),
+        "crop": True,
+    }
     with safe_open(paths["safetensors"], framework="pt") as f:
         raw_meta = f.metadata()
     assert json.loads(raw_meta["moat.class_names"]) == CLASS_NAMES
@@ -122,14 +128,22 @@ def test_a_custom_architecture_rebuilds_from_the_file_alone_in_every_inference_p
     from inference_helpers import REPO
     from models import moat_cfg_from_config
 
-    config = get_config(argparse.Namespace(cfg=os.path.join(REPO, "configs", "examples", "my_moat_5stage.yaml"),
-                                           opts=None))
+    config = get_config(
+        argparse.Namespace(cfg=os.path.join(REPO, "configs", "examples", "my_moat_5stage.yaml"), opts=None)
+    )
     cfg = moat_cfg_from_config(config)
     torch.manual_seed(0)
     model = create_moat("my_moat_5stage", cfg=cfg, num_classes=3).eval()
     path = str(tmp_path / "custom.pth")
-    torch.save({"model": model.state_dict(), "model_name": "my_moat_5stage", "model_cfg": cfg.to_dict(),
-                "class_names": CLASS_NAMES}, path)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "model_name": "my_moat_5stage",
+            "model_cfg": cfg.to_dict(),
+            "class_names": CLASS_NAMES,
+        },
+        path,
+    )
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = model(x)

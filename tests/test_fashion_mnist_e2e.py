@@ -4,6 +4,7 @@ A balanced subset (300 train / 50 val images per class, upsampled 28 -> 32 px) i
 Debian package's idx files by ``tools/prepare_fashion_mnist.py``; one run is shared by the tests.
 Chance is 10%; a broken model, loss, schedule or data pipeline stays far below the 70% bar.
 """
+
 from __future__ import annotations
 
 import csv
@@ -22,17 +23,36 @@ FMNIST = "/usr/share/datasets/fashion-mnist"
 PER_CLASS_TRAIN, PER_CLASS_VAL = 300, 50
 MIN_TOP1 = 70.0
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not os.path.isfile(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
-    reason="needs Debian's dataset-fashion-mnist (`make test` and .ci/run install it)")]  # reason: real data
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.path.isfile(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")),
+        reason="needs Debian's dataset-fashion-mnist (`make test` and .ci/run install it)",
+    ),
+]  # reason: real data
 
 
 @pytest.fixture(scope="module")
 def fmnist_tree(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("fmnist") / "tree")
-    subprocess.run([sys.executable, "tools/prepare_fashion_mnist.py", "--out", out, "--src", FMNIST,
-                    "--per-class-train", str(PER_CLASS_TRAIN), "--per-class-val", str(PER_CLASS_VAL)],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "tools/prepare_fashion_mnist.py",
+            "--out",
+            out,
+            "--src",
+            FMNIST,
+            "--per-class-train",
+            str(PER_CLASS_TRAIN),
+            "--per-class-val",
+            str(PER_CLASS_VAL),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     return out
 
 
@@ -56,8 +76,9 @@ def run_main(args, launcher=None) -> subprocess.CompletedProcess:
     prefix = [sys.executable]
     if launcher:
         prefix += ["-m", "torch.distributed.run", "--standalone", *launcher]
-    proc = subprocess.run([*prefix, "main.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=900, env=cli_env())
+    proc = subprocess.run(
+        [*prefix, "main.py", *map(str, args)], cwd=REPO, capture_output=True, text=True, timeout=900, env=cli_env()
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
 
@@ -84,8 +105,19 @@ def test_tiny_moat_learns_fashion_mnist_well_above_chance(straight_run):
 
 def test_eval_of_the_saved_checkpoint_reproduces_the_logged_top1(straight_run, fmnist_tree, fmnist_cfg, tmp_path):
     logged = float(summary(straight_run)[-1]["val_top1"])
-    proc = run_main(["--cfg", fmnist_cfg, "--data-path", fmnist_tree, "--output", str(tmp_path),
-                     "--eval", "--resume", os.path.join(straight_run, "last.pth")])
+    proc = run_main(
+        [
+            "--cfg",
+            fmnist_cfg,
+            "--data-path",
+            fmnist_tree,
+            "--output",
+            str(tmp_path),
+            "--eval",
+            "--resume",
+            os.path.join(straight_run, "last.pth"),
+        ]
+    )
     found = re.findall(r"model Acc@1 ([0-9.]+)", proc.stdout + proc.stderr)
     assert found, proc.stdout[-2000:]
     assert float(found[-1]) == pytest.approx(logged, abs=1e-3)
@@ -105,8 +137,21 @@ def test_resumed_run_ends_with_the_same_metrics_as_a_straight_run(straight_run, 
 
 def test_two_process_torchrun_reaches_a_similar_accuracy(straight_run, fmnist_tree, fmnist_cfg, tmp_path):
     # Same global batch (2 x 32), so the same LR and number of updates as the 1-process run.
-    run_main(["--cfg", fmnist_cfg, "--data-path", fmnist_tree, "--output", str(tmp_path), "--tag", "ddp",
-              "--batch-size", "32"], launcher=["--nproc_per_node=2"])
+    run_main(
+        [
+            "--cfg",
+            fmnist_cfg,
+            "--data-path",
+            fmnist_tree,
+            "--output",
+            str(tmp_path),
+            "--tag",
+            "ddp",
+            "--batch-size",
+            "32",
+        ],
+        launcher=["--nproc_per_node=2"],
+    )
     ddp = float(summary(str(tmp_path / "tiny_moat_0" / "ddp"))[-1]["val_top1"])
     single = float(summary(straight_run)[-1]["val_top1"])
     assert ddp >= MIN_TOP1

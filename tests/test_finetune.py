@@ -4,6 +4,7 @@ Each run takes a shipped config as its BASE and only swaps in the tiny model, ti
 epoch, so the configs' own keys (LAYER_DECAY, FREEZE_BACKBONE, augmentation, EMA) are what runs.
 The pretrained checkpoint is the shared 3-class, 32 px ``reference_run``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,22 @@ def _summary(run_dir: str) -> list:
 
 
 def _train(run_cli, cfg: str, data: str, out: str, pretrained: str) -> str:
-    proc = run_cli(["--cfg", cfg, "--data-path", data, "--output", out, "--tag", "t",
-                    "--pretrained", pretrained, "--device", "cpu"])
+    proc = run_cli(
+        [
+            "--cfg",
+            cfg,
+            "--data-path",
+            data,
+            "--output",
+            out,
+            "--tag",
+            "t",
+            "--pretrained",
+            pretrained,
+            "--device",
+            "cpu",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return os.path.join(out, "tiny_moat_0", "t")
 
@@ -57,13 +72,15 @@ def pretrained(reference_run) -> str:
 @pytest.fixture(scope="module")
 def two_class_tree(tmp_path_factory) -> str:
     """A new task: 2 classes under other names (red and green images), 4 train images each."""
-    return make_image_tree(str(tmp_path_factory.mktemp("two_class")), train_per_class=4,
-                           val_per_class=2, classes=["cat", "dog"])
+    return make_image_tree(
+        str(tmp_path_factory.mktemp("two_class")), train_per_class=4, val_per_class=2, classes=["cat", "dog"]
+    )
 
 
 @pytest.mark.parametrize("path", [FT_384, TRANSFER_FT, LINEAR_PROBE])
 def test_shipped_fine_tune_configs_load(path):
     from config import get_config
+
     config = get_config(argparse.Namespace(cfg=path, opts=None))
     if path == FT_384:
         assert (config.DATA.IMG_SIZE, config.TRAIN.EPOCHS, config.TRAIN.EMA.ENABLE) == (384, 30, True)
@@ -75,10 +92,15 @@ def test_shipped_fine_tune_configs_load(path):
 
 @pytest.mark.slow
 def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shapes(
-        pretrained, image_tree, tiny_cfg, run_cli, tmp_path):
+    pretrained, image_tree, tiny_cfg, run_cli, tmp_path
+):
     # The 384 recipe, scaled down: a 32 px checkpoint fine-tuned at 64 px on the same classes.
-    cfg = tiny_cfg(BASE=[FT_384], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 3},
-                   DATA={"IMG_SIZE": 64}, TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0})
+    cfg = tiny_cfg(
+        BASE=[FT_384],
+        MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 3},
+        DATA={"IMG_SIZE": 64},
+        TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0},
+    )
     run_dir = _train(run_cli, cfg, image_tree, str(tmp_path), pretrained)
 
     log = _log(run_dir)
@@ -97,9 +119,11 @@ def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shape
 
 @pytest.mark.slow
 def test_transfer_with_layer_decay_reinitialises_head_and_decays_lr_with_depth(
-        pretrained, two_class_tree, tiny_cfg, run_cli, tmp_path):
-    cfg = tiny_cfg(BASE=[TRANSFER_FT], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2},
-                   TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0})
+    pretrained, two_class_tree, tiny_cfg, run_cli, tmp_path
+):
+    cfg = tiny_cfg(
+        BASE=[TRANSFER_FT], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2}, TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0}
+    )
     run_dir = _train(run_cli, cfg, two_class_tree, str(tmp_path), pretrained)
 
     assert "dropped the head (head.fc.weight, head.fc.bias)" in _log(run_dir)
@@ -114,19 +138,19 @@ def test_transfer_with_layer_decay_reinitialises_head_and_decays_lr_with_depth(
     from config import get_config
     from models import build_model
     from optimizer import build_optimizer
+
     config = get_config(argparse.Namespace(cfg=cfg, opts=None))
     model = build_model(config)
     names = {id(p): n for n, p in model.named_parameters()}
     built = build_optimizer(config, model, lr=1.0)
     saved = ckpt["optimizer"]["param_groups"]
     assert [len(g["params"]) for g in saved] == [len(g["params"]) for g in built.param_groups]
-    scale_of = {names[id(p)]: g["lr_scale"] for g, s in zip(built.param_groups, saved)
-                for p in g["params"]}
+    scale_of = {names[id(p)]: g["lr_scale"] for g, s in zip(built.param_groups, saved) for p in g["params"]}
     head_lr = max(g["lr"] for g in saved)
     for group in saved:  # the schedule applies each group's scale
         assert group["lr"] == pytest.approx(head_lr * group["lr_scale"])
     # 14 blocks + stem + head: the stem gets 0.75^15, the last block 0.75, the head 1.
-    assert scale_of["stem.conv1.weight"] == pytest.approx(0.75 ** 15)
+    assert scale_of["stem.conv1.weight"] == pytest.approx(0.75**15)
     assert scale_of["stages.3.blocks.1.attn.proj.weight"] == pytest.approx(0.75)
     assert scale_of["head.fc.weight"] == scale_of["head.norm.weight"] == 1.0
     in_model_order = [scale_of[n] for n, _ in model.named_parameters()]
@@ -135,10 +159,12 @@ def test_transfer_with_layer_decay_reinitialises_head_and_decays_lr_with_depth(
 
 @pytest.mark.slow
 def test_linear_probe_trains_only_the_new_head_and_keeps_backbone_bit_identical(
-        pretrained, two_class_tree, tiny_cfg, run_cli, tmp_path):
+    pretrained, two_class_tree, tiny_cfg, run_cli, tmp_path
+):
     # Two epochs so the head is seen changing between the saved epochs while the backbone is not.
-    cfg = tiny_cfg(BASE=[LINEAR_PROBE], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2},
-                   TRAIN={"EPOCHS": 2, "WARMUP_EPOCHS": 0})
+    cfg = tiny_cfg(
+        BASE=[LINEAR_PROBE], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2}, TRAIN={"EPOCHS": 2, "WARMUP_EPOCHS": 0}
+    )
     run_dir = _train(run_cli, cfg, two_class_tree, str(tmp_path), pretrained)
 
     assert "dropped the head (head.fc.weight, head.fc.bias)" in _log(run_dir)

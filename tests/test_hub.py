@@ -1,5 +1,6 @@
 """hubconf.py: one entry per variant, and torch.hub.load(..., source='local', weights=...) returns
 the trained model in eval mode."""
+
 import importlib.util
 import os
 

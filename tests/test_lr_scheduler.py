@@ -1,5 +1,6 @@
 """LR schedules stepped per optimizer update: warmup start/end values, final values, step
 decay, and layer-decay scales applied by the scheduler."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,9 +15,17 @@ UPDATES_PER_EPOCH = 10
 def _run(name, epochs=10, warmup_epochs=2, **extra):
     config = get_config().clone()
     config.defrost()
-    config.merge_from_list(["TRAIN.EPOCHS", epochs, "TRAIN.WARMUP_EPOCHS", warmup_epochs,
-                            "TRAIN.LR_SCHEDULER.NAME", name,
-                            *[x for k, v in extra.items() for x in (k.replace("__", "."), v)]])
+    config.merge_from_list(
+        [
+            "TRAIN.EPOCHS",
+            epochs,
+            "TRAIN.WARMUP_EPOCHS",
+            warmup_epochs,
+            "TRAIN.LR_SCHEDULER.NAME",
+            name,
+            *[x for k, v in extra.items() for x in (k.replace("__", "."), v)],
+        ]
+    )
     config.freeze()
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:], "lr_scale": 0.5}], lr=1.0)
@@ -37,7 +46,7 @@ def test_warmup_starts_at_warmup_lr_and_ends_at_base_lr(name):
     assert lrs[0] == pytest.approx(0.01)
     assert lrs[warmup_end // 2] == pytest.approx(0.01 + (1 - 0.01) / 2)  # linear ramp
     assert lrs[warmup_end] == pytest.approx(1.0)
-    assert all(a < b for a, b in zip(lrs[:warmup_end], lrs[1:warmup_end + 1]))
+    assert all(a < b for a, b in zip(lrs[:warmup_end], lrs[1 : warmup_end + 1]))
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear"])

@@ -5,6 +5,7 @@ one-line user errors, and a 2-process ``torchrun`` (gloo) run whose eval equals 
 The reference 2-epoch run is a real subprocess (``conftest.reference_run``); the other runs call
 ``main.main(argv)`` in-process to save interpreter start-up time.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,8 +43,15 @@ def accuracies(log_text):
 
 def test_two_epoch_run_writes_checkpoints_summary_logs_and_tensorboard(reference_run):
     names = set(os.listdir(reference_run))
-    assert {"last.pth", "best.pth", "epoch_0.pth", "epoch_1.pth", "config.yaml", "log_rank0.txt",
-            "summary.csv"} <= names
+    assert {
+        "last.pth",
+        "best.pth",
+        "epoch_0.pth",
+        "epoch_1.pth",
+        "config.yaml",
+        "log_rank0.txt",
+        "summary.csv",
+    } <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
 
     rows = read_summary(reference_run)
@@ -58,8 +66,20 @@ def test_two_epoch_run_writes_checkpoints_summary_logs_and_tensorboard(reference
         assert row["ema_top1"] != ""
 
     ckpt = torch.load(os.path.join(reference_run, "last.pth"), map_location="cpu", weights_only=True)
-    for key in ("model", "model_ema", "optimizer", "lr_scheduler", "scaler", "epoch", "step",
-                "max_accuracy", "config", "class_names", "model_name", "rng_state"):
+    for key in (
+        "model",
+        "model_ema",
+        "optimizer",
+        "lr_scheduler",
+        "scaler",
+        "epoch",
+        "step",
+        "max_accuracy",
+        "config",
+        "class_names",
+        "model_name",
+        "rng_state",
+    ):
         assert key in ckpt, key
     assert (ckpt["epoch"], ckpt["step"], ckpt["model_name"]) == (1, 12, "tiny_moat_0")
     assert ckpt["class_names"] == sorted(CLASSES) and ckpt["config"]["MODEL"]["NUM_CLASSES"] == 3
@@ -73,8 +93,19 @@ def test_two_epoch_run_writes_checkpoints_summary_logs_and_tensorboard(reference
 
 def test_eval_reproduces_the_training_validation_and_never_trains(reference_run, image_tree, tiny_cfg, tmp_path):
     before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*"))}
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--eval", "--resume", os.path.join(reference_run, "last.pth")])
+    code = trainer.main(
+        [
+            "--cfg",
+            tiny_cfg(),
+            "--data-path",
+            image_tree,
+            "--output",
+            str(tmp_path),
+            "--eval",
+            "--resume",
+            os.path.join(reference_run, "last.pth"),
+        ]
+    )
     assert code == 0
     run_dir = os.path.join(tmp_path, "tiny_moat_0", "default")
     acc = accuracies(read_log(run_dir))
@@ -91,13 +122,27 @@ def test_eval_reproduces_the_training_validation_and_never_trains(reference_run,
 
 
 def test_training_runs_channels_last_and_its_checkpoint_evaluates_the_same_in_nchw(
-        reference_run, image_tree, tiny_cfg, tmp_path):
+    reference_run, image_tree, tiny_cfg, tmp_path
+):
     ckpt = torch.load(os.path.join(reference_run, "last.pth"), map_location="cpu", weights_only=True)
     convs = [v for v in ckpt["model"].values() if v.dim() == 4 and v.shape[1] > 1 and v.shape[-1] > 1]
-    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous()
-                         for v in convs)  # CHANNELS_LAST defaults on, and torch.save keeps strides
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--eval", "--no-channels-last", "--resume", os.path.join(reference_run, "last.pth")])
+    assert convs and all(
+        v.is_contiguous(memory_format=torch.channels_last) and not v.is_contiguous() for v in convs
+    )  # CHANNELS_LAST defaults on, and torch.save keeps strides
+    code = trainer.main(
+        [
+            "--cfg",
+            tiny_cfg(),
+            "--data-path",
+            image_tree,
+            "--output",
+            str(tmp_path),
+            "--eval",
+            "--no-channels-last",
+            "--resume",
+            os.path.join(reference_run, "last.pth"),
+        ]
+    )
     log = read_log(os.path.join(tmp_path, "tiny_moat_0", "default"))
     assert code == 0 and "NCHW" in log
     last = read_summary(reference_run)[-1]
@@ -107,8 +152,21 @@ def test_training_runs_channels_last_and_its_checkpoint_evaluates_the_same_in_nc
 
 
 def test_bf16_autocast_eval_runs_on_cpu(reference_run, image_tree, tiny_cfg, tmp_path):
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--eval", "--amp", "bf16", "--resume", os.path.join(reference_run, "last.pth")])
+    code = trainer.main(
+        [
+            "--cfg",
+            tiny_cfg(),
+            "--data-path",
+            image_tree,
+            "--output",
+            str(tmp_path),
+            "--eval",
+            "--amp",
+            "bf16",
+            "--resume",
+            os.path.join(reference_run, "last.pth"),
+        ]
+    )
     log = read_log(os.path.join(tmp_path, "tiny_moat_0", "default"))
     assert code == 0 and "mixed precision: torch.bfloat16" in log
     top1, _, loss, n = accuracies(log)["model"]
@@ -120,8 +178,9 @@ def test_auto_resume_continues_after_the_last_finished_epoch(reference_run, imag
     run_dir.mkdir(parents=True)
     for name in ("last.pth", "config.yaml", "summary.csv"):
         shutil.copy2(os.path.join(reference_run, name), run_dir / name)
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--opts", "TRAIN.EPOCHS", "3"])
+    code = trainer.main(
+        ["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path), "--opts", "TRAIN.EPOCHS", "3"]
+    )
     assert code == 0
     log = read_log(run_dir)
     assert "auto-resuming from" in log and "epochs 2..2" in log and "Train: [0/3]" not in log
@@ -137,8 +196,10 @@ def test_resume_flag_wins_over_auto_resume(reference_run, tiny_cfg, image_tree):
     from config import get_config
     from logger import create_logger
     from utils.distributed import init_distributed
+
     args = trainer.get_args_parser().parse_args(
-        ["--cfg", tiny_cfg(), "--data-path", image_tree, "--resume", os.path.join(reference_run, "epoch_0.pth")])
+        ["--cfg", tiny_cfg(), "--data-path", image_tree, "--resume", os.path.join(reference_run, "epoch_0.pth")]
+    )
     config = get_config(args)
     info = init_distributed("cpu")
     logger = create_logger("", 0, name="test_resume_choice")
@@ -153,12 +214,24 @@ def test_resume_flag_wins_over_auto_resume(reference_run, tiny_cfg, image_tree):
 
 
 def test_pretrained_fine_tunes_at_another_resolution_and_class_count(reference_run, tiny_cfg, tmp_path):
-    data = make_image_tree(str(tmp_path / "data2"), train_per_class=4, val_per_class=1,
-                           classes=["a", "b"])
-    cfg = tiny_cfg(MODEL={"NUM_CLASSES": 2}, DATA={"IMG_SIZE": 64},
-                   TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0, "EMA": {"ENABLE": False}})
-    code = trainer.main(["--cfg", cfg, "--data-path", data, "--output", str(tmp_path / "out"),
-                         "--pretrained", os.path.join(reference_run, "best.pth")])
+    data = make_image_tree(str(tmp_path / "data2"), train_per_class=4, val_per_class=1, classes=["a", "b"])
+    cfg = tiny_cfg(
+        MODEL={"NUM_CLASSES": 2},
+        DATA={"IMG_SIZE": 64},
+        TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0, "EMA": {"ENABLE": False}},
+    )
+    code = trainer.main(
+        [
+            "--cfg",
+            cfg,
+            "--data-path",
+            data,
+            "--output",
+            str(tmp_path / "out"),
+            "--pretrained",
+            os.path.join(reference_run, "best.pth"),
+        ]
+    )
     assert code == 0
     run_dir = os.path.join(tmp_path, "out", "tiny_moat_0", "default")
     log = read_log(run_dir)
@@ -172,8 +245,7 @@ def test_pretrained_fine_tunes_at_another_resolution_and_class_count(reference_r
 
 
 def test_throughput_reports_images_per_second_and_exits(image_tree, tiny_cfg, tmp_path):
-    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path),
-                         "--throughput"])
+    code = trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path), "--throughput"])
     run_dir = os.path.join(tmp_path, "tiny_moat_0", "default")
     rate = re.search(r"batch_size 4 throughput ([\d.]+) img/s", read_log(run_dir))
     assert code == 0 and rate and float(rate.group(1)) > 0
@@ -185,6 +257,7 @@ def test_mixup_gives_soft_target_cross_entropy_and_plain_ce_otherwise():
 
     from config import get_config
     from data import build_mixup
+
     config = get_config().clone()
     config.defrost()
     config.MODEL.NUM_CLASSES = 3
@@ -197,14 +270,17 @@ def test_mixup_gives_soft_target_cross_entropy_and_plain_ce_otherwise():
     assert y.shape == (4, 3) and torch.allclose(y.sum(1), torch.ones(4))
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--data-path", "/nonexistent/data"], "/nonexistent/data"),
-    (["--opts", "TRAIN.NO_SUCH_KEY", "1"], "TRAIN.NO_SUCH_KEY"),
-    (["--resume", "/nonexistent/last.pth"], "/nonexistent/last.pth"),
-    (["--eval"], "--eval needs --resume"),
-    (["--amp-opt-level", "O1"], "apex"),
-    (["--device", "cuda"], "CUDA is not available"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--data-path", "/nonexistent/data"], "/nonexistent/data"),
+        (["--opts", "TRAIN.NO_SUCH_KEY", "1"], "TRAIN.NO_SUCH_KEY"),
+        (["--resume", "/nonexistent/last.pth"], "/nonexistent/last.pth"),
+        (["--eval"], "--eval needs --resume"),
+        (["--amp-opt-level", "O1"], "apex"),
+        (["--device", "cuda"], "CUDA is not available"),
+    ],
+)
 def test_user_errors_are_one_line_on_stderr_with_exit_code_2(extra, needle, image_tree, tiny_cfg, tmp_path, capsys):
     if "--device" in extra and torch.cuda.is_available():
         pytest.skip("CUDA is available here")  # reason: this error only exists without CUDA
@@ -229,8 +305,19 @@ def test_torchrun_two_processes_train_and_eval_equals_one_process_eval(ddp_refer
     assert ckpt["step"] == 4 and ckpt["world_size"] == 2 and len(ckpt["rng_state"]) == 2
     two = accuracies(read_log(run_dir))["model"]
 
-    code = trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path / "one"),
-                         "--eval", "--resume", os.path.join(run_dir, "last.pth")])
+    code = trainer.main(
+        [
+            "--cfg",
+            cfg,
+            "--data-path",
+            image_tree,
+            "--output",
+            str(tmp_path / "one"),
+            "--eval",
+            "--resume",
+            os.path.join(run_dir, "last.pth"),
+        ]
+    )
     assert code == 0
     one = accuracies(read_log(os.path.join(tmp_path, "one", "tiny_moat_0", "default")))["model"]
     assert two[3] == one[3] == 9  # every val image exactly once, no padding duplicates
@@ -238,12 +325,15 @@ def test_torchrun_two_processes_train_and_eval_equals_one_process_eval(ddp_refer
     assert two[2] == pytest.approx(one[2], abs=1e-3)  # logged with 4 decimals
 
 
-def test_linear_probe_trains_only_the_classifier_and_keeps_batchnorm_statistics(reference_run, image_tree,
-                                                                                tiny_cfg, tmp_path):
+def test_linear_probe_trains_only_the_classifier_and_keeps_batchnorm_statistics(
+    reference_run, image_tree, tiny_cfg, tmp_path
+):
     cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "FREEZE_BACKBONE": True, "EMA": {"ENABLE": False}})
     pretrained = os.path.join(reference_run, "best.pth")
-    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path),
-                         "--pretrained", pretrained]) == 0
+    assert (
+        trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path), "--pretrained", pretrained])
+        == 0
+    )
     new = torch.load(os.path.join(tmp_path, "tiny_moat_0", "default", "last.pth"), weights_only=True)["model"]
     old = torch.load(pretrained, weights_only=True)["model_ema"]  # --pretrained takes the EMA
     changed = {k for k in old if not torch.equal(old[k], new[k])}
@@ -252,8 +342,7 @@ def test_linear_probe_trains_only_the_classifier_and_keeps_batchnorm_statistics(
 
 def test_fp16_with_grad_scaler_trains_on_cpu_and_saves_the_scaler(image_tree, tiny_cfg, tmp_path):
     cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "EMA": {"ENABLE": False}})
-    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path),
-                         "--amp", "fp16"]) == 0
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path), "--amp", "fp16"]) == 0
     ckpt = torch.load(os.path.join(tmp_path, "tiny_moat_0", "default", "last.pth"), weights_only=True)
     assert ckpt["scaler"]["scale"] > 0 and ckpt["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -263,9 +352,11 @@ def test_fp16_with_grad_scaler_trains_on_cpu_and_saves_the_scaler(image_tree, ti
 def test_short_run_without_augmentation_learns_the_colour_classes(image_tree, tiny_cfg, tmp_path):
     # BN momentum 0.5: with the official 0.01 the running statistics lag far behind in 18 steps
     # and eval mode is at chance whatever the weights learned.
-    cfg = tiny_cfg(AUG={"MIXUP": 0.0, "CUTMIX": 0.0, "AUTO_AUGMENT": "", "REPROB": 0.0},
-                   MODEL={"NUM_CLASSES": 3, "MOAT": {"BN_MOMENTUM": 0.5}},
-                   TRAIN={"EPOCHS": 3, "BASE_LR": 0.2, "EMA": {"ENABLE": False}})
+    cfg = tiny_cfg(
+        AUG={"MIXUP": 0.0, "CUTMIX": 0.0, "AUTO_AUGMENT": "", "REPROB": 0.0},
+        MODEL={"NUM_CLASSES": 3, "MOAT": {"BN_MOMENTUM": 0.5}},
+        TRAIN={"EPOCHS": 3, "BASE_LR": 0.2, "EMA": {"ENABLE": False}},
+    )
     assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
     rows = read_summary(os.path.join(tmp_path, "tiny_moat_0", "default"))
     first, last = rows[0], rows[-1]
@@ -282,8 +373,7 @@ def test_default_recipe_trains_on_a_folder_of_every_image_mode_with_two_workers(
             folder.mkdir(parents=True)
             write_every_image_mode(folder, seed=c)
     cfg = tiny_cfg(DATA={"NUM_WORKERS": 2, "BATCH_SIZE": 6}, TRAIN={"EPOCHS": 1})
-    assert trainer.main(["--cfg", cfg, "--data-path", str(tmp_path / "data"),
-                         "--output", str(tmp_path / "out")]) == 0
+    assert trainer.main(["--cfg", cfg, "--data-path", str(tmp_path / "data"), "--output", str(tmp_path / "out")]) == 0
     (row,) = read_summary(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))
     assert float(row["train_loss"]) > 0 and row["val_top1"] != ""
     assert f"({3 * 10} images" in read_log(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))
@@ -292,16 +382,27 @@ def test_default_recipe_trains_on_a_folder_of_every_image_mode_with_two_workers(
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "examples")
 
 
-@pytest.mark.parametrize("example, overrides, run_name, stages", [
-    # 7x7 windows need the 14x14 stage-3 map of 224 px; at 64 px that map is 4x4, so 2x2 windows.
-    ("tiny_moat_0_window.yaml", {"DATA": {"IMG_SIZE": 64}, "MODEL": {"MOAT": {"WINDOW_SIZE": [2, 0]}}},
-     os.path.join("tiny_moat_0", "window7"), 4),
-    ("my_moat_5stage.yaml", {}, os.path.join("my_moat_5stage", "default"), 5),
-])
-def test_example_architectures_train_an_epoch_through_main(example, overrides, run_name, stages, image_tree,
-                                                           tiny_cfg, tmp_path, capsys):
-    sections = {"BASE": [os.path.join(EXAMPLES, example)], "MODEL": {"NUM_CLASSES": 3},
-                "TRAIN": {"EPOCHS": 1, "WARMUP_EPOCHS": 0, "EMA": {"ENABLE": False}}}
+@pytest.mark.parametrize(
+    "example, overrides, run_name, stages",
+    [
+        # 7x7 windows need the 14x14 stage-3 map of 224 px; at 64 px that map is 4x4, so 2x2 windows.
+        (
+            "tiny_moat_0_window.yaml",
+            {"DATA": {"IMG_SIZE": 64}, "MODEL": {"MOAT": {"WINDOW_SIZE": [2, 0]}}},
+            os.path.join("tiny_moat_0", "window7"),
+            4,
+        ),
+        ("my_moat_5stage.yaml", {}, os.path.join("my_moat_5stage", "default"), 5),
+    ],
+)
+def test_example_architectures_train_an_epoch_through_main(
+    example, overrides, run_name, stages, image_tree, tiny_cfg, tmp_path, capsys
+):
+    sections = {
+        "BASE": [os.path.join(EXAMPLES, example)],
+        "MODEL": {"NUM_CLASSES": 3},
+        "TRAIN": {"EPOCHS": 1, "WARMUP_EPOCHS": 0, "EMA": {"ENABLE": False}},
+    }
     for key, value in overrides.items():
         sections[key] = {**sections.get(key, {}), **value}
     cfg = tiny_cfg(**sections)
@@ -312,15 +413,43 @@ def test_example_architectures_train_an_epoch_through_main(example, overrides, r
     assert {int(k.split(".")[1]) for k in ckpt["model"] if k.startswith("stages.")} == set(range(stages))
     assert ckpt["config"]["MODEL"]["NAME"] == run_name.split(os.sep)[0]
     # The same YAML rebuilds the architecture to evaluate its checkpoint.
-    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path / "eval"),
-                         "--eval", "--resume", os.path.join(run_dir, "last.pth")]) == 0
+    assert (
+        trainer.main(
+            [
+                "--cfg",
+                cfg,
+                "--data-path",
+                image_tree,
+                "--output",
+                str(tmp_path / "eval"),
+                "--eval",
+                "--resume",
+                os.path.join(run_dir, "last.pth"),
+            ]
+        )
+        == 0
+    )
     same = accuracies(read_log(os.path.join(tmp_path, "eval", run_name)))["model"]
     assert same[3] == 9
     # The checkpoint alone is enough: --eval under a plain tiny_moat_0 config (same image size)
     # rebuilds the recorded architecture and gives the same numbers.
     plain = tiny_cfg(DATA=overrides.get("DATA", {}))
-    assert trainer.main(["--cfg", plain, "--data-path", image_tree, "--output", str(tmp_path / "plain"),
-                         "--eval", "--resume", os.path.join(run_dir, "last.pth")]) == 0
+    assert (
+        trainer.main(
+            [
+                "--cfg",
+                plain,
+                "--data-path",
+                image_tree,
+                "--output",
+                str(tmp_path / "plain"),
+                "--eval",
+                "--resume",
+                os.path.join(run_dir, "last.pth"),
+            ]
+        )
+        == 0
+    )
     assert accuracies(read_log(os.path.join(tmp_path, "plain", "tiny_moat_0", "default")))["model"] == same
     if overrides:  # the example's own windows do not fit the small test image: a one-line error
         capsys.readouterr()

@@ -1,5 +1,6 @@
 """The MOAT model family: official architecture facts, resolution agnosticism, the timm API and
 architectures from a MoatCfg (any depth, width, block mix and number of stages)."""
+
 import copy
 import json
 
@@ -34,8 +35,7 @@ OFFICIAL_PARAMS = {
     "tiny_moat_2": (9_772_741, 9_732_288),
     "tiny_moat_3": (19_534_390, 19_476_600),
 }
-PARAM_CASES = [(n, pe, counts[0] if pe else counts[1])
-               for n, counts in OFFICIAL_PARAMS.items() for pe in (True, False)]
+PARAM_CASES = [(n, pe, counts[0] if pe else counts[1]) for n, counts in OFFICIAL_PARAMS.items() for pe in (True, False)]
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +51,9 @@ def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name,pe,expected", PARAM_CASES,
-                         ids=[f"{n}{'' if pe else '_no_pe'}" for n, pe, _ in PARAM_CASES])
+@pytest.mark.parametrize(
+    "name,pe,expected", PARAM_CASES, ids=[f"{n}{'' if pe else '_no_pe'}" for n, pe, _ in PARAM_CASES]
+)
 def test_trainable_parameter_count_equals_official(name, pe, expected):
     variant = name if pe else f"{name}_no_pe"
     with torch.device("meta"):  # the big variants cost nothing on the meta device
@@ -367,9 +368,17 @@ def test_forward_intermediates_give_four_stage_maps_after_gelu():
         assert [f.shape[1] for f in backbone(x)] == [32, 64, 128, 256]
 
 
-@pytest.mark.parametrize("indices,expected", [
-    (None, [0, 1, 2, 3]), (1, [3]), (2, [2, 3]), ([-1], [3]), ([0, -2], [0, 2]), ((1,), [1]),
-])
+@pytest.mark.parametrize(
+    "indices,expected",
+    [
+        (None, [0, 1, 2, 3]),
+        (1, [3]),
+        (2, [2, 3]),
+        ([-1], [3]),
+        ([0, -2], [0, 2]),
+        ((1,), [1]),
+    ],
+)
 def test_intermediate_indices_accept_negative_and_int_forms(indices, expected):
     model = tiny().eval()
     x = torch.randn(1, 3, 64, 64)
@@ -383,8 +392,12 @@ def test_intermediate_indices_accept_negative_and_int_forms(indices, expected):
         assert len(model.stages) == max(expected) + 1  # [-1] keeps all four stages
         pruned = model.forward_intermediates(x, indices=expected, intermediates_only=True)
         assert [f.shape[1] for f in pruned] == [channels[i] for i in expected]
-        assert model(x).shape == (1, channels[max(expected)], 64 // 2 ** (max(expected) + 2),
-                                  64 // 2 ** (max(expected) + 2))  # no head left
+        assert model(x).shape == (
+            1,
+            channels[max(expected)],
+            64 // 2 ** (max(expected) + 2),
+            64 // 2 ** (max(expected) + 2),
+        )  # no head left
 
 
 @pytest.mark.parametrize("indices", [[4], [-5], 0, 5])
@@ -405,13 +418,30 @@ def test_features_only_takes_negative_out_indices():
 # ------------------------------------------------------------------- architectures from a config
 def test_keyword_overrides_change_the_architecture_as_asked():
     model = timm.create_model(
-        "tiny_moat_0", stem_dims=(16, 24, 32), depths=(1, 2, 3, 1), dims=(32, 64, 96, 192), head_dim=48,
-        expand_ratio=6, se_ratio=0.5, kernel_size=5, pool_size=3, window_size=(2, None), pos_embed_size=(4, 2),
-        act_layer="silu", se_act_layer="relu", bn_eps=1e-5, bn_momentum=0.1, ln_eps=1e-6, head_hidden_size=64,
-        num_classes=7).eval()
+        "tiny_moat_0",
+        stem_dims=(16, 24, 32),
+        depths=(1, 2, 3, 1),
+        dims=(32, 64, 96, 192),
+        head_dim=48,
+        expand_ratio=6,
+        se_ratio=0.5,
+        kernel_size=5,
+        pool_size=3,
+        window_size=(2, None),
+        pos_embed_size=(4, 2),
+        act_layer="silu",
+        se_act_layer="relu",
+        bn_eps=1e-5,
+        bn_momentum=0.1,
+        ln_eps=1e-6,
+        head_hidden_size=64,
+        num_classes=7,
+    ).eval()
     assert [len(s.blocks) for s in model.stages] == [1, 2, 3, 1]
-    assert [s.blocks[-1].conv3_1x1.out_channels if i < 2 else s.blocks[-1].mbconv.conv3_1x1.out_channels
-            for i, s in enumerate(model.stages)] == [32, 64, 96, 192]
+    assert [
+        s.blocks[-1].conv3_1x1.out_channels if i < 2 else s.blocks[-1].mbconv.conv3_1x1.out_channels
+        for i, s in enumerate(model.stages)
+    ] == [32, 64, 96, 192]
     assert [model.stem.conv1.out_channels, model.stem.conv2.out_channels, model.stem.conv3.out_channels] == [16, 24, 32]
     first = model.stages[0].blocks[0]
     assert first.conv1_1x1.out_channels == 6 * 32 and first.conv2_kxk.weight.shape[-1] == 5
@@ -431,9 +461,14 @@ def test_keyword_overrides_change_the_architecture_as_asked():
 
 
 def test_five_stage_hybrid_with_a_stride_one_stage():
-    cfg = MoatCfg(stem_dims=(16,), depths=(1, 1, 2, 1, 1), dims=(16, 32, 64, 64, 128),
-                  stage_types=("mbconv", "mbconv", "moat", "moat", "moat"), strides=(2, 2, 2, 1, 2),
-                  window_size=(2, 0, 0))
+    cfg = MoatCfg(
+        stem_dims=(16,),
+        depths=(1, 1, 2, 1, 1),
+        dims=(16, 32, 64, 64, 128),
+        stage_types=("mbconv", "mbconv", "moat", "moat", "moat"),
+        strides=(2, 2, 2, 1, 2),
+        window_size=(2, 0, 0),
+    )
     model = create_moat("hybrid5", cfg=cfg, num_classes=3).eval()
     assert len(model.stages) == 5 and model.cfg == cfg
     assert [f["reduction"] for f in model.feature_info] == [4, 8, 16, 16, 32]
@@ -450,8 +485,9 @@ def test_five_stage_hybrid_with_a_stride_one_stage():
 
 
 def test_total_stride_follows_the_strides_and_is_checked_on_input():
-    cfg = MOAT_CFGS["tiny_moat_0"].replace(depths=(1, 1, 1, 1, 1), dims=(32, 64, 128, 256, 256),
-                                         stage_types=("mbconv", "mbconv", "moat", "moat", "moat"))
+    cfg = MOAT_CFGS["tiny_moat_0"].replace(
+        depths=(1, 1, 1, 1, 1), dims=(32, 64, 128, 256, 256), stage_types=("mbconv", "mbconv", "moat", "moat", "moat")
+    )
     assert cfg.total_stride == 64 and cfg.stage_pos_embed_sizes == (None, None, 14, 7, 4)
     model = create_moat("stride64", cfg=cfg, num_classes=2).eval()
     with pytest.raises(ValueError, match="not divisible by 64"):
@@ -492,28 +528,31 @@ def test_window_size_per_stage_equals_per_attention_stage():
     assert tiny(window_size=0).cfg.window_size is None and tiny(window_size=(0, 0)).cfg == tiny().cfg
 
 
-@pytest.mark.parametrize("overrides,field,needle", [
-    (dict(stage_types=("mbconv", "mbconv", "conv", "moat")), "stage_types", "unknown block type 'conv'"),
-    (dict(stage_types=("mbconv", "moat")), "stage_types", "has 2 entries"),
-    (dict(dims=(32, 64, 100, 256)), "dims", "not divisible by head_dim 32"),
-    (dict(head_dim=48), "dims", "width 128 of attention stage 3"),
-    (dict(depths=(2, 3, 7)), "dims", "depths [2, 3, 7] has 3"),
-    (dict(strides=(2, 2, 2)), "strides", "has 3 entries"),
-    (dict(window_size=(7, 7, 7)), "window_size", "one per stage (4) or one per attention"),
-    (dict(window_size=(7, 0, 0, 0)), "window_size", "stage 1 is an 'mbconv' stage"),
-    (dict(window_size=(-1, 0)), "window_size", "ints >= 0"),
-    (dict(stem_dims=()), "stem_dims", "must not be empty"),
-    (dict(kernel_size=4), "kernel_size", "odd"),
-    (dict(expand_ratio=0), "expand_ratio", "> 0"),
-    (dict(se_ratio=1.5), "se_ratio", "[0, 1]"),
-    (dict(pool_size=4), "pool_size", "2 (classification), 3"),
-    (dict(pos_embed="yes"), "pos_embed", "true or false"),
-    (dict(norm_layer="layernorm"), "norm_layer", "batchnorm2d"),
-    (dict(act_layer="swishy"), "act_layer", "timm activation"),
-    (dict(bn_momentum=0.0), "bn_momentum", "(0, 1]"),
-    (dict(head_hidden_size=-1), "head_hidden_size", ">= 0"),
-    (dict(drop_path_rate=1.0), "drop_path_rate", "[0, 1)"),
-])
+@pytest.mark.parametrize(
+    "overrides,field,needle",
+    [
+        (dict(stage_types=("mbconv", "mbconv", "conv", "moat")), "stage_types", "unknown block type 'conv'"),
+        (dict(stage_types=("mbconv", "moat")), "stage_types", "has 2 entries"),
+        (dict(dims=(32, 64, 100, 256)), "dims", "not divisible by head_dim 32"),
+        (dict(head_dim=48), "dims", "width 128 of attention stage 3"),
+        (dict(depths=(2, 3, 7)), "dims", "depths [2, 3, 7] has 3"),
+        (dict(strides=(2, 2, 2)), "strides", "has 3 entries"),
+        (dict(window_size=(7, 7, 7)), "window_size", "one per stage (4) or one per attention"),
+        (dict(window_size=(7, 0, 0, 0)), "window_size", "stage 1 is an 'mbconv' stage"),
+        (dict(window_size=(-1, 0)), "window_size", "ints >= 0"),
+        (dict(stem_dims=()), "stem_dims", "must not be empty"),
+        (dict(kernel_size=4), "kernel_size", "odd"),
+        (dict(expand_ratio=0), "expand_ratio", "> 0"),
+        (dict(se_ratio=1.5), "se_ratio", "[0, 1]"),
+        (dict(pool_size=4), "pool_size", "2 (classification), 3"),
+        (dict(pos_embed="yes"), "pos_embed", "true or false"),
+        (dict(norm_layer="layernorm"), "norm_layer", "batchnorm2d"),
+        (dict(act_layer="swishy"), "act_layer", "timm activation"),
+        (dict(bn_momentum=0.0), "bn_momentum", "(0, 1]"),
+        (dict(head_hidden_size=-1), "head_hidden_size", ">= 0"),
+        (dict(drop_path_rate=1.0), "drop_path_rate", "[0, 1)"),
+    ],
+)
 def test_invalid_architectures_are_one_line_errors_naming_the_field(overrides, field, needle):
     with pytest.raises(MoatConfigError) as err:
         timm.create_model("tiny_moat_0", **overrides)
@@ -534,11 +573,13 @@ def test_unknown_field_and_unknown_argument_are_rejected():
 def test_a_new_name_needs_the_required_fields():
     with pytest.raises(MoatConfigError, match="a new architecture must set dims, stage_types$"):
         create_moat("my_moat", stem_dims=(16, 16), depths=(1, 1))
-    model = create_moat("my_moat", stem_dims=(16, 16), depths=(1, 1), dims=(32, 64),
-                        stage_types=("mbconv", "moat"), num_classes=4)
+    model = create_moat(
+        "my_moat", stem_dims=(16, 16), depths=(1, 1), dims=(32, 64), stage_types=("mbconv", "moat"), num_classes=4
+    )
     assert model.pretrained_cfg["architecture"] == "my_moat" and model.num_classes == 4
-    assert model.cfg == resolve_cfg("my_moat", dict(stem_dims=[16, 16], depths=[1, 1], dims=[32, 64],
-                                                    stage_types=["mbconv", "moat"]))
+    assert model.cfg == resolve_cfg(
+        "my_moat", dict(stem_dims=[16, 16], depths=[1, 1], dims=[32, 64], stage_types=["mbconv", "moat"])
+    )
 
 
 def test_cfg_round_trips_through_json_and_rebuilds_the_same_model():
@@ -556,6 +597,7 @@ def test_cfg_round_trips_through_json_and_rebuilds_the_same_model():
 
 def test_build_model_reads_the_trainer_config():
     from config import get_config
+
     cfg = get_config()
     cfg.defrost()
     cfg.MODEL.NAME = "tiny_moat_1_no_pe"
@@ -571,6 +613,7 @@ def test_build_model_reads_the_trainer_config():
 
 def test_build_model_applies_the_configured_batchnorm_momentum():
     from config import get_config
+
     cfg = get_config()
     cfg.defrost()
     cfg.MODEL.NAME = "tiny_moat_0"
@@ -592,6 +635,7 @@ def test_squeeze_excite_equals_timm_semodule_in_values_and_gradients():
     from timm.layers import SEModule
 
     from models.moat import SqueezeExcite
+
     fast = SqueezeExcite(64, rd_channels=8, act_layer=nn.SiLU)
     plain = SEModule(64, rd_channels=8, act_layer=nn.SiLU)
     plain.load_state_dict(fast.state_dict())
@@ -683,8 +727,11 @@ def test_reparameterize_folds_every_batchnorm_and_keeps_the_output(channels_last
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0  # the original is untouched
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out_timm, out, rtol=0, atol=0)
-    convs = [m.weight for m in folded.modules() if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1
-             and m.weight.shape[-1] > 1]
+    convs = [
+        m.weight
+        for m in folded.modules()
+        if isinstance(m, nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1
+    ]
     assert all(w.is_contiguous(memory_format=fmt) for w in convs)
 
 

@@ -1,5 +1,6 @@
 """Optimizer param groups (no decay for norms, biases and relative-bias tables), the linear LR
 scaling rule, SGD/Nesterov, layer decay and linear probing."""
+
 from __future__ import annotations
 
 import pytest
@@ -49,8 +50,11 @@ def test_lr_scales_linearly_with_total_batch_over_512():
 
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_sgd_uses_momentum_and_the_configured_nesterov(model, nesterov):
-    optimizer = build_optimizer(_config(TRAIN__OPTIMIZER__NAME="sgd", TRAIN__OPTIMIZER__NESTEROV=nesterov,
-                                        TRAIN__OPTIMIZER__MOMENTUM=0.8), model, lr=0.1)
+    optimizer = build_optimizer(
+        _config(TRAIN__OPTIMIZER__NAME="sgd", TRAIN__OPTIMIZER__NESTEROV=nesterov, TRAIN__OPTIMIZER__MOMENTUM=0.8),
+        model,
+        lr=0.1,
+    )
     assert isinstance(optimizer, torch.optim.SGD)
     group = optimizer.param_groups[0]
     assert group["nesterov"] is nesterov and group["momentum"] == 0.8 and group["lr"] == 0.1
@@ -65,8 +69,9 @@ def test_adamw_gets_betas_and_eps_from_config(model):
 def test_layer_decay_gives_the_head_full_lr_and_the_stem_the_smallest(model):
     optimizer = build_optimizer(_config(TRAIN__LAYER_DECAY=0.5), model, lr=1e-3)
     scale = {id(p): g["lr_scale"] for g in optimizer.param_groups for p in g["params"]}
-    stem = scale[id(model.stem.conv1.weight)] if hasattr(model.stem, "conv1") else \
-        scale[id(next(model.stem.parameters()))]
+    stem = (
+        scale[id(model.stem.conv1.weight)] if hasattr(model.stem, "conv1") else scale[id(next(model.stem.parameters()))]
+    )
     head = scale[id(model.head.fc.weight)]
     assert head == 1.0 and stem < 1e-3  # 0.5 ** (number of blocks + 1)
 

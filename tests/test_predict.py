@@ -1,5 +1,6 @@
 """tools/predict.py: top-k from a trainer checkpoint equals eval transform + model, CSV output,
 EMA choice, and one-line errors (exit code 2) that name the problem."""
+
 import csv
 import os
 import shutil
@@ -28,8 +29,7 @@ def test_folder_top_k_equals_eval_transform_plus_model_and_csv_is_written(setup,
     checkpoint, folder, images = setup
     out = str(tmp_path / "preds.csv")
     # Two workers and a batch of 2 (5 images -> a ragged last batch) exercise the loader path.
-    rc = predict.main([checkpoint, folder, "--topk", "2", "--batch-size", "2",
-                       "--num-workers", "2", "--csv", out])
+    rc = predict.main([checkpoint, folder, "--topk", "2", "--batch-size", "2", "--num-workers", "2", "--csv", out])
     assert rc == 0
     want = reference_probs(checkpoint, images, "model_ema")  # EMA is the default
     rows = read_csv(out)
@@ -47,8 +47,12 @@ def test_folder_top_k_equals_eval_transform_plus_model_and_csv_is_written(setup,
 def test_no_ema_predicts_with_the_raw_weights(setup, tmp_path):
     checkpoint, _, images = setup
     out = str(tmp_path / "raw.csv")
-    assert predict.main([checkpoint, *images[:2], "--no-ema", "--num-workers", "0",
-                         "--topk", "3", "--csv", out, "--quiet"]) == 0
+    assert (
+        predict.main(
+            [checkpoint, *images[:2], "--no-ema", "--num-workers", "0", "--topk", "3", "--csv", out, "--quiet"]
+        )
+        == 0
+    )
     raw, ema = reference_probs(checkpoint, images[:2], "model"), reference_probs(checkpoint, images[:2])
     assert not torch.allclose(raw, ema, atol=1e-4)  # the two weight sets really differ
     for row, probs in zip(read_csv(out), raw):
@@ -63,14 +67,17 @@ def test_ema_requested_but_absent_is_a_one_line_error(setup, tmp_path, capsys):
     assert "model_ema" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing_input", "input not found"),
-    ("missing_checkpoint", "checkpoint not found"),
-    ("unreadable_image", "cannot read image"),
-    ("wrong_variant", "wrong variant"),
-    ("class_count_mismatch", "class-count mismatch"),
-    ("empty_folder", "no images"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing_input", "input not found"),
+        ("missing_checkpoint", "checkpoint not found"),
+        ("unreadable_image", "cannot read image"),
+        ("wrong_variant", "wrong variant"),
+        ("class_count_mismatch", "class-count mismatch"),
+        ("empty_folder", "no images"),
+    ],
+)
 def test_errors_are_one_line_with_exit_code_2(setup, tmp_path, capsys, case, expected):
     checkpoint, _, images = setup
     args = [checkpoint, images[0]]

@@ -1,5 +1,6 @@
 """tools/prepare_fashion_mnist.py: idx files -> balanced ImageFolder tree, on Debian's real files
 (when installed) and on synthetic idx files written here, plus its errors."""
+
 from __future__ import annotations
 
 import gzip
@@ -108,19 +109,26 @@ def test_truncated_idx_file_is_reported(synthetic_src, tmp_path):
 
 
 def test_missing_source_exits_saying_how_to_get_the_files(tmp_path):
-    result = subprocess.run([sys.executable, TOOL, "--src", str(tmp_path / "none"),
-                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, TOOL, "--src", str(tmp_path / "none"), "--out", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert "apt-get install dataset-fashion-mnist" in result.stderr and "--download" in result.stderr
     assert str(tmp_path / "none") in result.stderr and not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(pfm.find_sources(pfm.DEFAULT_SRC) is None,
-                    reason="Debian package dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    pfm.find_sources(pfm.DEFAULT_SRC) is None, reason="Debian package dataset-fashion-mnist is not installed"
+)
 def test_debian_files_give_a_balanced_subset_the_data_pipeline_loads(tmp_path):
     out = str(tmp_path / "fm")
-    result = subprocess.run([sys.executable, TOOL, "--out", out, "--per-class-train", "5",
-                             "--per-class-val", "2"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, TOOL, "--out", out, "--per-class-train", "5", "--per-class-val", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "50 train / 20 val images, 10 classes" in result.stdout
     labels = pfm.read_idx(os.path.join(pfm.DEFAULT_SRC, "train-labels-idx1-ubyte.gz"))
@@ -130,8 +138,9 @@ def test_debian_files_give_a_balanced_subset_the_data_pipeline_loads(tmp_path):
 
     config = get_config().clone()
     config.defrost()
-    config.merge_from_list(["DATA.DATA_PATH", out, "DATA.DATASET", "imagefolder",
-                            "MODEL.NUM_CLASSES", 10, "DATA.IMG_SIZE", 32])
+    config.merge_from_list(
+        ["DATA.DATA_PATH", out, "DATA.DATASET", "imagefolder", "MODEL.NUM_CLASSES", 10, "DATA.IMG_SIZE", 32]
+    )
     config.freeze()
     dataset = build_dataset(False, config)
     assert len(dataset) == 20 and dataset.classes[0] == "Ankle_boot"

@@ -1,6 +1,7 @@
 """tools/tf_bundle.py: the TensorFlow checkpoint reader agrees with TensorFlow's own listing of the
 fixture (``names.txt``), its writer round-trips, checksums are right, and damaged files are
 named in the error."""
+
 import os
 import shutil
 import struct
@@ -76,7 +77,7 @@ def test_written_bundle_reads_back_every_dtype_and_the_fixture_round_trips(tmp_p
         "a/f16": rng.normal(size=(4,)).astype(np.float16),
         "a/f64": rng.normal(size=(1, 1, 2)),
         "a/i32": np.arange(6, dtype=np.int32).reshape(3, 2),
-        "b/i64": np.array(-7, dtype=np.int64),          # scalar
+        "b/i64": np.array(-7, dtype=np.int64),  # scalar
         "b/bf16": (bf16_bits, "bfloat16"),
     }
     prefix = str(tmp_path / "small.ckpt")
@@ -158,11 +159,11 @@ def test_snappy_compressed_blocks_are_refused_with_a_clear_message(tmp_path):
     # Footer -> index block -> the handle of the first data block.
     _, _, pos = _handle(bytes(raw[-48:]))
     index_offset, index_size, _ = _handle(bytes(raw[-48:]), pos)
-    _, handle = next(_block_entries(bytes(raw[index_offset:index_offset + index_size]), "index"))
+    _, handle = next(_block_entries(bytes(raw[index_offset : index_offset + index_size]), "index"))
     offset, size, _ = _handle(handle)
     assert offset == 0
     raw[size] = 1  # compression type: snappy
-    raw[size + 1:size + 5] = struct.pack("<I", masked_crc32c(bytes(raw[:size + 1])))
+    raw[size + 1 : size + 5] = struct.pack("<I", masked_crc32c(bytes(raw[: size + 1])))
     open(prefix + ".index", "wb").write(bytes(raw))
     with pytest.raises(BundleError, match=r"snappy-compressed.*does not implement snappy"):
         BundleReader(prefix)

@@ -1,6 +1,7 @@
 """The train and eval transforms on what users feed them: every shipped config's default
 recipe over thousands of varied images, every augmentation op at every magnitude, every
 documented AUG option, Mixup/CutMix in every mode, and every image mode a folder may hold."""
+
 from __future__ import annotations
 
 import glob
@@ -28,6 +29,7 @@ def config_from(cfg_file: str | None = None, **opts) -> CfgNode:
     import argparse
 
     from config import update_config
+
     config = get_config().clone()
     config.defrost()
     if cfg_file:
@@ -68,6 +70,7 @@ def _seeded(i: int) -> None:
 
 # ------------------------------------------------------------------- the shipped recipes
 
+
 def test_every_shipped_train_recipe_transforms_thousands_of_varied_images():
     """The test that catches a rare augmentation crash: ~1 image in 700 drew 0-bit posterize
     under the default recipe. Configs sharing one recipe are pushed through once."""
@@ -98,8 +101,14 @@ def test_every_shipped_eval_transform_crops_to_img_size(cfg_file):
 
 # -------------------------------------------------------------------- augmentation ops
 
-RAND_POLICIES = ["rand-m9-mstd0.5-inc1", "rand-m9-mstd0.5", "rand-m10-n3-mstd1.0-mmax15",
-                 "rand-m9-n2-mstd0.5-inc1-mmax12", "rand-m0", "rand-m7-n4-p0.9"]
+RAND_POLICIES = [
+    "rand-m9-mstd0.5-inc1",
+    "rand-m9-mstd0.5",
+    "rand-m10-n3-mstd1.0-mmax15",
+    "rand-m9-n2-mstd0.5-inc1-mmax12",
+    "rand-m0",
+    "rand-m7-n4-p0.9",
+]
 AUTO_POLICIES = ["v0", "v0r", "original", "originalr", "3a"]
 
 
@@ -137,15 +146,18 @@ def test_posterize_ops_keep_timm_magnitudes_only_the_op_function_changes():
     assert posterizers[0].level_fn(10, posterizers[0].hparams) == (0,)
 
 
-@pytest.mark.parametrize("opts", [
-    dict(AUG__AUTO_AUGMENT="", AUG__COLOR_JITTER=0.4),
-    dict(AUG__AUTO_AUGMENT="", AUG__COLOR_JITTER=0.0),
-    dict(AUG__REMODE="const", AUG__REPROB=1.0),
-    dict(AUG__REMODE="rand", AUG__REPROB=1.0, AUG__RECOUNT=3),
-    dict(AUG__REMODE="pixel", AUG__REPROB=1.0, AUG__RECOUNT=2),
-    dict(DATA__INTERPOLATION="random"),
-    dict(DATA__INTERPOLATION="bilinear", AUG__SCALE=[0.5, 0.5], AUG__RATIO=[1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(AUG__AUTO_AUGMENT="", AUG__COLOR_JITTER=0.4),
+        dict(AUG__AUTO_AUGMENT="", AUG__COLOR_JITTER=0.0),
+        dict(AUG__REMODE="const", AUG__REPROB=1.0),
+        dict(AUG__REMODE="rand", AUG__REPROB=1.0, AUG__RECOUNT=3),
+        dict(AUG__REMODE="pixel", AUG__REPROB=1.0, AUG__RECOUNT=2),
+        dict(DATA__INTERPOLATION="random"),
+        dict(DATA__INTERPOLATION="bilinear", AUG__SCALE=[0.5, 0.5], AUG__RATIO=[1.0, 1.0]),
+    ],
+)
 def test_documented_train_options_transform_varied_images(opts):
     transform = build_transform(True, config_from(DATA__IMG_SIZE=64, **opts))
     for i, image in enumerate(varied_images(40)):
@@ -153,10 +165,17 @@ def test_documented_train_options_transform_varied_images(opts):
         assert transform(image).shape == (3, 64, 64)
 
 
-@pytest.mark.parametrize("opts", [
-    dict(DATA__CROP_PCT=1.0), dict(DATA__CROP_PCT=0.875), dict(DATA__CROP_PCT=0.95),
-    dict(TEST__CROP=False), dict(DATA__INTERPOLATION="random"), dict(DATA__INTERPOLATION="bilinear"),
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(DATA__CROP_PCT=1.0),
+        dict(DATA__CROP_PCT=0.875),
+        dict(DATA__CROP_PCT=0.95),
+        dict(TEST__CROP=False),
+        dict(DATA__INTERPOLATION="random"),
+        dict(DATA__INTERPOLATION="bilinear"),
+    ],
+)
 def test_eval_resize_and_crop_paths_give_img_size(opts):
     transform = build_transform(False, config_from(DATA__IMG_SIZE=64, **opts))
     for image in varied_images(16):
@@ -175,12 +194,15 @@ def test_eval_transform_without_crop_squashes_to_img_size():
 
 # --------------------------------------------------------------------------- Mixup/CutMix
 
+
 @pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
-@pytest.mark.parametrize("mixup, cutmix, minmax", [(0.8, 1.0, []), (0.8, 0.0, []), (0.0, 1.0, []),
-                                                    (0.0, 0.0, [0.2, 0.8])])
+@pytest.mark.parametrize(
+    "mixup, cutmix, minmax", [(0.8, 1.0, []), (0.8, 0.0, []), (0.0, 1.0, []), (0.0, 0.0, [0.2, 0.8])]
+)
 def test_mixup_and_cutmix_in_every_mode_give_soft_targets_that_sum_to_one(mode, mixup, cutmix, minmax):
-    config = config_from(AUG__MIXUP=mixup, AUG__CUTMIX=cutmix, AUG__CUTMIX_MINMAX=minmax,
-                         AUG__MIXUP_MODE=mode, MODEL__NUM_CLASSES=5)
+    config = config_from(
+        AUG__MIXUP=mixup, AUG__CUTMIX=cutmix, AUG__CUTMIX_MINMAX=minmax, AUG__MIXUP_MODE=mode, MODEL__NUM_CLASSES=5
+    )
     mixup_fn = build_mixup(config)
     for seed in range(10):
         _seeded(seed)
@@ -194,6 +216,7 @@ def test_odd_batch_with_mixup_is_a_config_error(tmp_path):
     import argparse
 
     from config import update_config
+
     cfg = tmp_path / "odd.yaml"
     cfg.write_text("DATA:\n  BATCH_SIZE: 5\n")
     with pytest.raises(ConfigError, match="DATA.BATCH_SIZE"):
@@ -201,6 +224,7 @@ def test_odd_batch_with_mixup_is_a_config_error(tmp_path):
 
 
 # ------------------------------------------------------------------------ image decoding
+
 
 def test_every_image_mode_decodes_to_rgb_and_sixteen_bit_keeps_its_values(tmp_path):
     paths = write_every_image_mode(tmp_path)

@@ -36,6 +36,7 @@ transform, no gradient). Leftover checkpoint entries (other than optimizer slots
 mismatch, leftover blocks the model lacks, position embeddings for a ``_no_pe`` model) is a
 one-line error with exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,9 +64,20 @@ from tools.tf_bundle import BundleError, BundleReader  # noqa: E402
 from utils import UserError  # noqa: E402
 
 __all__ = [
-    "ConversionError", "ConversionReport", "NORMALIZATION", "RELEASES", "Release", "Rule",
-    "calibrate_bn", "convert", "convert_weights", "converted_config", "deeplab2_rules", "load_deeplab2",
-    "open_checkpoint", "release_table",
+    "ConversionError",
+    "ConversionReport",
+    "NORMALIZATION",
+    "RELEASES",
+    "Release",
+    "Rule",
+    "calibrate_bn",
+    "convert",
+    "convert_weights",
+    "converted_config",
+    "deeplab2_rules",
+    "load_deeplab2",
+    "open_checkpoint",
+    "release_table",
 ]
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
@@ -74,7 +86,8 @@ RELEASE_URL = "https://storage.googleapis.com/gresearch/tf-deeplab/checkpoint/"
 # Optimizer state and step counters a training checkpoint may carry; never model weights.
 _IGNORED = re.compile(
     r"(^|/)(Momentum|Adam(_\d+)?|AdamW(_\d+)?|RMSProp(_\d+)?|Adagrad|Adadelta(_\d+)?|Ftrl(_\d+)?|"
-    r"LARS(_\d+)?|LAMB(_\d+)?|Nadam(_\d+)?|Nesterov)$|^(global_step|beta1_power|beta2_power)$")
+    r"LARS(_\d+)?|LAMB(_\d+)?|Nadam(_\d+)?|Nesterov)$|^(global_step|beta1_power|beta2_power)$"
+)
 
 
 class ConversionError(UserError):
@@ -86,16 +99,18 @@ class ConversionError(UserError):
 class Release:
     """One released checkpoint, as listed in deeplab2's
     ``g3doc/projects/moat_imagenet_pretrained_checkpoints.md``."""
+
     file: str
     img_size: int
-    normalization: int          # 1 or 2, see NORMALIZATION
-    top1: float                 # ImageNet-1K val top-1 reported there
+    normalization: int  # 1 or 2, see NORMALIZATION
+    top1: float  # ImageNet-1K val top-1 reported there
     data: str
 
 
 def _release(stem: str, data_tag: str, size: int, pe: bool, option: int, top1: float, data: str) -> Release:
-    return Release(f"{stem}_imagenet_{data_tag}_{size}_{'w' if pe else 'wo'}_position_embedding.tar.gz",
-                   size, option, top1, data)
+    return Release(
+        f"{stem}_imagenet_{data_tag}_{size}_{'w' if pe else 'wo'}_position_embedding.tar.gz", size, option, top1, data
+    )
 
 
 RELEASES: Dict[str, Release] = {
@@ -128,12 +143,15 @@ NORMALIZATION: Dict[int, Tuple[Tuple[float, ...], Tuple[float, ...]]] = {
 
 def release_table() -> str:
     """The README's "Official weights" table, generated from ``RELEASES``."""
-    rows = ["| file (deeplab2 release) | `--model` | data | input size | normalisation | top-1 (IN-1k val) |",
-            "|---|---|---|---:|---|---:|"]
+    rows = [
+        "| file (deeplab2 release) | `--model` | data | input size | normalisation | top-1 (IN-1k val) |",
+        "|---|---|---|---:|---|---:|",
+    ]
     for name, r in RELEASES.items():
         option = "option 1 (ImageNet mean/std)" if r.normalization == 1 else "option 2 (mean 127.5, std 127.5)"
-        rows.append(f"| [{r.file}]({RELEASE_URL}{r.file}) | `{name}` | {r.data} | {r.img_size} | {option} "
-                    f"| {r.top1:.1f}% |")
+        rows.append(
+            f"| [{r.file}]({RELEASE_URL}{r.file}) | `{name}` | {r.data} | {r.img_size} | {option} | {r.top1:.1f}% |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -142,6 +160,7 @@ def release_table() -> str:
 class Rule:
     """One tensor of our state dict and the deeplab2 variables (names without the ``moat/``
     scope) it is made of, their Keras shapes, and the layout change."""
+
     target: str
     sources: Tuple[str, ...]
     tf_shapes: Tuple[Tuple[int, ...], ...]
@@ -152,11 +171,18 @@ class Rule:
 def _conv_rules(target: str, source: str, conv: nn.Conv2d) -> List[Rule]:
     out_c, in_c, kh, kw = conv.weight.shape
     if conv.groups == 1:
-        rules = [Rule(f"{target}.weight", (f"{source}/kernel",), ((kh, kw, in_c, out_c),),
-                      lambda k: k.transpose(3, 2, 0, 1))]
+        rules = [
+            Rule(f"{target}.weight", (f"{source}/kernel",), ((kh, kw, in_c, out_c),), lambda k: k.transpose(3, 2, 0, 1))
+        ]
     elif conv.groups == out_c and in_c == 1:
-        rules = [Rule(f"{target}.weight", (f"{source}/depthwise_kernel",), ((kh, kw, out_c, 1),),
-                      lambda k: k.transpose(2, 3, 0, 1))]
+        rules = [
+            Rule(
+                f"{target}.weight",
+                (f"{source}/depthwise_kernel",),
+                ((kh, kw, out_c, 1),),
+                lambda k: k.transpose(2, 3, 0, 1),
+            )
+        ]
     else:
         raise ConversionError(f"no deeplab2 layout for the grouped convolution {target}")
     if conv.bias is not None:
@@ -166,11 +192,15 @@ def _conv_rules(target: str, source: str, conv: nn.Conv2d) -> List[Rule]:
 
 def _norm_rules(target: str, source: str, norm: nn.Module) -> List[Rule]:
     c = norm.weight.shape[0]
-    rules = [Rule(f"{target}.weight", (f"{source}/gamma",), ((c,),), lambda g: g),
-             Rule(f"{target}.bias", (f"{source}/beta",), ((c,),), lambda b: b)]
+    rules = [
+        Rule(f"{target}.weight", (f"{source}/gamma",), ((c,),), lambda g: g),
+        Rule(f"{target}.bias", (f"{source}/beta",), ((c,),), lambda b: b),
+    ]
     if isinstance(norm, nn.BatchNorm2d):
-        rules += [Rule(f"{target}.running_mean", (f"{source}/moving_mean",), ((c,),), lambda m: m, False),
-                  Rule(f"{target}.running_var", (f"{source}/moving_variance",), ((c,),), lambda v: v, False)]
+        rules += [
+            Rule(f"{target}.running_mean", (f"{source}/moving_mean",), ((c,),), lambda m: m, False),
+            Rule(f"{target}.running_var", (f"{source}/moving_variance",), ((c,),), lambda v: v, False),
+        ]
     return rules
 
 
@@ -205,16 +235,30 @@ def _attention_rules(target: str, source: str, attn: nn.Module) -> List[Rule]:
     qkv = tuple(f"{source}/{p}" for p in "qkv")
     rules = [
         Rule(f"{target}.qkv.weight", tuple(f"{n}/weight" for n in qkv), ((dim, heads, head_dim),) * 3, _fuse_qkv),
-        Rule(f"{target}.qkv.bias", tuple(f"{n}/bias" for n in qkv), ((heads, head_dim),) * 3,
-             lambda q, k, v: np.concatenate([q.reshape(-1), k.reshape(-1), v.reshape(-1)])),
-        Rule(f"{target}.proj.weight", (f"{source}/o/weight",), ((heads, head_dim, dim),),
-             lambda o: o.reshape(heads * head_dim, dim).T),
+        Rule(
+            f"{target}.qkv.bias",
+            tuple(f"{n}/bias" for n in qkv),
+            ((heads, head_dim),) * 3,
+            lambda q, k, v: np.concatenate([q.reshape(-1), k.reshape(-1), v.reshape(-1)]),
+        ),
+        Rule(
+            f"{target}.proj.weight",
+            (f"{source}/o/weight",),
+            ((heads, head_dim, dim),),
+            lambda o: o.reshape(heads * head_dim, dim).T,
+        ),
         Rule(f"{target}.proj.bias", (f"{source}/o/bias",), ((dim,),), lambda b: b),
     ]
     if attn.rel_pos is not None:
         table = attn.rel_pos.relative_position_bias_table
-        rules.append(Rule(f"{target}.rel_pos.relative_position_bias_table",
-                          (f"{source}/relative_position_embedding",), (tuple(table.shape),), lambda t: t))
+        rules.append(
+            Rule(
+                f"{target}.rel_pos.relative_position_bias_table",
+                (f"{source}/relative_position_embedding",),
+                (tuple(table.shape),),
+                lambda t: t,
+            )
+        )
     return rules
 
 
@@ -239,13 +283,17 @@ def deeplab2_rules(model: MOAT) -> List[Rule]:
     fc = model.head.fc
     if isinstance(fc, nn.Linear):
         classes, c = fc.weight.shape
-        rules += [Rule("head.fc.weight", ("logits_head/kernel",), ((1, 1, c, classes),), lambda k: k[0, 0].T),
-                  Rule("head.fc.bias", ("logits_head/bias",), ((classes,),), lambda b: b)]
+        rules += [
+            Rule("head.fc.weight", ("logits_head/kernel",), ((1, 1, c, classes),), lambda k: k[0, 0].T),
+            Rule("head.fc.bias", ("logits_head/bias",), ((classes,),), lambda b: b),
+        ]
     expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     targets = [r.target for r in rules]
     if len(set(targets)) != len(targets) or set(targets) != expected:
-        raise ConversionError(f"the deeplab2 mapping does not cover this model: unmapped "
-                              f"{sorted(expected - set(targets))[:4]}, unknown {sorted(set(targets) - expected)[:4]}")
+        raise ConversionError(
+            f"the deeplab2 mapping does not cover this model: unmapped "
+            f"{sorted(expected - set(targets))[:4]}, unknown {sorted(set(targets) - expected)[:4]}"
+        )
     sources = [n for r in rules for n in r.sources]
     assert len(set(sources)) == len(sources), "a deeplab2 variable mapped twice"
     return rules
@@ -257,7 +305,7 @@ def candidate_names(source: str) -> List[str]:
     loader looks stem variables up with an added ``moat/stem/`` scope)."""
     names = [SCOPE + source, source]
     if source.startswith("stem/"):
-        names.append(source[len("stem/"):])
+        names.append(source[len("stem/") :])
     return names
 
 
@@ -265,17 +313,18 @@ def candidate_names(source: str) -> List[str]:
 @dataclass
 class ConversionReport:
     """What the converter found and used (also saved as ``converted_from``)."""
-    weights: str                              # 'ema' or 'raw'
-    entries: int                              # checkpoint entries
-    used: int = 0                             # entries read
-    ema: int = 0                              # of those, EMA copies
-    raw: int = 0                              # of those, raw variables
-    raw_fallback: int = 0                     # non-trainable read raw because no EMA copy exists
-    renamed: int = 0                          # found under an alternative name (no 'moat/' scope, ...)
-    bn_statistics: str = "checkpoint"         # 'checkpoint', 'missing', or 'calibrated: ...'
-    head: str = "checkpoint"                  # 'checkpoint' or 'fresh'
-    ignored: List[str] = field(default_factory=list)    # optimizer slots, global_step
-    leftover: List[str] = field(default_factory=list)   # anything else not used
+
+    weights: str  # 'ema' or 'raw'
+    entries: int  # checkpoint entries
+    used: int = 0  # entries read
+    ema: int = 0  # of those, EMA copies
+    raw: int = 0  # of those, raw variables
+    raw_fallback: int = 0  # non-trainable read raw because no EMA copy exists
+    renamed: int = 0  # found under an alternative name (no 'moat/' scope, ...)
+    bn_statistics: str = "checkpoint"  # 'checkpoint', 'missing', or 'calibrated: ...'
+    head: str = "checkpoint"  # 'checkpoint' or 'fresh'
+    ignored: List[str] = field(default_factory=list)  # optimizer slots, global_step
+    leftover: List[str] = field(default_factory=list)  # anything else not used
     global_step: Optional[int] = None
 
 
@@ -316,16 +365,25 @@ def _check_leftovers(leftover: List[str], rules: List[Rule], label: str) -> None
     for name in leftover:
         m = _BLOCK.match(name)
         if m and m.group(1) not in blocks:
-            raise ConversionError(f"{name}: the checkpoint has a block ({m.group(1)}) that {label} lacks "
-                                  f"(wrong --model? a deeper variant has the same widths)")
+            raise ConversionError(
+                f"{name}: the checkpoint has a block ({m.group(1)}) that {label} lacks "
+                f"(wrong --model? a deeper variant has the same widths)"
+            )
         if "relative_position_embedding" in name:
-            raise ConversionError(f"{name}: the checkpoint has relative position embeddings and {label} has "
-                                  f"none (wrong --model? use the variant without _no_pe)")
+            raise ConversionError(
+                f"{name}: the checkpoint has relative position embeddings and {label} has "
+                f"none (wrong --model? use the variant without _no_pe)"
+            )
 
 
-def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", allow_missing_bn: bool = False,
-                    label: str = "the model", log: Callable[[str], None] = lambda s: None,
-                    ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
+def convert_weights(
+    reader: BundleReader,
+    model: MOAT,
+    weights: str = "auto",
+    allow_missing_bn: bool = False,
+    label: str = "the model",
+    log: Callable[[str], None] = lambda s: None,
+) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
     """``model``'s full state dict filled from ``reader``, and a report.
 
     Args:
@@ -355,14 +413,18 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
         if not allow_missing_bn:
             raise ConversionError(
                 f"the checkpoint holds no BatchNorm moving statistics (e.g. {SCOPE}{bn_rules[0].sources[0]}); "
-                f"re-estimate them with --calibrate-bn TRAIN_IMAGE_FOLDER")
+                f"re-estimate them with --calibrate-bn TRAIN_IMAGE_FOLDER"
+            )
 
     def absent_but_optional(rule: Rule) -> bool:
         if bn_missing and not rule.trainable:
             return True  # left at 0 / 1 for --calibrate-bn
         # Without logits_head the whole head may be absent (a backbone release): it starts fresh.
-        return (not head_present and rule.target.startswith("head.")
-                and _pick(reader, rule.sources[0], rule.trainable, use_ema)[0] is None)
+        return (
+            not head_present
+            and rule.target.startswith("head.")
+            and _pick(reader, rule.sources[0], rule.trainable, use_ema)[0] is None
+        )
 
     chosen: Dict[str, List[str]] = {}
     problems: List[str] = []
@@ -382,8 +444,9 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
                 continue
             got = tuple(reader.entries[name].shape)
             if got != tuple(want):
-                problems.append(f"{name}: shape {list(got)} in the checkpoint, but {label} needs {list(want)} "
-                                f"(wrong --model?)")
+                problems.append(
+                    f"{name}: shape {list(got)} in the checkpoint, but {label} needs {list(want)} (wrong --model?)"
+                )
             names.append(name)
         if len(names) == len(rule.sources):
             chosen[rule.target] = names
@@ -404,8 +467,9 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
         value = np.ascontiguousarray(by_target[target].convert(*arrays))
         tensor = torch.from_numpy(value).to(state[target].dtype)
         if tensor.shape != state[target].shape:  # a mapping bug, not a user error
-            raise AssertionError(f"{target}: converted to {tuple(tensor.shape)}, "
-                                 f"model has {tuple(state[target].shape)}")
+            raise AssertionError(
+                f"{target}: converted to {tuple(tensor.shape)}, model has {tuple(state[target].shape)}"
+            )
         state[target] = tensor
         for n in names:
             report.used += 1
@@ -416,18 +480,27 @@ def convert_weights(reader: BundleReader, model: MOAT, weights: str = "auto", al
 
     if not head_present:
         report.head = "fresh"
-        log("note: the checkpoint has no classification head (moat/logits_head): converting the "
-            "backbone; the head starts fresh")
+        log(
+            "note: the checkpoint has no classification head (moat/logits_head): converting the "
+            "backbone; the head starts fresh"
+        )
     if "global_step" in reader.entries and reader.entries["global_step"].shape == ():
         with contextlib.suppress(BundleError):
             report.global_step = int(reader.read("global_step"))
     return state, report
 
 
-def load_deeplab2(checkpoint: str, model: Union[str, MOAT], weights: str = "auto", allow_missing_bn: bool = False,
-                  num_classes: Optional[int] = None, pool_size: int = 2, verify_crc: bool = True,
-                  label: Optional[str] = None, log: Callable[[str], None] = lambda s: None,
-                  ) -> Tuple[MOAT, ConversionReport, str]:
+def load_deeplab2(
+    checkpoint: str,
+    model: Union[str, MOAT],
+    weights: str = "auto",
+    allow_missing_bn: bool = False,
+    num_classes: Optional[int] = None,
+    pool_size: int = 2,
+    verify_crc: bool = True,
+    label: Optional[str] = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> Tuple[MOAT, ConversionReport, str]:
     """A MOAT holding the weights of a deeplab2 checkpoint (archive, folder or prefix).
 
     ``model`` is a registered variant name (built with the checkpoint's class count, or
@@ -442,14 +515,17 @@ def load_deeplab2(checkpoint: str, model: Union[str, MOAT], weights: str = "auto
         log(f"reading {prefix}: {len(reader)} entries")
         found = head_classes(reader)
         if found and num_classes and num_classes != found:
-            raise ConversionError(f"the checkpoint's head has {found} classes, not {num_classes} (--num-classes, "
-                                  f"--class-names); for another class count, convert, then fine-tune with "
-                                  f"main.py --pretrained")
+            raise ConversionError(
+                f"the checkpoint's head has {found} classes, not {num_classes} (--num-classes, "
+                f"--class-names); for another class count, convert, then fine-tune with "
+                f"main.py --pretrained"
+            )
         if isinstance(model, str):
             torch.manual_seed(0)  # a fresh head (no head in the file) is reproducible
             model = create_moat(model, num_classes=found or num_classes or 1000, pool_size=pool_size)
-        state, report = convert_weights(reader, model, weights=weights, allow_missing_bn=allow_missing_bn,
-                                        label=label, log=log)
+        state, report = convert_weights(
+            reader, model, weights=weights, allow_missing_bn=allow_missing_bn, label=label, log=log
+        )
     model.load_state_dict(state)
     return model.eval(), report, prefix
 
@@ -459,7 +535,7 @@ def _find_prefixes(folder: str) -> List[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
-        found += [os.path.join(root, f[:-len(".index")]) for f in sorted(files) if f.endswith(".index")]
+        found += [os.path.join(root, f[: -len(".index")]) for f in sorted(files) if f.endswith(".index")]
     return found
 
 
@@ -488,15 +564,18 @@ def _prefix_in(folder: str, source: str) -> str:
 
 
 @contextlib.contextmanager
-def open_checkpoint(path: str, verify_crc: bool = True,
-                    log: Callable[[str], None] = lambda s: None) -> Iterator[Tuple[BundleReader, str]]:
+def open_checkpoint(
+    path: str, verify_crc: bool = True, log: Callable[[str], None] = lambda s: None
+) -> Iterator[Tuple[BundleReader, str]]:
     """``(reader, prefix)`` for a release archive, a folder or a checkpoint prefix; an archive is
     unpacked into a temporary folder that is removed afterwards."""
     with contextlib.ExitStack() as stack:
         if os.path.isfile(path) and not path.endswith(".index") and ".data-" not in os.path.basename(path):
             if not tarfile.is_tarfile(path):
-                raise ConversionError(f"{path}: neither a .tar.gz archive nor a checkpoint prefix "
-                                      f"(pass PREFIX for PREFIX.index + PREFIX.data-*)")
+                raise ConversionError(
+                    f"{path}: neither a .tar.gz archive nor a checkpoint prefix "
+                    f"(pass PREFIX for PREFIX.index + PREFIX.data-*)"
+                )
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="moat_convert_"))
             log(f"unpacking {path} into {folder}")
             try:
@@ -523,8 +602,14 @@ def _plain(value):
     return value
 
 
-def converted_config(variant: str, num_classes: int, img_size: int, normalization: int,
-                     crop_pct: Optional[float] = None, pool_size: int = 2) -> dict:
+def converted_config(
+    variant: str,
+    num_classes: int,
+    img_size: int,
+    normalization: int,
+    crop_pct: Optional[float] = None,
+    pool_size: int = 2,
+) -> dict:
     """The trainer's default config tree (``config.config_to_dict``) with the release's model,
     classes, input size and normalisation (0..1 convention: option 2 is mean = std = 0.5)."""
     from config import config_to_dict, get_config
@@ -547,9 +632,17 @@ def converted_config(variant: str, num_classes: int, img_size: int, normalizatio
 
 # --------------------------------------------------------------------------------- BN calibration
 @torch.no_grad()
-def calibrate_bn(model: nn.Module, folder: str, config_tree: dict, num_images: int = 4000,
-                 batch_size: int = 64, num_workers: int = 4, device: str | torch.device = "cpu",
-                 seed: int = 0, log: Callable[[str], None] = lambda s: None) -> int:
+def calibrate_bn(
+    model: nn.Module,
+    folder: str,
+    config_tree: dict,
+    num_images: int = 4000,
+    batch_size: int = 64,
+    num_workers: int = 4,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    log: Callable[[str], None] = lambda s: None,
+) -> int:
     """Re-estimate every BatchNorm's running mean / variance over ``num_images`` images of
     ``folder`` (searched recursively, a seeded random subset), with the eval transform of
     ``config_tree``; returns the number of images used.
@@ -599,42 +692,75 @@ def calibrate_bn(model: nn.Module, folder: str, config_tree: dict, num_images: i
 # ------------------------------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "MOAT convert deeplab2", add_help=add_help,
+        "MOAT convert deeplab2",
+        add_help=add_help,
         description="Convert a released deeplab2 MOAT TensorFlow checkpoint to a trainer checkpoint "
-                    "or safetensors file (no TensorFlow needed).")
+        "or safetensors file (no TensorFlow needed).",
+    )
     parser.add_argument("checkpoint", help="release .tar.gz, a folder with one checkpoint, or a checkpoint prefix")
     parser.add_argument("--model", required=True, help="our variant name (see the README's official weights table)")
-    parser.add_argument("--output", required=True,
-                        help="output file: .pth (trainer checkpoint) or .safetensors")
+    parser.add_argument("--output", required=True, help="output file: .pth (trainer checkpoint) or .safetensors")
     ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="weights", action="store_const", const="ema", default="auto",
-                     help="the EMA weights (default when the file has them; error if it has none)")
-    ema.add_argument("--raw", dest="weights", action="store_const", const="raw",
-                     help="the raw (non-EMA) weights")
-    parser.add_argument("--safetensors", action="store_true",
-                        help="also write OUTPUT with the suffix .safetensors next to the .pth")
-    parser.add_argument("--class-names", metavar="FILE",
-                        help="class names, one per line (default: class_0, class_1, ...)")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="head size when the file has no classification head (default 1000)")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="DATA.IMG_SIZE to record (default: the release's input size)")
-    parser.add_argument("--normalization", type=int, choices=(1, 2), default=None,
-                        help="input normalisation option of the release notes (default: the release's)")
-    parser.add_argument("--crop-pct", type=float, default=None,
-                        help="DATA.CROP_PCT to record (default 0.875 below 384 px, 1.0 from 384)")
-    parser.add_argument("--pool-size", type=int, choices=(2, 3), default=2,
-                        help="MODEL.MOAT.POOL_SIZE to record: the shortcut pooling, no weights (default 2, "
-                             "deeplab2's value for classification; the releases do not state theirs)")
-    parser.add_argument("--calibrate-bn", metavar="FOLDER",
-                        help="re-estimate the BatchNorm statistics over training images in FOLDER "
-                             "(for files without moving statistics)")
-    parser.add_argument("--calibrate-images", type=int, default=4000,
-                        help="images for --calibrate-bn (default 4000)")
+    ema.add_argument(
+        "--ema",
+        dest="weights",
+        action="store_const",
+        const="ema",
+        default="auto",
+        help="the EMA weights (default when the file has them; error if it has none)",
+    )
+    ema.add_argument("--raw", dest="weights", action="store_const", const="raw", help="the raw (non-EMA) weights")
+    parser.add_argument(
+        "--safetensors", action="store_true", help="also write OUTPUT with the suffix .safetensors next to the .pth"
+    )
+    parser.add_argument(
+        "--class-names", metavar="FILE", help="class names, one per line (default: class_0, class_1, ...)"
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="head size when the file has no classification head (default 1000)",
+    )
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="DATA.IMG_SIZE to record (default: the release's input size)"
+    )
+    parser.add_argument(
+        "--normalization",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="input normalisation option of the release notes (default: the release's)",
+    )
+    parser.add_argument(
+        "--crop-pct",
+        type=float,
+        default=None,
+        help="DATA.CROP_PCT to record (default 0.875 below 384 px, 1.0 from 384)",
+    )
+    parser.add_argument(
+        "--pool-size",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help="MODEL.MOAT.POOL_SIZE to record: the shortcut pooling, no weights (default 2, "
+        "deeplab2's value for classification; the releases do not state theirs)",
+    )
+    parser.add_argument(
+        "--calibrate-bn",
+        metavar="FOLDER",
+        help="re-estimate the BatchNorm statistics over training images in FOLDER "
+        "(for files without moving statistics)",
+    )
+    parser.add_argument("--calibrate-images", type=int, default=4000, help="images for --calibrate-bn (default 4000)")
     parser.add_argument("--batch-size", type=int, default=64, help="--calibrate-bn batch size")
     parser.add_argument("--num-workers", type=int, default=4, help="--calibrate-bn decoding workers")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="--calibrate-bn device ('auto' uses CUDA when available)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="--calibrate-bn device ('auto' uses CUDA when available)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the checksum verification")
     return parser
 
@@ -677,9 +803,16 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
             outputs["safetensors"] = os.path.splitext(output)[0] + ".safetensors"
 
     model, report, prefix = load_deeplab2(
-        args.checkpoint, model if model is not None else args.model, weights=args.weights,
-        allow_missing_bn=bool(args.calibrate_bn), verify_crc=not args.no_verify, label=args.model, log=_log,
-        num_classes=args.num_classes or (len(class_names) if class_names else None), pool_size=args.pool_size)
+        args.checkpoint,
+        model if model is not None else args.model,
+        weights=args.weights,
+        allow_missing_bn=bool(args.calibrate_bn),
+        verify_crc=not args.no_verify,
+        label=args.model,
+        log=_log,
+        num_classes=args.num_classes or (len(class_names) if class_names else None),
+        pool_size=args.pool_size,
+    )
     num_classes = model.num_classes
     if class_names is not None and len(class_names) != num_classes:
         raise ConversionError(f"{args.class_names}: {len(class_names)} class names for a {num_classes}-class head")
@@ -688,12 +821,17 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
         _log("note: 1001 classes: probably TF-slim's background class at index 0 (ImageNet folders have 1000)")
 
     what = "EMA" if report.weights == "ema" else "raw"
-    _log(f"weights: {what}: {report.used} entries used ({report.ema} EMA copies, {report.raw} raw"
-         + (f", of which {report.raw_fallback} non-trainable without EMA copy" if report.raw_fallback else "") + ")"
-         + (f"; {report.renamed} found under an alternative name" if report.renamed else ""))
+    _log(
+        f"weights: {what}: {report.used} entries used ({report.ema} EMA copies, {report.raw} raw"
+        + (f", of which {report.raw_fallback} non-trainable without EMA copy" if report.raw_fallback else "")
+        + ")"
+        + (f"; {report.renamed} found under an alternative name" if report.renamed else "")
+    )
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    _log(f"BatchNorm moving statistics: {'found' if report.bn_statistics == 'checkpoint' else 'not in the checkpoint'}"
-         f" ({n_bn} layers)")
+    _log(
+        f"BatchNorm moving statistics: {'found' if report.bn_statistics == 'checkpoint' else 'not in the checkpoint'}"
+        f" ({n_bn} layers)"
+    )
     if report.ignored:
         _log(f"ignored {len(report.ignored)} optimizer-slot / step entries")
     if report.leftover:
@@ -706,50 +844,81 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
         from utils.distributed import resolve_device
 
         device = resolve_device(args.device, 0)
-        seen = calibrate_bn(model, args.calibrate_bn, config_tree, args.calibrate_images, args.batch_size,
-                            args.num_workers, device, log=_log)
+        seen = calibrate_bn(
+            model,
+            args.calibrate_bn,
+            config_tree,
+            args.calibrate_images,
+            args.batch_size,
+            args.num_workers,
+            device,
+            log=_log,
+        )
         model.to("cpu")
         replaced = " (replacing the checkpoint's)" if report.bn_statistics == "checkpoint" else ""
         report.bn_statistics = f"calibrated over {seen} images of {args.calibrate_bn}{replaced}"
         _log(f"BatchNorm statistics {report.bn_statistics}")
 
     mean, std = NORMALIZATION[option]
-    converted_from = _plain({
-        "source": args.checkpoint,
-        "checkpoint": os.path.basename(prefix),
-        "format": "deeplab2 TF1 name-based checkpoint",
-        "weights": report.weights,
-        "entries": report.entries,
-        "used": report.used,
-        "ema_entries_used": report.ema,
-        "raw_entries_used": report.raw,
-        "bn_statistics": report.bn_statistics,
-        "head": report.head,
-        "ignored": report.ignored,
-        "leftover": report.leftover,
-        "global_step": report.global_step,
-        "normalization": {"option": option, "mean_0_255": list(mean), "std_0_255": list(std)},
-        "tool": "tools/convert_deeplab2.py",
-    })
+    converted_from = _plain(
+        {
+            "source": args.checkpoint,
+            "checkpoint": os.path.basename(prefix),
+            "format": "deeplab2 TF1 name-based checkpoint",
+            "weights": report.weights,
+            "entries": report.entries,
+            "used": report.used,
+            "ema_entries_used": report.ema,
+            "raw_entries_used": report.raw,
+            "bn_statistics": report.bn_statistics,
+            "head": report.head,
+            "ignored": report.ignored,
+            "leftover": report.leftover,
+            "global_step": report.global_step,
+            "normalization": {"option": option, "mean_0_255": list(mean), "std_0_255": list(std)},
+            "tool": "tools/convert_deeplab2.py",
+        }
+    )
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     written = {}
     if "pth" in outputs:
         os.makedirs(os.path.dirname(os.path.abspath(outputs["pth"])), exist_ok=True)
-        atomic_save({"model": state, "model_name": args.model, "model_cfg": model.cfg.to_dict(),
-                     "class_names": class_names, "config": config_tree, "converted_from": converted_from},
-                    outputs["pth"])
+        atomic_save(
+            {
+                "model": state,
+                "model_name": args.model,
+                "model_cfg": model.cfg.to_dict(),
+                "class_names": class_names,
+                "config": config_tree,
+                "converted_from": converted_from,
+            },
+            outputs["pth"],
+        )
         written["pth"] = outputs["pth"]
     if "safetensors" in outputs:
         config = config_from_dict(config_tree)
-        meta = ModelMeta(variant=args.model, num_classes=num_classes, class_names=class_names,
-                         preprocessing=preprocessing_from_config(config), config=config,
-                         weights=report.weights, source=args.checkpoint, model_cfg=model.cfg.to_dict())
-        save_safetensors(model, meta, outputs["safetensors"],
-                         extra_metadata={"moat.converted_from": json.dumps(converted_from, sort_keys=True)})
+        meta = ModelMeta(
+            variant=args.model,
+            num_classes=num_classes,
+            class_names=class_names,
+            preprocessing=preprocessing_from_config(config),
+            config=config,
+            weights=report.weights,
+            source=args.checkpoint,
+            model_cfg=model.cfg.to_dict(),
+        )
+        save_safetensors(
+            model,
+            meta,
+            outputs["safetensors"],
+            extra_metadata={"moat.converted_from": json.dumps(converted_from, sort_keys=True)},
+        )
         written["safetensors"] = outputs["safetensors"]
     for path in written.values():
-        print(f"wrote {path} ({args.model}, {what} weights, {num_classes} classes, {img_size} px, "
-              f"normalisation option {option})")
+        print(
+            f"wrote {path} ({args.model}, {what} weights, {num_classes} classes, {img_size} px, "
+            f"normalisation option {option})"
+        )
     return written
 
 

@@ -5,6 +5,7 @@ best checkpoint with ``main.py --eval`` on the full 10,000-image test set and pr
 checkpoint, log, TensorBoard events and summary are. ``make demo`` calls it inside the project's
 virtualenv; extra arguments after ``--`` go to ``main.py`` (e.g. ``-- --opts TRAIN.EPOCHS 1``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,17 +38,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs the tools")
     parser.add_argument("--data", default="data_cache/fashion_mnist_2000", help="ImageFolder tree to (re)use")
-    parser.add_argument("--per-class-train", type=int, default=2000,
-                        help="training images per class (6000 = all; 2000 keeps the whole demo under "
-                             "10 minutes on 2 cores)")
+    parser.add_argument(
+        "--per-class-train",
+        type=int,
+        default=2000,
+        help="training images per class (6000 = all; 2000 keeps the whole demo under 10 minutes on 2 cores)",
+    )
     parser.add_argument("--output", default="output/demo", help="OUTPUT root of the run")
     parser.add_argument("--tag", default="fashion_mnist", help="run name (TAG)")
     parser.add_argument("main_args", nargs="*", help="extra arguments for main.py (after --)")
     args = parser.parse_args()
 
     start = time.time()
-    run([args.python, "tools/prepare_fashion_mnist.py", "--out", args.data,
-         "--per-class-train", str(args.per_class_train)])
+    run(
+        [
+            args.python,
+            "tools/prepare_fashion_mnist.py",
+            "--out",
+            args.data,
+            "--per-class-train",
+            str(args.per_class_train),
+        ]
+    )
     common = ["--cfg", CONFIG, "--data-path", args.data, "--output", args.output, "--tag", args.tag]
     run([args.python, "main.py", *common, *args.main_args])
     train_minutes = (time.time() - start) / 60
@@ -61,8 +73,9 @@ def main() -> None:
 
     events = sorted(n for n in os.listdir(run_dir) if n.startswith("events.out.tfevents"))
     print("\n" + "=" * 72)
-    print(f"Fashion-MNIST demo finished in {(time.time() - start) / 60:.1f} min "
-          f"(data + training {train_minutes:.1f} min)")
+    print(
+        f"Fashion-MNIST demo finished in {(time.time() - start) / 60:.1f} min (data + training {train_minutes:.1f} min)"
+    )
     print(f"epochs trained        : {len(rows)}")
     if match:
         print(f"best checkpoint top-1 : {match[-1]}% on the full 10,000-image test set (main.py --eval)")

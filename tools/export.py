@@ -29,6 +29,7 @@ size when the size is dynamic; it fails with exit code 1 above ``--atol`` / ``--
 torch >= 2.9 calls TorchScript and the legacy ONNX exporter deprecated; those notices are
 silenced here because they are, today, the exporters that keep the image size dynamic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,34 +65,58 @@ class CheckFailed(RuntimeError):
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "MOAT export", add_help=add_help,
+        "MOAT export",
+        add_help=add_help,
         description="Export a trained MOAT to safetensors / TorchScript / ONNX.",
         epilog="ONNX image size: dynamic (any multiple of 32) with global attention and the "
-               "default legacy exporter; fixed --img-size with windowed attention, --static-size "
-               "or --dynamo. Batch is always dynamic.")
+        "default legacy exporter; fixed --img-size with windowed attention, --static-size "
+        "or --dynamo. Batch is always dynamic.",
+    )
     parser.add_argument("checkpoint", help="trainer checkpoint (.pth) or exported .safetensors")
-    parser.add_argument("--format", nargs="+", choices=FORMATS, default=["safetensors"],
-                        help="one or more output formats (default: safetensors)")
-    parser.add_argument("-o", "--output", default=None,
-                        help="output path without extension (default: the checkpoint's, "
-                             "plus -ema / -raw)")
-    parser.add_argument("--variant", default=None,
-                        help="expected variant; required only for files that do not name theirs")
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        choices=FORMATS,
+        default=["safetensors"],
+        help="one or more output formats (default: safetensors)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="output path without extension (default: the checkpoint's, plus -ema / -raw)",
+    )
+    parser.add_argument(
+        "--variant", default=None, help="expected variant; required only for files that do not name theirs"
+    )
     ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="use_ema", action="store_true", default=None,
-                     help="export the EMA weights (error if the checkpoint has none)")
-    ema.add_argument("--no-ema", dest="use_ema", action="store_false", default=None,
-                     help="export the raw weights (default: EMA when present)")
-    parser.add_argument("--img-size", type=int, default=None,
-                        help="trace / fixed ONNX input size (default: the training DATA.IMG_SIZE)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                        help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--static-size", action="store_true",
-                        help="ONNX: fixed --img-size even where a dynamic size is possible")
-    parser.add_argument("--dynamo", action="store_true",
-                        help="ONNX: torch.export-based exporter (needs onnxscript; dynamic batch only)")
-    parser.add_argument("--check", action="store_true",
-                        help="compare the exported models with PyTorch (onnxruntime for ONNX)")
+    ema.add_argument(
+        "--ema",
+        dest="use_ema",
+        action="store_true",
+        default=None,
+        help="export the EMA weights (error if the checkpoint has none)",
+    )
+    ema.add_argument(
+        "--no-ema",
+        dest="use_ema",
+        action="store_false",
+        default=None,
+        help="export the raw weights (default: EMA when present)",
+    )
+    parser.add_argument(
+        "--img-size", type=int, default=None, help="trace / fixed ONNX input size (default: the training DATA.IMG_SIZE)"
+    )
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    parser.add_argument(
+        "--static-size", action="store_true", help="ONNX: fixed --img-size even where a dynamic size is possible"
+    )
+    parser.add_argument(
+        "--dynamo", action="store_true", help="ONNX: torch.export-based exporter (needs onnxscript; dynamic batch only)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="compare the exported models with PyTorch (onnxruntime for ONNX)"
+    )
     parser.add_argument("--atol", type=float, default=1e-4, help="--check absolute tolerance")
     parser.add_argument("--rtol", type=float, default=1e-3, help="--check relative tolerance")
     return parser
@@ -147,14 +172,14 @@ def _legacy_onnx_exports_sdpa_scale(opset: int) -> bool:
     ``F.scaled_dot_product_attention(..., scale=<float>)``? torch 2.4's opset-14 symbolic hands the
     float to ``g.op`` and fails with a TypeError (pytorch/pytorch#135594, fixed in 2.5). Probed by
     exporting a one-op module (tens of ms), not by version number."""
+
     class _Probe(nn.Module):
         def forward(self, q: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, q, q, scale=0.5)
 
     try:
         with _quiet_tracing(), torch.no_grad():
-            torch.onnx.export(_Probe(), (torch.zeros(1, 1, 2, 4),), io.BytesIO(), dynamo=False,
-                              opset_version=opset)
+            torch.onnx.export(_Probe(), (torch.zeros(1, 1, 2, 4),), io.BytesIO(), dynamo=False, opset_version=opset)
     except Exception:  # noqa: BLE001 - any failure here means: do not export through SDPA
         return False
     return True
@@ -174,8 +199,15 @@ def _explicit_attention(model: nn.Module, enable: bool) -> Iterator[None]:
             m.fused_attn = fused
 
 
-def export_onnx(model: nn.Module, meta: ModelMeta, path: str, img_size: int,
-                opset: int = DEFAULT_OPSET, dynamic_size: bool = True, dynamo: bool = False) -> str:
+def export_onnx(
+    model: nn.Module,
+    meta: ModelMeta,
+    path: str,
+    img_size: int,
+    opset: int = DEFAULT_OPSET,
+    dynamic_size: bool = True,
+    dynamo: bool = False,
+) -> str:
     """ONNX with a dynamic batch (and dynamic H, W when ``dynamic_size``); metadata as props."""
     import onnx
 
@@ -189,17 +221,29 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str, img_size: int,
             except ImportError:
                 raise UserError("--dynamo needs the onnxscript package (pip install onnxscript)") from None
             program = torch.onnx.export(
-                model, example, dynamo=True, opset_version=opset, input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT], verbose=False,
-                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}})
+                model,
+                example,
+                dynamo=True,
+                opset_version=opset,
+                input_names=[ONNX_INPUT],
+                output_names=[ONNX_OUTPUT],
+                verbose=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
+            )
             program.save(path)
         else:
             axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
             with _explicit_attention(model, not _legacy_onnx_exports_sdpa_scale(opset)):
                 torch.onnx.export(
-                    model, example, path, dynamo=False, opset_version=opset,
-                    input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                    dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: {0: "batch"}})
+                    model,
+                    example,
+                    path,
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=[ONNX_INPUT],
+                    output_names=[ONNX_OUTPUT],
+                    dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: {0: "batch"}},
+                )
     proto = onnx.load(path)
     onnx.helper.set_model_props(proto, safetensors_metadata(meta))
     onnx.save(proto, path)
@@ -209,8 +253,10 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str, img_size: int,
 def _compare(name: str, got: np.ndarray, want: np.ndarray, atol: float, rtol: float) -> float:
     diff = float(np.abs(got - want).max())
     if got.shape != want.shape or not np.allclose(got, want, atol=atol, rtol=rtol):
-        raise CheckFailed(f"{name}: output differs from PyTorch (shape {got.shape} vs {want.shape}, "
-                          f"max abs diff {diff:.3g}, atol {atol}, rtol {rtol})")
+        raise CheckFailed(
+            f"{name}: output differs from PyTorch (shape {got.shape} vs {want.shape}, "
+            f"max abs diff {diff:.3g}, atol {atol}, rtol {rtol})"
+        )
     return diff
 
 
@@ -222,8 +268,9 @@ def check_cases(img_size: int, dynamic_size: bool) -> List[Tuple[int, int, int]]
     return cases
 
 
-def check_export(model: nn.Module, fmt: str, path: str, cases: Sequence[Tuple[int, int, int]],
-                 atol: float = 1e-4, rtol: float = 1e-3) -> float:
+def check_export(
+    model: nn.Module, fmt: str, path: str, cases: Sequence[Tuple[int, int, int]], atol: float = 1e-4, rtol: float = 1e-3
+) -> float:
     """Max abs difference between ``path`` (a TorchScript or ONNX file) and ``model`` over
     ``cases``; raises ``CheckFailed`` above tolerance."""
     if fmt == "onnx":
@@ -284,8 +331,10 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
         elif args.check:
             cases = check_cases(img_size, dynamic_size)
             diff = check_export(model, fmt, path, cases, args.atol, args.rtol)
-            print(f"  check: max abs diff {diff:.2e} vs PyTorch over inputs "
-                  + ", ".join(f"{b}x3x{h}x{w}" for b, h, w in cases))
+            print(
+                f"  check: max abs diff {diff:.2e} vs PyTorch over inputs "
+                + ", ".join(f"{b}x3x{h}x{w}" for b, h, w in cases)
+            )
     return paths
 
 

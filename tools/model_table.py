@@ -4,6 +4,7 @@ The README embeds this output between ``<!-- model-table:start -->`` and ``<!-- 
 ``tests/test_readme.py`` fails when the two drift apart. Refresh with
 ``python tools/model_table.py --write README.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,10 @@ START, END = "<!-- model-table:start -->", "<!-- model-table:end -->"
 
 def model_table() -> str:
     """Markdown table of every variant; parameters counted on the meta device (no memory)."""
-    rows = ["| variant | params (1000 classes) | default drop path | input size | published top-1 (IN-1k) |",
-            "|---|---:|---:|---|---|"]
+    rows = [
+        "| variant | params (1000 classes) | default drop path | input size | published top-1 (IN-1k) |",
+        "|---|---:|---:|---|---|",
+    ]
     for name, cfg in MOAT_CFGS.items():
         with torch.device("meta"):
             model = create_moat(name)

@@ -12,6 +12,7 @@ its model when EMA is on); ``--no-ema`` takes the raw weights, ``--ema`` insists
 Errors (missing file, unreadable image, wrong variant, class-count mismatch) are one line on
 stderr and exit code 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,28 +37,47 @@ from utils.inference import UserError, build_eval_transform, load_model_for_infe
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "MOAT predict", add_help=add_help,
-        description="Top-k predictions of a trained MOAT on image files and folders.")
+        "MOAT predict", add_help=add_help, description="Top-k predictions of a trained MOAT on image files and folders."
+    )
     parser.add_argument("checkpoint", help="trainer checkpoint (.pth) or exported .safetensors")
-    parser.add_argument("inputs", nargs="+",
-                        help="image files and/or folders (searched recursively for "
-                             + " ".join(IMG_EXTENSIONS) + ")")
-    parser.add_argument("--variant", default=None,
-                        help="expected variant; required only for files that do not name theirs")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        help="image files and/or folders (searched recursively for " + " ".join(IMG_EXTENSIONS) + ")",
+    )
+    parser.add_argument(
+        "--variant", default=None, help="expected variant; required only for files that do not name theirs"
+    )
     parser.add_argument("--topk", type=int, default=5, help="classes to report per image (default 5)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2, help="image-decoding worker processes")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="'auto' uses CUDA when available")
-    parser.add_argument("--amp", choices=("off", "bf16", "fp16", "auto"), default="off",
-                        help="autocast precision (default off: full precision, exact scores)")
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="'auto' uses CUDA when available"
+    )
+    parser.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16", "auto"),
+        default="off",
+        help="autocast precision (default off: full precision, exact scores)",
+    )
     ema = parser.add_mutually_exclusive_group()
-    ema.add_argument("--ema", dest="use_ema", action="store_true", default=None,
-                     help="use the EMA weights (error if the checkpoint has none)")
-    ema.add_argument("--no-ema", dest="use_ema", action="store_false", default=None,
-                     help="use the raw weights (default: EMA when present)")
-    parser.add_argument("--csv", default=None, metavar="OUT",
-                        help="also write path,top1_class,top1_prob,... rows to OUT")
+    ema.add_argument(
+        "--ema",
+        dest="use_ema",
+        action="store_true",
+        default=None,
+        help="use the EMA weights (error if the checkpoint has none)",
+    )
+    ema.add_argument(
+        "--no-ema",
+        dest="use_ema",
+        action="store_false",
+        default=None,
+        help="use the raw weights (default: EMA when present)",
+    )
+    parser.add_argument(
+        "--csv", default=None, metavar="OUT", help="also write path,top1_class,top1_prob,... rows to OUT"
+    )
     parser.add_argument("--quiet", action="store_true", help="do not print per-image lines")
     return parser
 
@@ -126,17 +146,20 @@ def predict(args: argparse.Namespace) -> List[Tuple[str, List[Tuple[str, float]]
         raise UserError("--topk and --batch-size must be >= 1 and --num-workers >= 0")
     paths, any_folder = find_images(args.inputs)
     device = resolve_device(args.device, 0)
-    model, meta = load_model_for_inference(args.checkpoint, variant=args.variant, device=device,
-                                           use_ema=args.use_ema)
+    model, meta = load_model_for_inference(args.checkpoint, variant=args.variant, device=device, use_ema=args.use_ema)
     # Inference only: fold the BatchNorms into the convolutions and use the fast conv layout
     # (both equal to float rounding; docs/benchmarks.md has the measured gain).
     model = model.reparameterize().to(memory_format=torch.channels_last)
     autocast = autocast_factory(device, resolve_amp_dtype(args.amp, device))
     topk = min(args.topk, meta.num_classes)
     dataset = ImageFiles(paths, build_eval_transform(meta), meta.preprocessing["img_size"])
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                        num_workers=min(args.num_workers, len(paths)),
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=False,
+        num_workers=min(args.num_workers, len(paths)),
+        pin_memory=device.type == "cuda",
+    )
 
     from tqdm import tqdm  # a timm dependency
 

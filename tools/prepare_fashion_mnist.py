@@ -9,6 +9,7 @@ OUT/.prepare_fashion_mnist.json; running again with the same options returns at 
     python tools/prepare_fashion_mnist.py --out data_cache/fashion_mnist
     python tools/prepare_fashion_mnist.py --out /tmp/fm_small --per-class-train 500 --per-class-val 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,7 @@ SPLIT_FILES = {
     "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 # Label order of the original dataset (https://github.com/zalandoresearch/fashion-mnist).
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 CLASS_DIRS = tuple(re.sub(r"[^A-Za-z0-9-]+", "_", name) for name in CLASS_NAMES)
 MANIFEST = ".prepare_fashion_mnist.json"
 # idx format (http://yann.lecun.com/exdb/mnist/): magic 0x0000 <dtype> <ndim>, then ndim
@@ -45,10 +45,12 @@ class SourceMissing(FileNotFoundError):
 
 def how_to_get(src: str) -> str:
     names = ", ".join(f"{name}.gz" for pair in SPLIT_FILES.values() for name in pair)
-    return (f"Fashion-MNIST idx files not found in {src} (need {names}). Get them with "
-            f"`sudo apt-get install dataset-fashion-mnist` (installs them in {DEFAULT_SRC}), "
-            f"or rerun with --download to fetch them with torchvision (needs internet), "
-            f"or point --src at a folder that holds them.")
+    return (
+        f"Fashion-MNIST idx files not found in {src} (need {names}). Get them with "
+        f"`sudo apt-get install dataset-fashion-mnist` (installs them in {DEFAULT_SRC}), "
+        f"or rerun with --download to fetch them with torchvision (needs internet), "
+        f"or point --src at a folder that holds them."
+    )
 
 
 def read_idx(path: str) -> np.ndarray:
@@ -84,6 +86,7 @@ def find_sources(src: str) -> dict[str, tuple[str, str]] | None:
 def download(root: str) -> str:
     """Fetch the idx files with torchvision into ``root``; returns the folder holding them."""
     from torchvision.datasets import FashionMNIST  # imported late: only this path needs torch
+
     for train in (True, False):
         FashionMNIST(root, train=train, download=True)
     return os.path.join(root, "FashionMNIST", "raw")
@@ -112,8 +115,9 @@ def _disk_counts(out: str) -> dict[str, dict[str, int]]:
         counts[split] = {}
         for name in CLASS_DIRS:
             folder = os.path.join(out, split, name)
-            counts[split][name] = (sum(1 for f in os.scandir(folder) if f.name.endswith(".png"))
-                                   if os.path.isdir(folder) else 0)
+            counts[split][name] = (
+                sum(1 for f in os.scandir(folder) if f.name.endswith(".png")) if os.path.isdir(folder) else 0
+            )
     return counts
 
 
@@ -132,9 +136,14 @@ def _write_manifest(out: str, manifest: dict) -> None:
     os.replace(tmp, os.path.join(out, MANIFEST))
 
 
-def prepare(out: str, src: str = DEFAULT_SRC, per_class_train: int | None = None,
-            per_class_val: int | None = None, allow_download: bool = False,
-            jobs: int | None = None) -> dict:
+def prepare(
+    out: str,
+    src: str = DEFAULT_SRC,
+    per_class_train: int | None = None,
+    per_class_val: int | None = None,
+    allow_download: bool = False,
+    jobs: int | None = None,
+) -> dict:
     """Write (or confirm) the ImageFolder tree under ``out``; returns its manifest.
 
     Raises ``SourceMissing`` when the idx files are neither in ``src`` nor downloadable, and
@@ -142,8 +151,12 @@ def prepare(out: str, src: str = DEFAULT_SRC, per_class_train: int | None = None
     """
     request = {"per_class_train": per_class_train, "per_class_val": per_class_val}
     manifest = _read_manifest(out)
-    if (manifest and manifest.get("complete") and manifest.get("request") == request
-            and manifest.get("counts") == _disk_counts(out)):
+    if (
+        manifest
+        and manifest.get("complete")
+        and manifest.get("request") == request
+        and manifest.get("counts") == _disk_counts(out)
+    ):
         return manifest
 
     sources = find_sources(src)
@@ -164,8 +177,10 @@ def prepare(out: str, src: str = DEFAULT_SRC, per_class_train: int | None = None
     os.makedirs(out, exist_ok=True)
     present = [s for s in SPLIT_FILES if os.path.exists(os.path.join(out, s))]
     if present and manifest is None:
-        raise FileExistsError(f"{out} already holds {'/'.join(present)} folders not written by "
-                              f"this tool; remove them or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds {'/'.join(present)} folders not written by "
+            f"this tool; remove them or choose another --out"
+        )
     _write_manifest(out, {"request": request, "complete": False})  # claims the folder
     for split in present:
         shutil.rmtree(os.path.join(out, split))
@@ -176,8 +191,10 @@ def prepare(out: str, src: str = DEFAULT_SRC, per_class_train: int | None = None
     for split, (images_path, labels_path) in sources.items():
         images, labels = read_idx(images_path), read_idx(labels_path)
         if images.ndim != 3 or len(images) != len(labels) or labels.max() >= len(CLASS_NAMES):
-            raise ValueError(f"{images_path} / {labels_path}: {images.shape} images do not match "
-                             f"{labels.shape} labels in 0..{len(CLASS_NAMES) - 1}")
+            raise ValueError(
+                f"{images_path} / {labels_path}: {images.shape} images do not match "
+                f"{labels.shape} labels in 0..{len(CLASS_NAMES) - 1}"
+            )
         keep = select(labels, per_class_train if split == "train" else per_class_val)
         for c, name in enumerate(CLASS_DIRS):
             idx = keep[labels[keep] == c]
@@ -196,26 +213,41 @@ def prepare(out: str, src: str = DEFAULT_SRC, per_class_train: int | None = None
     for split in SPLIT_FILES:
         os.replace(os.path.join(partial, split), os.path.join(out, split))
     os.rmdir(partial)
-    manifest = {"request": request, "complete": True, "source": {s: list(p) for s, p in sources.items()},
-                "classes": dict(zip(CLASS_DIRS, CLASS_NAMES)), "counts": _disk_counts(out)}
+    manifest = {
+        "request": request,
+        "complete": True,
+        "source": {s: list(p) for s, p in sources.items()},
+        "classes": dict(zip(CLASS_DIRS, CLASS_NAMES)),
+        "counts": _disk_counts(out),
+    }
     _write_manifest(out, manifest)
     return manifest
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=add_help,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], add_help=add_help, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="root of the ImageFolder tree to write")
-    parser.add_argument("--src", default=DEFAULT_SRC,
-                        help=f"folder with the four idx files (default: {DEFAULT_SRC})")
-    parser.add_argument("--per-class-train", type=int, default=None, metavar="N",
-                        help="keep the first N training images of each class (default: all 6000)")
-    parser.add_argument("--per-class-val", type=int, default=None, metavar="N",
-                        help="keep the first N test images of each class (default: all 1000)")
-    parser.add_argument("--download", action="store_true",
-                        help="when --src lacks the files, download them with torchvision")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="processes writing PNGs (default: all CPU cores)")
+    parser.add_argument("--src", default=DEFAULT_SRC, help=f"folder with the four idx files (default: {DEFAULT_SRC})")
+    parser.add_argument(
+        "--per-class-train",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the first N training images of each class (default: all 6000)",
+    )
+    parser.add_argument(
+        "--per-class-val",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep the first N test images of each class (default: all 1000)",
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="when --src lacks the files, download them with torchvision"
+    )
+    parser.add_argument("--jobs", type=int, default=None, help="processes writing PNGs (default: all CPU cores)")
     return parser
 
 
@@ -228,14 +260,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     start = time.time()
     try:
-        manifest = prepare(args.out, args.src, args.per_class_train, args.per_class_val,
-                           args.download, args.jobs)
+        manifest = prepare(args.out, args.src, args.per_class_train, args.per_class_val, args.download, args.jobs)
     except (SourceMissing, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     sizes = {split: sum(c.values()) for split, c in manifest["counts"].items()}
-    print(f"Fashion-MNIST ImageFolder tree in {args.out}: {sizes['train']} train / "
-          f"{sizes['val']} val images, {len(CLASS_DIRS)} classes ({time.time() - start:.1f} s)")
+    print(
+        f"Fashion-MNIST ImageFolder tree in {args.out}: {sizes['train']} train / "
+        f"{sizes['val']} val images, {len(CLASS_DIRS)} classes ({time.time() - start:.1f} s)"
+    )
     return 0
 
 

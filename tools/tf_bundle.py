@@ -24,6 +24,7 @@ verified with a vectorised CRC32C, so a corrupt download is named instead of con
 :func:`write_bundle` writes the same format (uncompressed, one or more shards); the tests use it to make
 damaged or edited copies of a checkpoint.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,16 +36,27 @@ import numpy as np
 
 __all__ = ["BundleEntry", "BundleError", "BundleReader", "crc32c", "masked_crc32c", "write_bundle"]
 
-_MAGIC = 0xDB4775248B80FB57          # LevelDB table magic number (little-endian fixed64)
-_FOOTER_SIZE = 48                    # two BlockHandles padded to 40 bytes + 8-byte magic
-_TRAILER_SIZE = 5                    # compression type + masked CRC32C
+_MAGIC = 0xDB4775248B80FB57  # LevelDB table magic number (little-endian fixed64)
+_FOOTER_SIZE = 48  # two BlockHandles padded to 40 bytes + 8-byte magic
+_TRAILER_SIZE = 5  # compression type + masked CRC32C
 _NO_COMPRESSION, _SNAPPY = 0, 1
 _HEADER_KEY = b""
 
 # tensorflow/core/framework/types.proto DataType values -> numpy dtype names.
 _DTYPES: Dict[int, str] = {
-    1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 9: "int64",
-    10: "bool", 14: "bfloat16", 17: "uint16", 19: "float16", 22: "uint32", 23: "uint64",
+    1: "float32",
+    2: "float64",
+    3: "int32",
+    4: "uint8",
+    5: "int16",
+    6: "int8",
+    9: "int64",
+    10: "bool",
+    14: "bfloat16",
+    17: "uint16",
+    19: "float16",
+    22: "uint32",
+    23: "uint64",
 }
 _DTYPE_NAMES = {7: "string", 8: "complex64", 18: "complex128", 20: "resource", 21: "variant"}
 _DTYPE_ENUM = {name: enum for enum, name in _DTYPES.items()}
@@ -128,7 +140,7 @@ def crc32c(data: bytes | np.ndarray) -> int:
         chunks *= 2
     length = -(-n // chunks) if n else 0
     padded = np.zeros(chunks * length, dtype=np.uint8)
-    padded[chunks * length - n:] = buf
+    padded[chunks * length - n :] = buf
     columns = padded.reshape(chunks, length).T.copy()  # [length, chunks]: one contiguous row per step
     reg = np.zeros(chunks, dtype=np.uint32)
     mask = np.uint32(0xFF)
@@ -191,7 +203,7 @@ def _parse_proto(buf: bytes) -> Dict[int, list]:
             value, pos = struct.unpack_from("<Q", buf, pos)[0], pos + 8
         elif wire == 2:
             size, pos = _varint(buf, pos)
-            value, pos = buf[pos:pos + size], pos + size
+            value, pos = buf[pos : pos + size], pos + size
         elif wire == 5:
             value, pos = struct.unpack_from("<I", buf, pos)[0], pos + 4
         else:
@@ -214,14 +226,15 @@ def _tag(number: int, wire: int) -> bytes:
 @dataclass(frozen=True)
 class BundleEntry:
     """Where one tensor lives and what it is (a decoded ``BundleEntryProto``)."""
+
     name: str
-    dtype: str                     # numpy dtype name ('bfloat16' too), or 'string', 'dtype_N', ...
+    dtype: str  # numpy dtype name ('bfloat16' too), or 'string', 'dtype_N', ...
     shape: Tuple[int, ...]
     shard_id: int
     offset: int
     size: int
-    crc32c: Optional[int]          # masked, as stored
-    sliced: bool = False           # a partitioned variable (its slices are separate entries)
+    crc32c: Optional[int]  # masked, as stored
+    sliced: bool = False  # a partitioned variable (its slices are separate entries)
 
 
 def _decode_entry(name: str, value: bytes) -> BundleEntry:
@@ -232,9 +245,16 @@ def _decode_entry(name: str, value: bytes) -> BundleEntry:
     if 2 in f:
         dims = _parse_proto(f[2][-1]).get(2, [])
         shape = tuple(_int64(_parse_proto(d).get(1, [0])[-1]) for d in dims)
-    return BundleEntry(name=name, dtype=dtype, shape=shape, shard_id=f.get(3, [0])[-1],
-                       offset=_int64(f.get(4, [0])[-1]), size=_int64(f.get(5, [0])[-1]),
-                       crc32c=f[6][-1] if 6 in f else None, sliced=bool(f.get(7)))
+    return BundleEntry(
+        name=name,
+        dtype=dtype,
+        shape=shape,
+        shard_id=f.get(3, [0])[-1],
+        offset=_int64(f.get(4, [0])[-1]),
+        size=_int64(f.get(5, [0])[-1]),
+        crc32c=f[6][-1] if 6 in f else None,
+        sliced=bool(f.get(7)),
+    )
 
 
 def _encode_entry(dtype: str, shape: Tuple[int, ...], offset: int, size: int, crc: int, shard: int = 0) -> bytes:
@@ -263,11 +283,13 @@ def _read_block(f: BinaryIO, path: str, offset: int, size: int, file_size: int, 
     kind = raw[size]
     if verify:
         stored = struct.unpack_from("<I", raw, size + 1)[0]
-        if masked_crc32c(raw[:size + 1]) != stored:
+        if masked_crc32c(raw[: size + 1]) != stored:
             raise BundleError(f"{path}: checksum mismatch in the block at byte {offset} (corrupt file?)")
     if kind == _SNAPPY:
-        raise BundleError(f"{path}: the block at byte {offset} is snappy-compressed; TensorFlow writes "
-                          f"checkpoint bundles uncompressed and this reader does not implement snappy")
+        raise BundleError(
+            f"{path}: the block at byte {offset} is snappy-compressed; TensorFlow writes "
+            f"checkpoint bundles uncompressed and this reader does not implement snappy"
+        )
     if kind != _NO_COMPRESSION:
         raise BundleError(f"{path}: unknown block compression type {kind} at byte {offset}")
     return raw[:size]
@@ -288,9 +310,9 @@ def _block_entries(block: bytes, path: str) -> Iterator[Tuple[bytes, bytes]]:
         value_len, pos = _varint(block, pos)
         if shared > len(key) or pos + unshared + value_len > end:
             raise BundleError(f"{path}: malformed block entry")
-        key = key[:shared] + block[pos:pos + unshared]
+        key = key[:shared] + block[pos : pos + unshared]
         pos += unshared
-        yield key, block[pos:pos + value_len]
+        yield key, block[pos : pos + value_len]
         pos += value_len
 
 
@@ -313,7 +335,7 @@ def read_table(path: str, verify: bool = True) -> List[Tuple[bytes, bytes]]:
         lo, hi = struct.unpack_from("<II", footer, _FOOTER_SIZE - 8)
         if (hi << 32 | lo) != _MAGIC:
             raise BundleError(f"{path}: not a TensorFlow checkpoint index (bad magic number; truncated?)")
-        _, _, pos = _handle(footer)                  # metaindex: no filters in TF bundles
+        _, _, pos = _handle(footer)  # metaindex: no filters in TF bundles
         index_offset, index_size, _ = _handle(footer, pos)
         index = _read_block(f, path, index_offset, index_size, file_size, verify)
         out = []
@@ -345,8 +367,9 @@ class BundleReader:
             try:
                 name = key.decode("utf-8")
             except UnicodeDecodeError:
-                raise BundleError(f"{self.index_path}: a key is not UTF-8 ({key[:40]!r}); partitioned "
-                                  f"variables are not supported") from None
+                raise BundleError(
+                    f"{self.index_path}: a key is not UTF-8 ({key[:40]!r}); partitioned variables are not supported"
+                ) from None
             self.entries[name] = _decode_entry(name, value)
         if header is None:
             raise BundleError(f"{self.index_path}: no bundle header (not a TF V2 checkpoint index?)")
@@ -383,14 +406,17 @@ class BundleReader:
         itemsize = _ITEMSIZE.get(entry.dtype) or np.dtype(entry.dtype).itemsize
         count = int(np.prod(entry.shape, dtype=np.int64))
         if entry.size != count * itemsize:
-            raise BundleError(f"{name}: {entry.size} bytes stored for a {entry.dtype} tensor of shape "
-                              f"{list(entry.shape)}")
+            raise BundleError(
+                f"{name}: {entry.size} bytes stored for a {entry.dtype} tensor of shape {list(entry.shape)}"
+            )
         f = self._shard(entry.shard_id)
         path = self.shard_path(entry.shard_id)
         file_size = os.fstat(f.fileno()).st_size
         if entry.offset + entry.size > file_size:
-            raise BundleError(f"{path}: truncated: {name} needs bytes {entry.offset}..{entry.offset + entry.size} "
-                              f"but the file has {file_size}")
+            raise BundleError(
+                f"{path}: truncated: {name} needs bytes {entry.offset}..{entry.offset + entry.size} "
+                f"but the file has {file_size}"
+            )
         f.seek(entry.offset)
         data = f.read(entry.size)
         if self.verify_crc and entry.crc32c is not None and masked_crc32c(data) != entry.crc32c:
@@ -399,8 +425,11 @@ class BundleReader:
         if entry.dtype == "bfloat16":
             bits = np.frombuffer(data, dtype=order + "u2").astype(np.uint32) << np.uint32(16)
             return bits.view(np.float32).reshape(entry.shape)
-        return np.frombuffer(data, dtype=np.dtype(entry.dtype).newbyteorder(order)).astype(
-            entry.dtype).reshape(entry.shape)
+        return (
+            np.frombuffer(data, dtype=np.dtype(entry.dtype).newbyteorder(order))
+            .astype(entry.dtype)
+            .reshape(entry.shape)
+        )
 
     def close(self) -> None:
         for f in self._files.values():
@@ -439,8 +468,12 @@ def _write_block(f: BinaryIO, block: bytes) -> bytes:
     return _encode_varint(offset) + _encode_varint(len(block))
 
 
-def write_bundle(prefix: str, tensors: Mapping[str, Union[np.ndarray, Tuple[np.ndarray, str]]],
-                 block_size: int = 4096, num_shards: int = 1) -> None:
+def write_bundle(
+    prefix: str,
+    tensors: Mapping[str, Union[np.ndarray, Tuple[np.ndarray, str]]],
+    block_size: int = 4096,
+    num_shards: int = 1,
+) -> None:
     """Write ``tensors`` as a TF V2 checkpoint at ``prefix`` (tensors dealt round-robin over
     ``num_shards`` data files), for tests and tools that need a checkpoint without TensorFlow.
     Values are numpy arrays, or ``(uint16 array, 'bfloat16')``."""
@@ -457,14 +490,17 @@ def write_bundle(prefix: str, tensors: Mapping[str, Union[np.ndarray, Tuple[np.n
                 raise BundleError(f"{name}: dtype {dtype} cannot be written")
             raw = array.astype(array.dtype.newbyteorder("<")).tobytes()
             shard = i % num_shards
-            entries.append((name.encode("utf-8"), _encode_entry(
-                dtype, array.shape, shards[shard].tell(), len(raw), masked_crc32c(raw), shard)))
+            entries.append(
+                (
+                    name.encode("utf-8"),
+                    _encode_entry(dtype, array.shape, shards[shard].tell(), len(raw), masked_crc32c(raw), shard),
+                )
+            )
             shards[shard].write(raw)
     finally:
         for f in shards:
             f.close()
-    header = _tag(1, 0) + _encode_varint(num_shards) + _tag(3, 2) + _len_prefixed(
-        _tag(1, 0) + _encode_varint(1))
+    header = _tag(1, 0) + _encode_varint(num_shards) + _tag(3, 2) + _len_prefixed(_tag(1, 0) + _encode_varint(1))
     items = [(_HEADER_KEY, header)] + entries
     with open(f"{prefix}.index", "wb") as f:
         index, block = [], []

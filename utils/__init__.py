@@ -1,13 +1,21 @@
 """Trainer utilities: checkpoints, distributed helpers, AMP loss scaling, metrics, errors."""
+
 from .errors import (
-                     CheckpointWriteError,
-                     ConfigError,
-                     DataError,
-                     MoatError,
-                     NonFiniteLossError,
-                     RunStoppedError,
-                     UserError,
+    CheckpointWriteError,
+    ConfigError,
+    DataError,
+    MoatError,
+    NonFiniteLossError,
+    RunStoppedError,
+    UserError,
 )
 
-__all__ = ["CheckpointWriteError", "ConfigError", "DataError", "MoatError", "NonFiniteLossError",
-           "RunStoppedError", "UserError"]
+__all__ = [
+    "CheckpointWriteError",
+    "ConfigError",
+    "DataError",
+    "MoatError",
+    "NonFiniteLossError",
+    "RunStoppedError",
+    "UserError",
+]

@@ -1,5 +1,6 @@
 """Mixed precision: pick the autocast dtype once, and a loss scaler that owns
 backward + unscale + clip + step (so the training loop has no AMP branches)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,9 @@ class NativeScaler:
     def backward(self, loss: torch.Tensor, update: bool = True) -> None:
         self._scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
-             clip_grad: float) -> torch.Tensor:
+    def step(
+        self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor], clip_grad: float
+    ) -> torch.Tensor:
         self._scaler.unscale_(optimizer)
         # max_norm=inf still returns the norm, so it is logged with clipping off.
         norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else math.inf)
@@ -84,6 +86,7 @@ class ApexScaler:
 
     def __init__(self) -> None:
         from apex import amp
+
         self._amp = amp
         self.enabled = True
 
@@ -95,10 +98,12 @@ class ApexScaler:
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         self._optimizer = optimizer
 
-    def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor],
-             clip_grad: float) -> torch.Tensor:
-        norm = torch.nn.utils.clip_grad_norm_(self._amp.master_params(optimizer),
-                                              clip_grad if clip_grad > 0 else math.inf)
+    def step(
+        self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.Tensor], clip_grad: float
+    ) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(
+            self._amp.master_params(optimizer), clip_grad if clip_grad > 0 else math.inf
+        )
         optimizer.step()
         return norm
 
@@ -120,11 +125,14 @@ def build_scaler(config, device: torch.device, amp_dtype: Optional[torch.dtype],
     """
     if config.AMP_OPT_LEVEL:
         if not apex_available():
-            raise UserError("AMP_OPT_LEVEL / --amp-opt-level needs NVIDIA apex, which is not "
-                            "installed; use --amp {off,fp16,bf16} (torch.amp) instead")
+            raise UserError(
+                "AMP_OPT_LEVEL / --amp-opt-level needs NVIDIA apex, which is not "
+                "installed; use --amp {off,fp16,bf16} (torch.amp) instead"
+            )
         if device.type != "cuda":
             raise UserError("NVIDIA apex AMP (--amp-opt-level) runs on CUDA only")
         from apex import amp
+
         model, optimizer = amp.initialize(model, optimizer, opt_level=config.AMP_OPT_LEVEL)
         scaler = ApexScaler()
         scaler.attach(optimizer)

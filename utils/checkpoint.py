@@ -5,6 +5,7 @@ a file carrying pickled code is refused instead of executed. Every failure a use
 (missing file, not a checkpoint, truncated file, another variant's weights) becomes a
 ``UserError`` with one line that names the path.
 """
+
 from __future__ import annotations
 
 import errno
@@ -67,7 +68,8 @@ def atomic_save(obj: Any, path: str) -> None:
             raise CheckpointWriteError(
                 f"could not write {path}: {os.strerror(os_error.errno)}; it needs about "
                 f"{_megabytes(tensor_bytes(obj))}, {_megabytes(shutil.disk_usage(directory).free)} "
-                f"free in {directory}") from e
+                f"free in {directory}"
+            ) from e
         raise
     _fsync_dir(directory)
 
@@ -108,7 +110,7 @@ def tensor_bytes(obj: Any) -> int:
 
 
 def _megabytes(n: int) -> str:
-    return f"{n / 2 ** 20:,.1f} MiB"
+    return f"{n / 2**20:,.1f} MiB"
 
 
 def atomic_link(src: str, dst: str) -> None:
@@ -121,6 +123,7 @@ def atomic_link(src: str, dst: str) -> None:
         os.link(src, tmp)
     except OSError:
         import shutil
+
         shutil.copyfile(src, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -156,7 +159,7 @@ class CheckpointSaver:
             path = os.path.join(self.output_dir, f"epoch_{epoch}.pth")
             atomic_link(last, path)
             written.append(path)
-            for old in self.epoch_checkpoints()[self.keep:]:
+            for old in self.epoch_checkpoints()[self.keep :]:
                 os.unlink(old)
         return written
 
@@ -180,6 +183,7 @@ def load_file(path: str) -> Dict[str, Any]:
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file as load_safetensors
+
         try:
             return load_safetensors(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
@@ -198,8 +202,9 @@ def load_file(path: str) -> Dict[str, Any]:
     except Exception as e:  # noqa: BLE001 - parsing an arbitrary user file fails in arbitrary ways
         # (zip reader RuntimeError, EOFError, IndexError/TypeError from the unpickler on garbage):
         # each means "this file is not a checkpoint we can read".
-        raise UserError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? "
-                        f"({_first_line(e)})") from None
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint, truncated or corrupt? ({_first_line(e)})"
+        ) from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
     return obj
@@ -227,7 +232,7 @@ def model_state_from(obj: Dict[str, Any], path: str, prefer_ema: bool = False) -
     for k, v in sd.items():
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
@@ -240,8 +245,9 @@ def _classifier_keys(model: nn.Module) -> List[str]:
     return []
 
 
-def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
-                       drop_mismatched_head: bool = False) -> List[str]:
+def load_model_weights(
+    model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, drop_mismatched_head: bool = False
+) -> List[str]:
     """Load ``state_dict`` into ``model``; returns the head keys dropped (fine-tuning on new classes).
 
     Any other difference (shape, missing or unexpected keys: usually a checkpoint of another
@@ -255,8 +261,11 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], so
             if key in state_dict and state_dict[key].shape != own[key].shape:
                 dropped.append(key)
                 del state_dict[key]
-    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    mismatched = [
+        f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
     missing = [k for k in own if k not in state_dict and k not in dropped]
     unexpected = [k for k in state_dict if k not in own]
     problems = []
@@ -268,8 +277,9 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], so
         problems.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(unexpected[:6]))
     if problems:
         more = " ..." if max(len(mismatched), len(missing), len(unexpected)) > 6 else ""
-        raise UserError(f"{source}: weights do not fit the model (another variant or class count?): "
-                        + " | ".join(problems) + more)
+        raise UserError(
+            f"{source}: weights do not fit the model (another variant or class count?): " + " | ".join(problems) + more
+        )
     model.load_state_dict(state_dict, strict=not dropped)
     return dropped
 
@@ -306,8 +316,13 @@ def capture_rng_state(device: torch.device) -> Dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
@@ -318,8 +333,9 @@ def restore_rng_state(state: Dict[str, Any], device: torch.device) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -3,6 +3,7 @@
 Works with ``torchrun`` (RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE in the environment) and
 without a launcher (a single process). NCCL on GPU, gloo on CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ from . import UserError
 @dataclass
 class DistInfo:
     """Where this process sits in the job."""
+
     rank: int
     world_size: int
     local_rank: int

@@ -11,6 +11,7 @@ exit with the class's ``exit_code``; anything else is a bug and keeps its traceb
         +-- NonFiniteLossError   NaN/Inf loss or gradient
         +-- CheckpointWriteError a checkpoint could not be written (disk full)
 """
+
 from __future__ import annotations
 
 import re

@@ -18,6 +18,7 @@ Files understood:
 Every problem (missing file, wrong variant, class-count mismatch, weights of another shape) is a
 ``UserError`` with a one-line message.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,19 +36,25 @@ from .checkpoint import load_file, load_model_weights, model_state_from
 from .errors import UserError
 
 __all__ = [
-    "ModelMeta", "UserError", "build_eval_transform", "config_from_dict", "load_model_for_inference",
-    "preprocessing_from_config", "save_safetensors", "safetensors_metadata",
+    "ModelMeta",
+    "UserError",
+    "build_eval_transform",
+    "config_from_dict",
+    "load_model_for_inference",
+    "preprocessing_from_config",
+    "save_safetensors",
+    "safetensors_metadata",
 ]
 
 # Keys of the safetensors metadata (all values are strings, as the format requires).
-META_FORMAT = "moat.format"       # version of this metadata layout
+META_FORMAT = "moat.format"  # version of this metadata layout
 META_VARIANT = "moat.variant"
 META_NUM_CLASSES = "moat.num_classes"
-META_CLASS_NAMES = "moat.class_names"       # JSON list
-META_PREPROCESSING = "moat.preprocessing"   # JSON dict, see preprocessing_from_config
-META_MODEL_ARGS = "moat.model_args"         # JSON dict: window_size, pool_size (older files)
-META_MODEL_CFG = "moat.model_cfg"           # JSON dict: the architecture, MoatCfg.to_dict()
-META_WEIGHTS = "moat.weights"               # 'ema' or 'raw'
+META_CLASS_NAMES = "moat.class_names"  # JSON list
+META_PREPROCESSING = "moat.preprocessing"  # JSON dict, see preprocessing_from_config
+META_MODEL_ARGS = "moat.model_args"  # JSON dict: window_size, pool_size (older files)
+META_MODEL_CFG = "moat.model_cfg"  # JSON dict: the architecture, MoatCfg.to_dict()
+META_WEIGHTS = "moat.weights"  # 'ema' or 'raw'
 META_EPOCH = "moat.epoch"
 _FORMAT_VERSION = "1"
 
@@ -60,13 +67,14 @@ class ModelMeta:
     defaults updated from the metadata for safetensors files. ``preprocessing`` is its eval
     part (``img_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``, ``crop``).
     """
+
     variant: str
     num_classes: int
     class_names: List[str]
     preprocessing: Dict[str, Any]
     config: CfgNode
-    weights: str                    # 'ema' or 'raw': which weights were loaded
-    source: str                     # the file path
+    weights: str  # 'ema' or 'raw': which weights were loaded
+    source: str  # the file path
     epoch: Optional[int] = None
     model_cfg: Dict[str, Any] = field(default_factory=dict)  # the architecture, MoatCfg.to_dict()
 
@@ -120,8 +128,13 @@ def preprocessing_from_config(config: CfgNode) -> Dict[str, Any]:
 def _config_from_metadata(variant: str, num_classes: int, preprocessing: Dict[str, Any]) -> CfgNode:
     """Defaults updated with what a safetensors file records (the rest does not affect eval)."""
     data = {}
-    keys = {"img_size": "IMG_SIZE", "crop_pct": "CROP_PCT", "interpolation": "INTERPOLATION",
-            "mean": "MEAN", "std": "STD"}
+    keys = {
+        "img_size": "IMG_SIZE",
+        "crop_pct": "CROP_PCT",
+        "interpolation": "INTERPOLATION",
+        "mean": "MEAN",
+        "std": "STD",
+    }
     for key, cfg_key in keys.items():
         if key in preprocessing:
             data[cfg_key] = preprocessing[key]
@@ -131,8 +144,13 @@ def _config_from_metadata(variant: str, num_classes: int, preprocessing: Dict[st
     return config_from_dict(tree)
 
 
-def _architecture(variant: str, recorded: Optional[Dict[str, Any]], saved_config: Optional[CfgNode],
-                  model_args: Dict[str, Any], path: str) -> MoatCfg:
+def _architecture(
+    variant: str,
+    recorded: Optional[Dict[str, Any]],
+    saved_config: Optional[CfgNode],
+    model_args: Dict[str, Any],
+    path: str,
+) -> MoatCfg:
     """The file's architecture: its ``model_cfg`` record; else the saved trainer config's
     ``MODEL.NAME`` and ``MODEL.MOAT`` keys; else (older safetensors) the registered variant with the
     recorded window and pool sizes."""
@@ -142,8 +160,10 @@ def _architecture(variant: str, recorded: Optional[Dict[str, Any]], saved_config
         if saved_config is not None:
             return moat_cfg_from_config(saved_config)
         if variant not in list_variants():
-            raise UserError(f"{path}: holds weights of {variant!r}, which is not a registered variant, "
-                            f"and records no architecture (model_cfg); accepted: {', '.join(list_variants())}")
+            raise UserError(
+                f"{path}: holds weights of {variant!r}, which is not a registered variant, "
+                f"and records no architecture (model_cfg); accepted: {', '.join(list_variants())}"
+            )
         overrides = {}
         if "window_size" in model_args:
             overrides["window_size"] = [int(w or 0) for w in model_args["window_size"]]
@@ -184,10 +204,10 @@ def _json_field(metadata: Dict[str, str], key: str, path: str, default: Any) -> 
 
 
 def load_model_for_inference(
-        path: str,
-        variant: Optional[str] = None,
-        device: str | torch.device = "cpu",
-        use_ema: Optional[bool] = None,
+    path: str,
+    variant: Optional[str] = None,
+    device: str | torch.device = "cpu",
+    use_ema: Optional[bool] = None,
 ) -> Tuple[nn.Module, ModelMeta]:
     """The model stored in ``path``, in eval mode on ``device``, and what the file says about it.
 
@@ -229,11 +249,15 @@ def load_model_for_inference(
         converted = obj.get("converted_from") if isinstance(obj.get("converted_from"), dict) else {}
         converted_weights = converted.get("weights") if not has_ema else None
         if use_ema and not has_ema and converted_weights != "ema":
-            raise UserError(f"{path}: EMA weights requested (--ema), but the checkpoint has no "
-                            f"'model_ema' (trained with TRAIN.EMA.ENABLE False?)")
+            raise UserError(
+                f"{path}: EMA weights requested (--ema), but the checkpoint has no "
+                f"'model_ema' (trained with TRAIN.EMA.ENABLE False?)"
+            )
         if use_ema is False and converted_weights == "ema":
-            raise UserError(f"{path}: raw weights requested (--no-ema), but this converted checkpoint "
-                            f"holds the EMA weights only (convert with --raw for the raw ones)")
+            raise UserError(
+                f"{path}: raw weights requested (--no-ema), but this converted checkpoint "
+                f"holds the EMA weights only (convert with --raw for the raw ones)"
+            )
         take_ema = has_ema if use_ema is None else bool(use_ema)
         state_dict = model_state_from(obj, path, prefer_ema=take_ema)
         weights = converted_weights if converted_weights in ("ema", "raw") else ("ema" if take_ema else "raw")
@@ -251,23 +275,28 @@ def load_model_for_inference(
         raise UserError(f"wrong variant: {path} holds {saved_variant} weights, not {variant}")
     variant = variant or saved_variant
     if variant is None:
-        raise UserError(f"{path}: the file does not name its variant; pass it explicitly "
-                        f"(e.g. --variant moat_0)")
+        raise UserError(f"{path}: the file does not name its variant; pass it explicitly (e.g. --variant moat_0)")
     if variant not in list_variants() and not recorded and saved_config is None:
-        raise UserError(f"unknown MOAT variant {variant!r} and {path} records no architecture; "
-                        f"accepted: {', '.join(list_variants())}")
+        raise UserError(
+            f"unknown MOAT variant {variant!r} and {path} records no architecture; "
+            f"accepted: {', '.join(list_variants())}"
+        )
 
     num_classes = _head_classes(state_dict)
     if num_classes is None:
         raise UserError(f"{path}: no classifier weights ('head.fc.weight') in the file")
     if saved_classes is not None and int(saved_classes) != num_classes:
-        raise UserError(f"{path}: class-count mismatch: the weights have {num_classes} classes, "
-                        f"the metadata says {saved_classes}")
+        raise UserError(
+            f"{path}: class-count mismatch: the weights have {num_classes} classes, the metadata says {saved_classes}"
+        )
     if class_names is not None and len(class_names) != num_classes:
-        raise UserError(f"{path}: class-count mismatch: the weights have {num_classes} classes, "
-                        f"but {len(class_names)} class names are stored")
-    class_names = [str(c) for c in class_names] if class_names is not None else \
-        [f"class_{i}" for i in range(num_classes)]
+        raise UserError(
+            f"{path}: class-count mismatch: the weights have {num_classes} classes, "
+            f"but {len(class_names)} class names are stored"
+        )
+    class_names = (
+        [str(c) for c in class_names] if class_names is not None else [f"class_{i}" for i in range(num_classes)]
+    )
 
     arch = _architecture(variant, recorded, saved_config, model_args, path)
     if saved_config is not None:
@@ -282,9 +311,17 @@ def load_model_for_inference(
     model = create_moat(variant, cfg=arch.replace(drop_path_rate=0.0), num_classes=num_classes)
     load_model_weights(model, state_dict, path if not is_safetensors else f"{path} ({variant})")
     model.to(device).eval()
-    meta = ModelMeta(variant=variant, num_classes=num_classes, class_names=class_names,
-                     preprocessing=preprocessing_from_config(config), config=config, weights=weights,
-                     source=path, epoch=epoch, model_cfg=arch.to_dict())
+    meta = ModelMeta(
+        variant=variant,
+        num_classes=num_classes,
+        class_names=class_names,
+        preprocessing=preprocessing_from_config(config),
+        config=config,
+        weights=weights,
+        source=path,
+        epoch=epoch,
+        model_cfg=arch.to_dict(),
+    )
     return model, meta
 
 
@@ -304,8 +341,9 @@ def safetensors_metadata(meta: ModelMeta) -> Dict[str, str]:
     }
 
 
-def save_safetensors(model: nn.Module, meta: ModelMeta, path: str,
-                     extra_metadata: Optional[Dict[str, str]] = None) -> str:
+def save_safetensors(
+    model: nn.Module, meta: ModelMeta, path: str, extra_metadata: Optional[Dict[str, str]] = None
+) -> str:
     """Write ``model``'s weights (only) and ``meta`` to ``path``; returns ``path``.
 
     Buffers such as BatchNorm running statistics are included (they are weights for inference);

@@ -4,6 +4,7 @@ Validation sums correct counts and sample counts over ranks (each rank sees a di
 non-padded part of the validation set), so a 2-process eval gives the same numbers as a
 1-process eval of the same checkpoint.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -46,7 +47,7 @@ class ClassificationTotals:
         pred = logits.topk(maxk, dim=1).indices  # [B, maxk]
         hit = pred.eq(target[:, None])
         row = [loss_sum.double(), torch.tensor(float(target.numel()), dtype=torch.float64, device=logits.device)]
-        row += [hit[:, :min(k, maxk)].any(dim=1).sum().double() for k in self.topk]
+        row += [hit[:, : min(k, maxk)].any(dim=1).sum().double() for k in self.topk]
         self.totals += torch.stack(row)
 
     def compute(self) -> Dict[str, float]:

@@ -1,5 +1,6 @@
 """Graceful preemption: SIGTERM/SIGINT ask the trainer to stop at the next optimizer update
 (after which it writes a resumable checkpoint and exits 0) instead of dying mid-step."""
+
 from __future__ import annotations
 
 import signal

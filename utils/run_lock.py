@@ -6,6 +6,7 @@ checkpoints; a requeued job whose predecessor still runs does exactly that. The 
 dies (SIGKILL included), so a killed run never blocks its own resume. The file records the
 holder's pid and host for the error message; its content is informational only.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -35,8 +36,10 @@ class RunFolderLock:
         except OSError:  # BlockingIOError: another process holds it
             holder = os.read(fd, 512).decode(errors="replace").strip() or "an unknown process"
             os.close(fd)
-            raise UserError(f"{self.folder} is in use by another run ({holder}); wait for it to "
-                            "end, or use another --tag / --output") from None
+            raise UserError(
+                f"{self.folder} is in use by another run ({holder}); wait for it to "
+                "end, or use another --tag / --output"
+            ) from None
         started = datetime.datetime.now().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)

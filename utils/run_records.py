@@ -3,18 +3,34 @@
 Only the primary rank writes; on the other ranks every method is a no-op, so the trainer calls
 them unconditionally.
 """
+
 from __future__ import annotations
 
 import csv
 import os
 from typing import Any, Dict, Optional
 
-SUMMARY_FIELDS = ["epoch", "train_loss", "lr", "val_loss", "val_top1", "val_top5", "ema_top1",
-                  "ema_top5", "max_accuracy", "epoch_time_s"]
+SUMMARY_FIELDS = [
+    "epoch",
+    "train_loss",
+    "lr",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "ema_top1",
+    "ema_top5",
+    "max_accuracy",
+    "epoch_time_s",
+]
 
 # summary.csv column -> TensorBoard tag of the per-epoch scalars.
-_EPOCH_TAGS = {"train_loss": "epoch/train_loss", "val_top1": "val/top1", "val_top5": "val/top5",
-               "val_loss": "val/loss", "ema_top1": "val/ema_top1"}
+_EPOCH_TAGS = {
+    "train_loss": "epoch/train_loss",
+    "val_top1": "val/top1",
+    "val_top5": "val/top5",
+    "val_loss": "val/loss",
+    "ema_top1": "val/ema_top1",
+}
 
 
 class RunRecords:
@@ -27,6 +43,7 @@ class RunRecords:
         self.writer: Optional[Any] = None
         if is_primary and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(log_dir=output_dir)
 
     def keep_epochs_before(self, epoch: int) -> None:
