@@ -307,13 +307,25 @@ class RelativePositionBias(nn.Module):
         return rel_h * (2 * w - 1) + rel_w
 
     def _index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        if _is_tracing():  # keep tracers/exporters from seeing new tensor attributes
+        """``[h*w, padded(h*w)]`` gather index: ``build_index`` plus columns that point one past
+        the table (a zero appended in ``compute``), so each bias row is a multiple of
+        ``BIAS_ALIGNMENT`` long (unpadded under ``torch.jit.trace``, for exports)."""
+        if torch.jit.is_tracing():  # exports: no padding, whose width would freeze at the traced size
             return self.build_index(h, w, device)
+        if _is_tracing():  # keep scripting/compiling from seeing new tensor attributes
+            return self._padded_index(h, w, device)
         key = (h, w, device)
         index = self._index_cache.get(key)
         if index is None:
-            index = self.build_index(h, w, device)
+            index = self._padded_index(h, w, device)
             self._index_cache[key] = index
+        return index
+
+    def _padded_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        n = h * w
+        zero_slot = (2 * h - 1) * (2 * w - 1)
+        index = torch.full((n, _aligned(n)), zero_slot, dtype=torch.long, device=device)
+        index[:, :n] = self.build_index(h, w, device)
         return index
 
     def resized_table(self, h: int, w: int) -> torch.Tensor:
@@ -327,14 +339,25 @@ class RelativePositionBias(nn.Module):
         # antialias=False matches TF2's tf.image.resize(method='bilinear') default.
         return F.interpolate(table.float()[None], size=size, mode="bilinear", align_corners=False)[0]
 
-    def compute(self, h: int, w: int) -> torch.Tensor:
-        """Bias ``[heads, h*w, h*w]`` for an ``h x w`` window, always recomputed."""
+    def compute(self, h: int, w: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Bias ``[heads, h*w, h*w]`` for an ``h x w`` window, always recomputed.
+
+        The result is a view into a ``[heads, h*w, padded(h*w)]`` buffer: its rows start at
+        multiples of ``BIAS_ALIGNMENT`` elements, the layout the fused attention kernels need for
+        a mask. Otherwise SDPA pads (copies) the mask on every call, and torch.compile may lay
+        the padded copy out in a way the CUDA backward rejects.
+        """
         table = self.resized_table(h, w)
         index = self._index(h, w, table.device)
-        # index_select (backward: index_add_) rather than advanced indexing (backward: a sorting
-        # index_put_ with accumulate): same values, a cheaper gradient in training.
         n = h * w
-        return table.flatten(1).index_select(1, index.flatten()).view(-1, n, n)
+        # index_select (backward: index_add_) rather than advanced indexing (backward: a sorting
+        # index_put_ with accumulate): same values, a cheaper gradient in training. The appended
+        # zero fills the padding columns.
+        flat = F.pad(table.flatten(1), (0, 1))
+        bias = flat.index_select(1, index.flatten()).view(-1, n, index.shape[1])
+        if dtype is not None:
+            bias = bias.to(dtype)  # before slicing: a copy of the sliced view would lose the layout
+        return bias[..., :n]
 
     def forward(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
         table = self.relative_position_bias_table
@@ -343,12 +366,12 @@ class RelativePositionBias(nn.Module):
             not (torch.is_grad_enabled() and table.requires_grad) and not _is_tracing() and not table.is_inference()
         )
         if not cacheable:
-            return self.compute(h, w).to(dtype)
+            return self.compute(h, w, dtype)
         key = (h, w, dtype, table.device)
         cached = self._bias_cache.get(key)
         if cached is not None and cached[0] == table._version:
             return cached[1]
-        bias = self.compute(h, w).to(dtype)
+        bias = self.compute(h, w, dtype)
         self._bias_cache = {k: v for k, v in self._bias_cache.items() if v[0] == table._version}
         self._bias_cache[key] = (table._version, bias)
         return bias
@@ -358,6 +381,16 @@ class RelativePositionBias(nn.Module):
         self._index_cache.clear()
         self._bias_cache.clear()
         return super()._apply(fn, recurse)
+
+
+# Rows of the relative-bias mask start at multiples of this many elements: SDPA's memory-efficient
+# kernel takes a mask as is when every stride but the last is a multiple of 8 (and pads a copy of
+# it on every call otherwise).
+BIAS_ALIGNMENT = 8
+
+
+def _aligned(n: int) -> int:
+    return -(-n // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
 
 
 def _is_tracing() -> bool:

@@ -221,6 +221,23 @@ def test_relative_bias_gather_and_resize_follow_the_spec(h, w):
     torch.testing.assert_close(got, reference_bias(rel.relative_position_bias_table.detach(), h, w))
 
 
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,w", [(7, 7), (14, 14), (3, 4)])
+def test_relative_bias_rows_are_aligned_so_sdpa_takes_the_mask_without_a_padded_copy(h, w, dtype, grad):
+    """SDPA's memory-efficient kernel copies (pads) a mask on every call unless every stride but
+    the last is a multiple of 8 and the last is 1; the bias is laid out that way from the start."""
+    rel = RelativePositionBias(num_heads=3, native_window=7)
+    nn.init.normal_(rel.relative_position_bias_table, std=1.0)
+    with torch.set_grad_enabled(grad):
+        bias = rel(h, w, dtype)
+    mask = bias.unsqueeze(0)
+    assert mask.dtype == dtype and mask.stride(-1) == 1
+    assert all(s % 8 == 0 for s in mask.stride()[:-1]), mask.stride()
+    want = reference_bias(rel.relative_position_bias_table.detach(), h, w).to(dtype)
+    torch.testing.assert_close(bias.detach(), want)
+
+
 def test_relative_bias_at_native_size_is_the_table_itself():
     rel = RelativePositionBias(num_heads=2, native_window=7)
     assert rel.resized_table(7, 7) is rel.relative_position_bias_table
