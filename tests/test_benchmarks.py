@@ -98,3 +98,19 @@ def test_profile_model_prints_the_op_table_of_a_folded_model():
     )
     assert "tiny_moat_0 infer reparam" in out and "aten::mkldnn_convolution" in out
     assert "aten::native_batch_norm" not in out  # every BatchNorm was folded away
+
+
+def test_gpu_suite_runs_every_step_on_the_cpu_at_toy_sizes_and_ends_with_its_summary(tmp_path):
+    """The one-shot GPU script's plumbing (trainer runs, resume, eval, fp16, throughput table,
+    profile, summary), so a lent GPU's minutes are not lost to a typo. Compiling is tested
+    elsewhere and takes minutes on a CPU."""
+    summary = tmp_path / "summary.json"
+    _run("benchmarks/gpu_suite.py", "--device", "cpu", "--quick", "--workers", "1", "--skip", "train --compile",
+         "--json", str(summary))  # fmt: skip
+    import json
+
+    steps = {s["name"]: s for s in json.loads(summary.read_text())}
+    assert steps["train --compile"]["status"] == "skipped"
+    assert all(s["status"] == "ok" for name, s in steps.items() if name != "train --compile"), steps
+    assert steps["resume to epoch 3"]["result"] == "auto-resumed after epoch 1"
+    assert "x the model-only train row" in steps["trainer img/s (moat_0)"]["result"]
