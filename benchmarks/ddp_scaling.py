@@ -1,7 +1,7 @@
 """CPU data-parallel scaling: total training img/s of N ``torchrun`` processes vs one process.
 
-The target: ``torchrun --nproc_per_node=2`` on a CPU gives >= 0.9x the total training
-throughput of one process using all cores. Each configuration runs as its own job (one plain
+The question: does ``torchrun --nproc_per_node=2`` on a CPU keep >= 0.9x the total training
+throughput of one process using all cores? Each configuration runs as its own job (one plain
 process for N=1, ``torchrun --standalone`` for N>1), built from the trainer's own pieces:
 ``models.build_model``, ``optimizer.build_optimizer`` (AdamW as the trainer builds it), ``utils.amp.NativeScaler``
 with gradient clipping, DDP over gloo, the per-update preemption all-reduce, channels_last, and

@@ -1,8 +1,10 @@
 """Shared fixtures for the trainer tests: a tiny PNG class-folder tree, a tiny-config writer,
-a ``main.py`` subprocess runner and one reference 2-epoch run reused by several test files."""
+a ``main.py`` subprocess runner, one reference 2-epoch run reused by several test files, and the
+readers of what a run writes (summary.csv, logs, checkpoints)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -110,6 +113,31 @@ def tiny_cfg(tmp_path_factory):
         return path
 
     return write
+
+
+def read_summary(run_dir) -> list[dict]:
+    """The rows of a run's summary.csv (one per finished epoch), values as strings."""
+    with open(os.path.join(run_dir, "summary.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_log(run_dir, rank: int = 0) -> str:
+    with open(os.path.join(run_dir, f"log_rank{rank}.txt")) as f:
+        return f.read()
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class Exploit:
+    """Unpickling this runs ``open(marker, 'w')``: what ``weights_only=True`` must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def cli_env(**extra: str) -> dict:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from config import get_config
+from conftest import Exploit
 from models import build_model
 from utils import UserError
 from utils.checkpoint import (
@@ -32,16 +33,6 @@ def _model(name="tiny_moat_0", num_classes=3):
     config.merge_from_list(["MODEL.NAME", name, "MODEL.NUM_CLASSES", num_classes, "DATA.IMG_SIZE", 32])
     config.freeze()
     return build_model(config)
-
-
-class _Exploit:
-    """Unpickling this runs ``open(marker, 'w')``: what weights_only=True must refuse."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_round_trip_with_weights_only_and_usual_file_mode(tmp_path):
@@ -99,7 +90,7 @@ def test_auto_resume_skips_a_truncated_newest_checkpoint_with_one_line(tmp_path)
 def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.zeros(1)}, "payload": _Exploit(str(marker))}, path)
+    torch.save({"model": {"w": torch.zeros(1)}, "payload": Exploit(str(marker))}, path)
     with pytest.raises(UserError, match="refused"):
         load_file(str(path))
     assert not marker.exists()

@@ -7,7 +7,6 @@ Chance is 10%; a broken model, loss, schedule or data pipeline stays far below t
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, cli_env
+from conftest import REPO, cli_env, read_summary
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 PER_CLASS_TRAIN, PER_CLASS_VAL = 300, 50
@@ -83,11 +82,6 @@ def run_main(args, launcher=None) -> subprocess.CompletedProcess:
     return proc
 
 
-def summary(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "summary.csv")) as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory, fmnist_tree, fmnist_cfg) -> str:
     out = str(tmp_path_factory.mktemp("fmnist_out"))
@@ -96,7 +90,7 @@ def straight_run(tmp_path_factory, fmnist_tree, fmnist_cfg) -> str:
 
 
 def test_tiny_moat_learns_fashion_mnist_well_above_chance(straight_run):
-    rows = summary(straight_run)
+    rows = read_summary(straight_run)
     assert len(rows) == 3
     top1 = float(rows[-1]["val_top1"])
     assert top1 >= MIN_TOP1, f"val top-1 {top1:.1f}% after 3 epochs"
@@ -104,7 +98,7 @@ def test_tiny_moat_learns_fashion_mnist_well_above_chance(straight_run):
 
 
 def test_eval_of_the_saved_checkpoint_reproduces_the_logged_top1(straight_run, fmnist_tree, fmnist_cfg, tmp_path):
-    logged = float(summary(straight_run)[-1]["val_top1"])
+    logged = float(read_summary(straight_run)[-1]["val_top1"])
     proc = run_main(
         [
             "--cfg",
@@ -129,7 +123,7 @@ def test_resumed_run_ends_with_the_same_metrics_as_a_straight_run(straight_run, 
     stopped.mkdir(parents=True)
     shutil.copy(os.path.join(straight_run, "epoch_0.pth"), stopped / "last.pth")
     run_main(["--cfg", fmnist_cfg, "--data-path", fmnist_tree, "--output", str(tmp_path), "--tag", "resumed"])
-    resumed, straight = summary(str(stopped)), summary(straight_run)
+    resumed, straight = read_summary(str(stopped)), read_summary(straight_run)
     assert [r["epoch"] for r in resumed] == [r["epoch"] for r in straight[1:]]
     for key in ("val_top1", "val_top5", "val_loss", "train_loss"):
         assert resumed[-1][key] == straight[-1][key], key
@@ -152,7 +146,7 @@ def test_two_process_torchrun_reaches_a_similar_accuracy(straight_run, fmnist_tr
         ],
         launcher=["--nproc_per_node=2"],
     )
-    ddp = float(summary(str(tmp_path / "tiny_moat_0" / "ddp"))[-1]["val_top1"])
-    single = float(summary(straight_run)[-1]["val_top1"])
+    ddp = float(read_summary(str(tmp_path / "tiny_moat_0" / "ddp"))[-1]["val_top1"])
+    single = float(read_summary(straight_run)[-1]["val_top1"])
     assert ddp >= MIN_TOP1
     assert abs(ddp - single) <= 8.0, (ddp, single)

@@ -1,5 +1,6 @@
 """Optimizer param groups (no decay for norms, biases and relative-bias tables), the linear LR
-scaling rule, SGD/Nesterov, layer decay and linear probing."""
+scaling rule, SGD/Nesterov, layer decay and fused kernels. A frozen backbone's optimizer is
+tested with ``main.freeze_backbone`` in tests/test_main.py."""
 
 from __future__ import annotations
 
@@ -74,17 +75,6 @@ def test_layer_decay_gives_the_head_full_lr_and_the_stem_the_smallest(model):
     )
     head = scale[id(model.head.fc.weight)]
     assert head == 1.0 and stem < 1e-3  # 0.5 ** (number of blocks + 1)
-
-
-def test_frozen_backbone_leaves_only_the_head_in_the_optimizer():
-    model = build_model(_config())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.get_classifier().parameters():
-        p.requires_grad_(True)
-    optimizer = build_optimizer(_config(), model, lr=1e-3)
-    params = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    assert params == {id(model.head.fc.weight), id(model.head.fc.bias)}
 
 
 def test_fused_kernels_only_for_cuda_parameters_and_never_under_apex(model):
