@@ -21,10 +21,14 @@ CONFIG = os.path.join("configs", "fashion_mnist_tiny_moat_0.yaml")
 MODEL_NAME = "tiny_moat_0"
 
 
-def run(cmd: list[str]) -> str:
-    """Run ``cmd`` in the project root, echoing its output; exit with its code on failure."""
+def run(cmd: list[str], own_stderr: bool = False) -> str:
+    """Run ``cmd`` in the project root, echoing its output; exit with its code on failure.
+
+    ``own_stderr`` leaves the command this process's stderr (not captured), so a tool that draws
+    a progress bar on a terminal can draw it there."""
     print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stderr = None if own_stderr else subprocess.STDOUT
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
     lines = []
     for line in proc.stdout:
         print(line, end="", flush=True)
@@ -58,7 +62,8 @@ def main() -> None:
             args.data,
             "--per-class-train",
             str(args.per_class_train),
-        ]
+        ],
+        own_stderr=True,
     )
     common = ["--cfg", CONFIG, "--data-path", args.data, "--output", args.output, "--tag", args.tag]
     run([args.python, "main.py", *common, *args.main_args])
