@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 import re
 import shutil
@@ -92,7 +93,10 @@ def test_two_epoch_run_writes_checkpoints_summary_logs_and_tensorboard(reference
 
 
 def test_eval_reproduces_the_training_validation_and_never_trains(reference_run, image_tree, tiny_cfg, tmp_path):
-    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*"))}
+    def run_files():  # the evaluated run's own files; --eval adds its reports under eval/ only
+        return {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*")) if not p.endswith("eval")}
+
+    before = run_files()
     code = trainer.main(
         [
             "--cfg",
@@ -114,11 +118,28 @@ def test_eval_reproduces_the_training_validation_and_never_trains(reference_run,
     assert acc["model"][2] == pytest.approx(float(last["val_loss"]), abs=1e-4)
     assert acc["ema"][0] == pytest.approx(float(last["ema_top1"]), abs=1e-3)
     assert acc["model"][3] == 9
+    # The report beside the checkpoint holds the same numbers.
+    with open(os.path.join(reference_run, "eval", "last-32.json")) as f:
+        report = json.load(f)
+    assert report["results"]["model"]["top1"] == pytest.approx(acc["model"][0], abs=1e-3)
+    assert report["results"]["ema"]["loss"] == pytest.approx(acc["ema"][2], abs=1e-4)
     # Nothing trained or written: no checkpoint, summary or config in the eval output, and the
-    # evaluated run untouched.
+    # evaluated run's files untouched.
     assert not glob.glob(os.path.join(run_dir, "*.pth")) and "Train:" not in read_log(run_dir)
     assert not os.path.exists(os.path.join(run_dir, "summary.csv"))
-    assert before == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*"))}
+    assert before == run_files()
+
+
+def test_eval_needs_only_the_val_folder(reference_run, image_tree, tiny_cfg, tmp_path):
+    shutil.copytree(os.path.join(image_tree, "val"), tmp_path / "data" / "val")
+    checkpoint = shutil.copy2(os.path.join(reference_run, "last.pth"), tmp_path / "last.pth")
+    argv = ["--cfg", tiny_cfg(), "--data-path", str(tmp_path / "data"), "--output", str(tmp_path / "out")]
+    assert trainer.main(argv + ["--eval", "--resume", str(checkpoint)]) == 0
+    log = read_log(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))
+    assert accuracies(log)["model"][0] == pytest.approx(float(read_summary(reference_run)[-1]["val_top1"]), abs=1e-3)
+    assert os.path.isfile(tmp_path / "eval" / "last-32.json")
+    # Training still needs its train split.
+    assert trainer.main(argv) == 2
 
 
 def test_training_runs_channels_last_and_its_checkpoint_evaluates_the_same_in_nchw(

@@ -1,0 +1,349 @@
+"""What ``main.py --eval`` reports and the run's other human-facing outputs: the JSON, per-class
+CSV and confusion PNG against a hand count, the size sweep against separate evaluations, subset
+evaluation of a 10-class checkpoint on a 3-class val folder, the same numbers from 2 processes,
+and the eval progress bar.
+
+The checkpoints here are a very small MOAT written in-process (``write_checkpoint``); its head is
+scaled up so its predictions differ from image to image and the confusion matrix is not one column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import main as trainer
+from config import get_config
+from conftest import make_image_tree
+from data import ClassFolderDataset, build_transform
+from models import MoatCfg, create_moat
+from utils import plots
+
+PROBE_ARCH = MoatCfg(
+    stem_dims=(8, 8), depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), stage_types=("mbconv", "mbconv", "moat", "moat")
+)
+PROBE_NAME = "eval_probe"
+
+
+def probe_model(num_classes: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_moat(PROBE_NAME, cfg=PROBE_ARCH, num_classes=num_classes)
+    with torch.no_grad():
+        model.head.fc.weight.mul_(200.0)  # spread the logits: predictions then vary between images
+    return model.eval()
+
+
+def write_checkpoint(path: str, class_names, ema: bool = True, seed: int = 0) -> str:
+    """A trainer-style checkpoint (weights, architecture, class names) of the probe model."""
+    ckpt = {
+        "model": probe_model(len(class_names), seed).state_dict(),
+        "class_names": list(class_names),
+        "model_name": PROBE_NAME,
+        "model_cfg": PROBE_ARCH.to_dict(),
+        "epoch": 3,
+    }
+    if ema:
+        ckpt["model_ema"] = probe_model(len(class_names), seed + 1).state_dict()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def eval_argv(cfg: str, data: str, checkpoint: str, out: str, *extra: str) -> list:
+    return ["--cfg", cfg, "--data-path", data, "--output", out, "--eval", "--resume", checkpoint, *extra]
+
+
+def hand_count(checkpoint: str, cfg: str, data: str, weights: str = "model", img_size: int = 32, crop_pct=None):
+    """(confusion [true][predicted] as nested lists, mean CE loss, logits per image) computed here,
+    one image at a time, from the model's own predictions over ``val/`` with the eval transform."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    classes = ckpt["class_names"]
+    model = create_moat(PROBE_NAME, cfg=MoatCfg.from_dict(ckpt["model_cfg"]), num_classes=len(classes))
+    model.load_state_dict(ckpt["model_ema" if weights == "ema" else "model"])
+    model.eval()
+    opts = ["DATA.IMG_SIZE", str(img_size)] + (["DATA.CROP_PCT", str(crop_pct)] if crop_pct else [])
+    config = get_config(trainer.get_args_parser().parse_args(["--cfg", cfg, "--data-path", data, "--opts", *opts]))
+    dataset = ClassFolderDataset(os.path.join(data, "val"), transform=build_transform(False, config))
+    columns = [classes.index(name) for name in dataset.classes]  # the val classes' outputs
+    k = len(columns)
+    counts = [[0] * k for _ in range(k)]
+    losses, all_logits = [], []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            image, label = dataset[i]
+            logits = model(image[None])[0][columns]
+            counts[label][int(logits.argmax())] += 1
+            losses.append(float(F.cross_entropy(logits[None], torch.tensor([label]))))
+            all_logits.append(logits)
+    return counts, sum(losses) / len(losses), all_logits
+
+
+def read_csv(path: str) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --------------------------------------------------------------------- JSON, CSV, PNG by hand
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, image_tree, tiny_cfg):
+    """One ``--eval`` of a 3-class probe checkpoint with EMA: (checkpoint, cfg, eval folder, JSON)."""
+    root = tmp_path_factory.mktemp("evaluated")
+    checkpoint = write_checkpoint(str(root / "run" / "best.pth"), ["blue", "green", "red"])
+    cfg = tiny_cfg()
+    assert trainer.main(eval_argv(cfg, image_tree, checkpoint, str(root / "out"))) == 0
+    folder = str(root / "run" / "eval")
+    with open(os.path.join(folder, "best-32.json")) as f:
+        return checkpoint, cfg, folder, json.load(f)
+
+
+def test_eval_json_holds_the_numbers_and_what_was_evaluated(evaluated, image_tree):
+    checkpoint, cfg, folder, report = evaluated
+    assert report["model_name"] == PROBE_NAME and report["checkpoint"] == os.path.abspath(checkpoint)
+    assert report["img_size"] == 32 and report["epoch"] == 3
+    assert report["preprocessing"] == {
+        "img_size": 32,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "crop": True,
+    }
+    assert len(report["config_sha256"]) == 64 and int(report["config_sha256"], 16) >= 0
+    assert report["classes"] == {"subset": False, "count": 3, "of": 3, "names": ["blue", "green", "red"]}
+    assert set(report["results"]) == {"model", "ema"}
+    for weights in ("model", "ema"):
+        counts, loss, _ = hand_count(checkpoint, cfg, image_tree, weights=weights)
+        got = report["results"][weights]
+        assert got["images"] == 9
+        assert got["top1"] == pytest.approx(100.0 * sum(counts[i][i] for i in range(3)) / 9)
+        assert got["top5"] == 100.0  # 3 classes
+        assert got["loss"] == pytest.approx(loss, rel=1e-4)
+        assert set(report["files"][weights]) == {"per_class", "confusion"}
+        assert all(os.path.isfile(os.path.join(folder, name)) for name in report["files"][weights].values())
+
+
+def test_per_class_csv_is_the_hand_counted_confusion_matrix(evaluated, image_tree):
+    checkpoint, cfg, folder, report = evaluated
+    for weights in ("model", "ema"):
+        counts, _, _ = hand_count(checkpoint, cfg, image_tree, weights=weights)
+        assert sum(1 for j in range(3) if any(counts[i][j] for i in range(3))) >= 2  # a real matrix
+        rows = read_csv(os.path.join(folder, f"best-32-{weights}-per_class.csv"))
+        assert [r["class"] for r in rows] == ["blue", "green", "red"]
+        for i, row in enumerate(rows):
+            predicted = sum(counts[t][i] for t in range(3))
+            assert (int(row["support"]), int(row["correct"]), int(row["predicted"])) == (3, counts[i][i], predicted)
+            assert float(row["recall"]) == pytest.approx(100.0 * counts[i][i] / 3, abs=1e-3)
+            assert float(row["accuracy"]) == float(row["recall"])
+            assert float(row["precision"]) == pytest.approx(100.0 * counts[i][i] / max(predicted, 1), abs=1e-3)
+            wrong = {j: counts[i][j] for j in range(3) if j != i}
+            worst = max(wrong, key=lambda j: (wrong[j], -j))
+            assert int(row["most_confused_count"]) == wrong[worst]
+            if wrong[worst]:
+                assert row["most_confused_with"] == ["blue", "green", "red"][worst]
+
+
+def test_support_weighted_recall_is_the_top1(evaluated):
+    _, _, folder, report = evaluated
+    for weights in ("model", "ema"):
+        rows = read_csv(os.path.join(folder, f"best-32-{weights}-per_class.csv"))
+        support = [int(r["support"]) for r in rows]
+        weighted = sum(s * float(r["recall"]) for s, r in zip(support, rows)) / sum(support)
+        assert weighted == pytest.approx(report["results"][weights]["top1"], abs=1e-3)
+
+
+def test_confusion_pngs_open_as_images_of_the_expected_size(evaluated, tmp_path):
+    _, _, folder, report = evaluated
+    for weights in ("model", "ema"):
+        with Image.open(os.path.join(folder, report["files"][weights]["confusion"])) as image:
+            assert image.format == "PNG" and image.size == plots.MATRIX_SIZE
+    # Over MATRIX_MAX_CLASSES classes the figure is the most-confused-pairs bar chart.
+    k = plots.MATRIX_MAX_CLASSES + 10
+    confusion = torch.eye(k, dtype=torch.int64) * 5
+    confusion[3, 7], confusion[12, 1] = 4, 2
+    path = plots.plot_confusion(confusion, [f"n{i:08d}" for i in range(k)], str(tmp_path / "pairs.png"), "many")
+    with Image.open(path) as image:
+        assert image.size == plots.PAIRS_SIZE
+
+
+def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
+    from utils.metrics import most_confused_pairs
+
+    confusion = torch.tensor([[9, 1, 4], [0, 8, 0], [2, 4, 7]])
+    assert most_confused_pairs(confusion, 3) == [(0, 2, 4), (2, 1, 4), (2, 0, 2)]
+    assert most_confused_pairs(torch.eye(3, dtype=torch.int64), 5) == []
+
+
+# ------------------------------------------------------------------------------- size sweep
+def test_size_sweep_equals_separate_evals_at_each_size(image_tree, tiny_cfg, tmp_path):
+    checkpoint = write_checkpoint(str(tmp_path / "run" / "last.pth"), ["blue", "green", "red"], ema=False)
+    folder = tmp_path / "run" / "eval"
+    cfg = tiny_cfg()
+    sweep = ["--eval-sizes", "32", "64", "--eval-crop-pcts", "0.875", "1.0"]
+    assert trainer.main(eval_argv(cfg, image_tree, checkpoint, str(tmp_path / "out"), *sweep)) == 0
+    swept = {size: json.loads((folder / f"last-{size}.json").read_text()) for size in (32, 64)}
+    table = read_csv(str(folder / "last-sizes.csv"))
+    assert [(r["img_size"], r["crop_pct"], r["weights"]) for r in table] == [
+        ("32", "0.875", "model"),
+        ("64", "1.0", "model"),
+    ]
+    for size, crop in ((32, 0.875), (64, 1.0)):
+        opts = ["--opts", "DATA.IMG_SIZE", str(size), "DATA.CROP_PCT", str(crop)]
+        assert trainer.main(eval_argv(cfg, image_tree, checkpoint, str(tmp_path / "out"), *opts)) == 0
+        alone = json.loads((folder / f"last-{size}.json").read_text())
+        assert alone["results"] == swept[size]["results"]
+        assert alone["preprocessing"] == swept[size]["preprocessing"]
+        assert alone["preprocessing"]["crop_pct"] == crop
+        assert alone["config_sha256"] == swept[size]["config_sha256"]
+        row = next(r for r in table if int(r["img_size"]) == size)
+        assert float(row["top1"]) == pytest.approx(alone["results"]["model"]["top1"], abs=1e-3)
+    assert swept[32]["config_sha256"] != swept[64]["config_sha256"]
+
+
+def test_a_size_the_attention_windows_do_not_divide_is_a_one_line_error(
+    reference_run, image_tree, tiny_cfg, tmp_path, capsys
+):
+    # 4x4 windows in stage 3: its 4x4 map at 64 px fits, its 6x6 map at 96 px does not.
+    cfg = tiny_cfg(DATA={"IMG_SIZE": 64}, MODEL={"MOAT": {"WINDOW_SIZE": [4, 0]}})
+    checkpoint = os.path.join(reference_run, "last.pth")
+    argv = eval_argv(cfg, image_tree, checkpoint, str(tmp_path), "--eval-sizes", "64", "96")
+    assert trainer.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot evaluate at 96 px") and "\n" not in err and "6x6" in err
+    assert not os.path.exists(os.path.join(reference_run, "eval", "last-64.json"))  # checked before evaluating
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--eval-sizes", "64"], "need --eval"),
+        (["--eval", "--eval-sizes", "32", "64", "--eval-crop-pcts", "0.9"], "one value per size"),
+        (["--eval", "--eval-sizes", "32", "32"], "distinct"),
+        (["--eval", "--eval-sizes", "32", "--eval-crop-pcts", "1.5"], "(0, 1]"),
+    ],
+)
+def test_eval_size_flag_mistakes_are_one_line_errors(extra, needle, image_tree, tiny_cfg, tmp_path, capsys):
+    assert trainer.main(["--cfg", tiny_cfg(), "--data-path", image_tree, "--output", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle in err
+
+
+# ------------------------------------------------------------------------------ subset eval
+TEN_CLASSES = ["cat", "green", "dog", "red", "owl", "fox", "blue", "elk", "yak", "emu"]
+
+
+def test_ten_class_checkpoint_is_scored_on_a_three_class_val_folder_alone(tiny_cfg, tmp_path):
+    data = make_image_tree(str(tmp_path / "data"), train_per_class=0, val_per_class=3)
+    shutil.rmtree(tmp_path / "data" / "train")  # --eval needs the val folder only
+    checkpoint = write_checkpoint(str(tmp_path / "run" / "best.pth"), TEN_CLASSES, ema=False)
+    cfg = tiny_cfg(MODEL={"NUM_CLASSES": 10})
+    assert trainer.main(eval_argv(cfg, data, checkpoint, str(tmp_path / "out"))) == 0
+    report = json.loads((tmp_path / "run" / "eval" / "best-32.json").read_text())
+    assert report["classes"] == {
+        "subset": True,
+        "count": 3,
+        "of": 10,
+        "names": ["blue", "green", "red"],
+        "checkpoint_indices": [6, 1, 3],
+    }
+    counts, loss, logits = hand_count(checkpoint, cfg, data)  # logits restricted to the 3 outputs
+    got = report["results"]["model"]
+    assert got["images"] == 9 and got["loss"] == pytest.approx(loss, rel=1e-4)
+    assert got["top1"] == pytest.approx(100.0 * sum(counts[i][i] for i in range(3)) / 9)
+    # Restricting matters: over all 10 outputs some image's best class is none of the three.
+    full = probe_model(10, seed=0)
+    dataset = ClassFolderDataset(os.path.join(data, "val"), transform=build_transform(False, get_config()))
+    with torch.no_grad():
+        best = {int(full(dataset[i][0][None]).argmax()) for i in range(len(dataset))}
+    assert best - {6, 1, 3}
+    rows = read_csv(str(tmp_path / "run" / "eval" / "best-32-model-per_class.csv"))
+    assert [r["class"] for r in rows] == ["blue", "green", "red"]
+
+
+def test_a_val_class_the_checkpoint_lacks_is_a_one_line_error_naming_it(tiny_cfg, tmp_path, capsys):
+    data = make_image_tree(str(tmp_path / "data"), train_per_class=0, val_per_class=1, classes=["red", "purple"])
+    checkpoint = write_checkpoint(str(tmp_path / "run" / "best.pth"), TEN_CLASSES, ema=False)
+    cfg = tiny_cfg(MODEL={"NUM_CLASSES": 10})
+    assert trainer.main(eval_argv(cfg, data, checkpoint, str(tmp_path / "out"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: val class 'purple' is not one of the 10 classes of") and "\n" not in err
+
+
+def test_match_classes_maps_labels_to_checkpoint_outputs_and_restricts_to_present_labels():
+    from utils.class_subset import match_classes
+
+    assert match_classes(["a", "b"], [0, 1], ["a", "b"], 2, "ckpt") is None  # nothing to restrict
+    assert match_classes(["x", "y"], [0, 1], None, 2, "ckpt") is None  # no names: outputs = labels
+    # A dataset whose classes are a full class map but whose images hold labels 1 and 3 only.
+    subset = match_classes(["a", "b", "c", "d"], [1, 3], ["d", "c", "b", "a"], 4, "ckpt")
+    assert (subset.names, subset.logit_index, subset.label_map) == (["b", "d"], [2, 0], [-1, 0, -1, 1])
+    logits, target = subset.apply(torch.tensor([[0.0, 1.0, 2.0, 3.0]]), torch.tensor([3]))
+    assert logits.tolist() == [[2.0, 0.0]] and target.tolist() == [1]
+    with pytest.raises(ValueError, match="stores no class names"):
+        match_classes(["a"], [0], None, 2, "ckpt")
+
+
+# ----------------------------------------------------------------------------- distributed
+@pytest.mark.slow
+def test_two_process_eval_gives_the_same_json_numbers_as_one(image_tree, tiny_cfg, run_cli, tmp_path):
+    cfg = tiny_cfg()
+    reports = {}
+    for procs in (1, 2):
+        checkpoint = write_checkpoint(str(tmp_path / f"run{procs}" / "best.pth"), ["blue", "green", "red"])
+        launcher = [f"--nproc_per_node={procs}"] if procs > 1 else None
+        proc = run_cli(eval_argv(cfg, image_tree, checkpoint, str(tmp_path / "out")), launcher=launcher)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        folder = tmp_path / f"run{procs}" / "eval"
+        reports[procs] = json.loads((folder / "best-32.json").read_text())
+        reports[procs]["per_class"] = read_csv(str(folder / "best-32-model-per_class.csv"))
+    one, two = reports[1], reports[2]
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["results"]["model"]["images"] == 9  # 5 + 4 images, none padded
+    for weights in ("model", "ema"):
+        a, b = one["results"][weights], two["results"][weights]
+        assert (a["top1"], a["top5"], a["images"]) == (b["top1"], b["top5"], b["images"])
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert one["per_class"] == two["per_class"]
+
+
+# ----------------------------------------------------------------------------- progress bars
+class _Terminal(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_eval_draws_a_progress_bar_only_on_a_terminal(tty, monkeypatch, evaluated, image_tree, tiny_cfg):
+    from engine import evaluate
+
+    checkpoint, cfg, _, _ = evaluated
+    config = get_config(trainer.get_args_parser().parse_args(["--cfg", cfg, "--data-path", image_tree]))
+    dataset = ClassFolderDataset(os.path.join(image_tree, "val"), transform=build_transform(False, config))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    model = create_moat(PROBE_NAME, cfg=PROBE_ARCH, num_classes=3).eval()
+    stderr = _Terminal(tty)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    logger = logging.getLogger("test_progress")
+    kwargs = dict(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
+    metrics = evaluate(
+        model, loader, memory_format=torch.contiguous_format, logger=logger, show_progress=True, **kwargs
+    )
+    assert metrics["n"] == 9
+    drawn = stderr.getvalue()
+    if tty:
+        assert "eval model" in drawn and "/3 [" in drawn  # a tqdm frame: "eval model: ... 0/3 [00:00<?"
+    else:
+        assert drawn == ""
