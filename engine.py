@@ -413,6 +413,8 @@ class Trainer:
             },
             "rng_state": rng,
             "torch_version": str(torch.__version__),
+            # Experiment-tracker runs (name -> run id): a resumed run logs to the same runs.
+            "tracker_run_ids": dict(self.records.tracker_run_ids),
         }
 
     def save(self, epoch: int, batches_done: int, epoch_complete: bool, is_best: bool = False) -> None:

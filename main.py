@@ -31,7 +31,7 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from config import get_config, save_run_config
+from config import config_to_dict, get_config, save_run_config
 from engine import ResumePoint, Trainer, evaluate, measure_throughput, memory_format_of
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
@@ -54,6 +54,7 @@ from utils.inference import preprocessing_from_config
 from utils.metrics import ConfusionMatrix
 from utils.run_lock import RunFolderLock
 from utils.run_records import RunRecords
+from utils.trackers import build_trackers
 
 MODES = ("train", "eval", "throughput")
 
@@ -125,6 +126,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--throughput", action="store_true", help="only measure inference img/s, then exit")
     p.add_argument("--seed", type=int, help="SEED")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="DEVICE")
+    p.add_argument(
+        "--log-wandb",
+        action="store_true",
+        default=None,
+        help="also log to Weights & Biases when wandb is installed (TRACKING.WANDB; see TRACKING.*)",
+    )
+    p.add_argument(
+        "--log-mlflow",
+        action="store_true",
+        default=None,
+        help="also log to MLflow when mlflow is installed (TRACKING.MLFLOW; see TRACKING.*)",
+    )
     # Old launchers (torch.distributed.launch) pass this; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -572,7 +585,8 @@ def train(
         model_fwd = torch.compile(model_fwd, mode=None if mode == "default" else mode)
         logger.info(f"torch.compile, mode {mode}: the first steps compile the model")
 
-    records = RunRecords(output_dir, info.is_primary)
+    trackers = build_trackers(config, config_to_dict(config), output_dir, logger) if info.is_primary else []
+    records = RunRecords(output_dir, info.is_primary, trackers=trackers)
     try:
         trainer = Trainer(
             config=config,
@@ -593,6 +607,8 @@ def train(
             steps_per_epoch=steps_per_epoch,
         )
         start = trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH)
+        # A resumed run continues the tracker runs its checkpoint names.
+        records.start_trackers(resume[1].get("tracker_run_ids") if resume is not None else None)
         return trainer.fit(loader_train, loader_val, start)
     finally:
         records.close()

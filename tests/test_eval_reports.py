@@ -1,7 +1,7 @@
 """What ``main.py --eval`` reports and the run's other human-facing outputs: the JSON, per-class
 CSV and confusion PNG against a hand count, the size sweep against separate evaluations, subset
 evaluation of a 10-class checkpoint on a 3-class val folder, the same numbers from 2 processes,
-and the eval progress bar.
+``curves.png``, the optional trackers (fake ``wandb``/``mlflow`` modules) and progress bars.
 
 The checkpoints here are a very small MOAT written in-process (``write_checkpoint``); its head is
 scaled up so its predictions differ from image to image and the confusion matrix is not one column.
@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import types
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from conftest import make_image_tree
 from data import ClassFolderDataset, build_transform
 from models import MoatCfg, create_moat
 from utils import plots
+from utils.run_records import RunRecords
+from utils.trackers import build_trackers
 
 PROBE_ARCH = MoatCfg(
     stem_dims=(8, 8), depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), stage_types=("mbconv", "mbconv", "moat", "moat")
@@ -313,6 +316,188 @@ def test_two_process_eval_gives_the_same_json_numbers_as_one(image_tree, tiny_cf
         assert (a["top1"], a["top5"], a["images"]) == (b["top1"], b["top5"], b["images"])
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
     assert one["per_class"] == two["per_class"]
+
+
+# ------------------------------------------------------------------------- curves and trackers
+def test_training_redraws_curves_png_beside_summary_csv(reference_run):
+    with Image.open(os.path.join(reference_run, "curves.png")) as image:
+        assert image.format == "PNG" and image.size == plots.CURVES_SIZE
+
+
+def _row(epoch: int, ema="") -> dict:
+    return {
+        "epoch": epoch,
+        "train_loss": 1.0 - 0.1 * epoch,
+        "lr": 1e-3,
+        "val_loss": 1.1,
+        "val_top1": 30.0 + epoch,
+        "val_top5": 90.0,
+        "ema_top1": ema,
+        "ema_top5": ema,
+        "max_accuracy": 30.0 + epoch,
+        "epoch_time_s": 1.0,
+    }
+
+
+class FakeWandb(types.ModuleType):
+    """Records the calls the wandb tracker makes (``init`` returns a run with an ``id``)."""
+
+    def __init__(self) -> None:
+        super().__init__("wandb")
+        self.calls = []
+
+    def init(self, **kwargs):
+        self.calls.append(("init", kwargs))
+        return types.SimpleNamespace(id=kwargs.get("id") or "run-1")
+
+    def log(self, metrics, step=None):
+        self.calls.append(("log", step, dict(metrics)))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+class FakeMlflow(types.ModuleType):
+    def __init__(self) -> None:
+        super().__init__("mlflow")
+        self.calls = []
+
+    def set_tracking_uri(self, uri):
+        self.calls.append(("set_tracking_uri", uri))
+
+    def set_experiment(self, name):
+        self.calls.append(("set_experiment", name))
+
+    def start_run(self, run_id=None, run_name=None):
+        self.calls.append(("start_run", run_id, run_name))
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id=run_id or "ml-1"))
+
+    def log_dict(self, obj, name):
+        self.calls.append(("log_dict", name))
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append(("log_metrics", step, dict(metrics)))
+
+    def end_run(self):
+        self.calls.append(("end_run",))
+
+
+def tracking_config(**keys):
+    config = get_config().clone()
+    config.defrost()
+    for key, value in keys.items():
+        config.TRACKING[key] = value
+    config.freeze()
+    return config
+
+
+def test_run_records_send_steps_and_epochs_to_trackers_and_redraw_curves(monkeypatch, tmp_path):
+    wandb, mlflow = FakeWandb(), FakeMlflow()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    config = tracking_config(
+        WANDB=True, WANDB_PROJECT="moat", WANDB_MODE="offline", MLFLOW=True, MLFLOW_EXPERIMENT="exp"
+    )
+    logger = logging.getLogger("test_trackers")
+    trackers = build_trackers(config, {"MODEL": {"NAME": "moat_0"}}, str(tmp_path), logger)
+    records = RunRecords(str(tmp_path), is_primary=True, tensorboard=False, trackers=trackers)
+    records.start_trackers(None)
+    assert records.tracker_run_ids == {"wandb": "run-1", "mlflow": "ml-1"}
+    records.add_step(6, loss=0.9, lr=1e-3)
+    records.add_epoch(_row(0))
+    with Image.open(records.curves_path) as image:
+        assert image.size == plots.CURVES_SIZE
+    records.add_step(12, loss=0.8, lr=1e-4)
+    records.add_epoch(_row(1, ema=31.0))
+    records.close()
+
+    init = wandb.calls[0]
+    assert init[0] == "init" and init[1]["project"] == "moat" and init[1]["mode"] == "offline"
+    assert "id" not in init[1] and init[1]["config"] == {"MODEL": {"NAME": "moat_0"}}
+    logs = [c for c in wandb.calls if c[0] == "log"]
+    assert logs[0] == ("log", 6, {"train/loss": 0.9, "train/lr": 1e-3})
+    assert logs[1] == (
+        "log",
+        6,
+        {"epoch/train_loss": 1.0, "val/top1": 30.0, "val/top5": 90.0, "val/loss": 1.1, "epoch": 0},
+    )
+    assert logs[3][:2] == ("log", 12) and logs[3][2]["val/ema_top1"] == 31.0 and logs[3][2]["epoch"] == 1
+    assert wandb.calls[-1] == ("finish",)
+    assert mlflow.calls[:3] == [
+        ("set_experiment", "exp"),
+        ("start_run", None, "moat_0/default"),
+        ("log_dict", "config.json"),
+    ]
+    assert ("log_metrics", 12, {"train/loss": 0.8, "train/lr": 1e-4}) in mlflow.calls
+    assert mlflow.calls[-1] == ("end_run",)
+
+
+def test_trackers_continue_the_saved_run_ids(monkeypatch, tmp_path):
+    wandb, mlflow = FakeWandb(), FakeMlflow()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    config = tracking_config(WANDB=True, MLFLOW=True, MLFLOW_TRACKING_URI="file:./mlruns")
+    trackers = build_trackers(config, {}, str(tmp_path), logging.getLogger("test_trackers"))
+    records = RunRecords(str(tmp_path), is_primary=True, tensorboard=False, trackers=trackers)
+    records.start_trackers({"wandb": "abc123", "mlflow": "run-9", "other": "kept"})
+    assert wandb.calls[0][1]["id"] == "abc123" and wandb.calls[0][1]["resume"] == "allow"
+    assert ("start_run", "run-9", None) in mlflow.calls and ("set_tracking_uri", "file:./mlruns") in mlflow.calls
+    assert records.tracker_run_ids == {"wandb": "abc123", "mlflow": "run-9", "other": "kept"}
+    records.close()
+
+
+def test_a_missing_tracker_package_is_a_warning_and_a_failing_tracker_is_switched_off(monkeypatch, tmp_path, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    logger = logging.getLogger("test_trackers")
+    with caplog.at_level(logging.WARNING):
+        assert build_trackers(tracking_config(WANDB=True), {}, str(tmp_path), logger) == []
+    (record,) = caplog.records
+    assert "--log-wandb" in record.getMessage() and "pip install wandb" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+    broken = FakeWandb()
+    broken.log = lambda metrics, step=None: 1 / 0
+    monkeypatch.setitem(sys.modules, "wandb", broken)
+    trackers = build_trackers(tracking_config(WANDB=True), {}, str(tmp_path), logger)
+    records = RunRecords(str(tmp_path), is_primary=True, tensorboard=False, trackers=trackers)
+    records.start_trackers()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        records.add_step(1, loss=1.0)  # raises inside the tracker: logged, tracker dropped
+        records.add_step(2, loss=1.0)
+    assert records.trackers == [] and len(caplog.records) == 1 and "ZeroDivisionError" in caplog.text
+    records.close()
+
+
+def test_tracking_keys_are_checked_and_do_not_count_as_a_changed_experiment(tmp_path):
+    from config import config_differences, config_to_dict
+    from utils import ConfigError
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("TRACKING:\n  WANDB_MODE: sometimes\n")
+    with pytest.raises(ConfigError, match="TRACKING.WANDB_MODE"):
+        get_config(trainer.get_args_parser().parse_args(["--cfg", str(cfg)]))
+    logged = tracking_config(WANDB=True, WANDB_PROJECT="p", MLFLOW=True, MLFLOW_TRACKING_URI="file:./m")
+    assert config_differences(config_to_dict(get_config()), config_to_dict(logged)) == []
+
+
+@pytest.mark.slow
+def test_log_wandb_run_saves_its_run_id_and_a_resumed_run_continues_it(monkeypatch, tiny_cfg, tmp_path):
+    wandb = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    data = make_image_tree(str(tmp_path / "data"), train_per_class=2, val_per_class=1)  # 1 step per epoch
+    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0, "EMA": {"ENABLE": False}})
+    argv = ["--cfg", cfg, "--data-path", data, "--output", str(tmp_path), "--log-wandb"]
+    assert trainer.main(argv) == 0
+    last = os.path.join(tmp_path, "tiny_moat_0", "default", "last.pth")
+    assert torch.load(last, weights_only=True)["tracker_run_ids"] == {"wandb": "run-1"}
+    assert "id" not in wandb.calls[0][1]
+    assert any(c[0] == "log" and "val/top1" in c[2] for c in wandb.calls) and wandb.calls[-1] == ("finish",)
+
+    wandb.calls.clear()
+    assert trainer.main(argv + ["--opts", "TRAIN.EPOCHS", "2"]) == 0  # auto-resumes from last.pth
+    assert wandb.calls[0][1]["id"] == "run-1" and wandb.calls[0][1]["resume"] == "allow"
+    assert torch.load(last, weights_only=True)["tracker_run_ids"] == {"wandb": "run-1"}
 
 
 # ----------------------------------------------------------------------------- progress bars
