@@ -2,7 +2,7 @@
 
 Runs the real CLI (``main.py --cfg configs/fashion_mnist_tiny_moat_0.yaml``), then re-validates the
 best checkpoint with ``main.py --eval`` on the full 10,000-image test set and prints where the
-checkpoint, log, TensorBoard events and summary are. ``make demo`` calls it inside the project's
+checkpoint, log, TensorBoard events, summary, curves and eval reports are. ``make demo`` calls it inside the project's
 virtualenv; extra arguments after ``--`` go to ``main.py`` (e.g. ``-- --opts TRAIN.EPOCHS 1``).
 """
 
@@ -87,6 +87,8 @@ def main() -> None:
     print(f"checkpoint            : {best}")
     print(f"log                   : {os.path.join(run_dir, 'log_rank0.txt')}")
     print(f"summary (per epoch)   : {os.path.join(run_dir, 'summary.csv')}")
+    print(f"curves (per epoch)    : {os.path.join(run_dir, 'curves.png')}")
+    print(f"eval reports          : {os.path.join(run_dir, 'eval')}  (per-class CSV, confusion matrix PNG, JSON)")
     print(f"TensorBoard events    : {run_dir}  ({len(events)} file(s); `tensorboard --logdir {args.output}`)")
     print("=" * 72)
 
