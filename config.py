@@ -235,6 +235,29 @@ _C.TEST = CN()
 _C.TEST.CROP = True
 
 # -----------------------------------------------------------------------------
+# Experiment trackers (optional: neither package is a requirement; asking for one that is not
+# installed logs a warning and the run goes on). The tracker's run id is saved in the
+# checkpoints, so a resumed run continues the same tracker run.
+# -----------------------------------------------------------------------------
+_C.TRACKING = CN()
+# Log per-step and per-epoch metrics to Weights & Biases (--log-wandb; `pip install wandb`).
+_C.TRACKING.WANDB = False
+# wandb project; "" lets wandb decide (WANDB_PROJECT, else its default project).
+_C.TRACKING.WANDB_PROJECT = ""
+# wandb entity (user or team); "" lets wandb decide (WANDB_ENTITY, else the logged-in user).
+_C.TRACKING.WANDB_ENTITY = ""
+# wandb mode: 'online', 'offline' (logs stay in OUTPUT/.../wandb; `wandb sync` uploads them),
+# 'disabled', or "" for wandb's own default (WANDB_MODE, else online).
+_C.TRACKING.WANDB_MODE = ""
+# Log per-step and per-epoch metrics to MLflow (--log-mlflow; `pip install mlflow`).
+_C.TRACKING.MLFLOW = False
+# MLflow tracking URI (e.g. http://host:5000, file:./mlruns); "" lets MLflow decide
+# (MLFLOW_TRACKING_URI, else ./mlruns).
+_C.TRACKING.MLFLOW_TRACKING_URI = ""
+# MLflow experiment name; "" uses MLflow's default experiment.
+_C.TRACKING.MLFLOW_EXPERIMENT = ""
+
+# -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
 # Mixed precision: 'auto' (bf16 where the device supports it, else fp16 on CUDA, off on a CPU
@@ -282,6 +305,8 @@ _FLAG_KEYS = {
     "tag": "TAG",
     "seed": "SEED",
     "device": "DEVICE",
+    "log_wandb": "TRACKING.WANDB",
+    "log_mlflow": "TRACKING.MLFLOW",
 }
 
 
@@ -422,6 +447,12 @@ def validate_config(config: CN) -> None:
         "accepted: '' (torch.amp), 'O0', 'O1', 'O2' (NVIDIA apex)",
     )
     check(config.DEVICE in ("auto", "cuda", "cpu"), "DEVICE", config.DEVICE, "accepted: 'auto', 'cuda', 'cpu'")
+    check(
+        config.TRACKING.WANDB_MODE in ("", "online", "offline", "disabled"),
+        "TRACKING.WANDB_MODE",
+        config.TRACKING.WANDB_MODE,
+        "accepted: '' (wandb's default), 'online', 'offline', 'disabled'",
+    )
     check(config.SAVE_FREQ >= 1, "SAVE_FREQ", config.SAVE_FREQ, "must be >= 1")
     check(config.KEEP_CHECKPOINTS >= 0, "KEEP_CHECKPOINTS", config.KEEP_CHECKPOINTS, "must be >= 0")
     check(config.PRINT_FREQ >= 1, "PRINT_FREQ", config.PRINT_FREQ, "must be >= 1")
@@ -509,6 +540,14 @@ _LAUNCH_KEYS = {
     "DEVICE",
     "OUTPUT",
     "TAG",
+    # Where a run is logged to does not change what it trains.
+    "TRACKING.WANDB",
+    "TRACKING.WANDB_PROJECT",
+    "TRACKING.WANDB_ENTITY",
+    "TRACKING.WANDB_MODE",
+    "TRACKING.MLFLOW",
+    "TRACKING.MLFLOW_TRACKING_URI",
+    "TRACKING.MLFLOW_EXPERIMENT",
     *_RETIRED_KEYS,
 }
 

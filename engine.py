@@ -27,9 +27,11 @@ from config import config_to_dict
 from utils import NonFiniteLossError, UserError
 from utils.amp import NativeScaler
 from utils.checkpoint import CheckpointSaver, capture_rng_state, load_model_weights, model_state_from, restore_rng_state
+from utils.class_subset import ClassSubset
 from utils.distributed import DistInfo, all_reduce_sum, any_rank, gather_to_primary
-from utils.metrics import AverageMeter, ClassificationTotals
+from utils.metrics import AverageMeter, ClassificationTotals, ConfusionMatrix
 from utils.preemption import PreemptionFlag
+from utils.progress import logs_above, progress_bar
 from utils.run_records import RunRecords
 
 Autocast = Callable[[], ContextManager]
@@ -59,25 +61,38 @@ def evaluate(
     logger: logging.Logger,
     print_freq: int = 10,
     name: str = "model",
+    subset: Optional[ClassSubset] = None,
+    confusion: Optional[ConfusionMatrix] = None,
+    show_progress: bool = False,
 ) -> Dict[str, float]:
     """Top-1/top-5 and mean loss over the exact validation set (summed over ranks).
 
     Runs the unwrapped model: the ranks hold different numbers of batches, so no collective
-    may happen per batch (DDP's buffer broadcast would).
+    may happen per batch (DDP's buffer broadcast would). ``subset`` restricts the logits to the
+    val set's classes (and maps its labels to them); ``confusion`` also counts (true, predicted)
+    pairs, summed over ranks by the caller's ``confusion.compute()``. ``show_progress`` draws a
+    bar on a terminal (``utils.progress``).
     """
     model.eval()
     totals = ClassificationTotals(device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     start = time.time()
-    for idx, (images, target) in enumerate(loader):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        target = target.to(device, non_blocking=True)
-        with autocast():
-            output = model(images)
-        output = output.float()
-        totals.update(output, target, criterion(output, target))
-        if idx % print_freq == 0:
-            logger.info(f"Test ({name}): [{idx}/{len(loader)}]\t{memory_mb(device):.0f}MB")
+    bar = progress_bar(loader, desc=f"eval {name}", unit="batch", enabled=show_progress)
+    with logs_above(bar, logger):
+        for idx, (images, target) in enumerate(bar):
+            images = images.to(device, non_blocking=True, memory_format=memory_format)
+            target = target.to(device, non_blocking=True)
+            with autocast():
+                output = model(images)
+            output = output.float()
+            if subset is not None:
+                output, target = subset.apply(output, target)
+            top1 = totals.update(output, target, criterion(output, target))
+            if confusion is not None:
+                confusion.update(top1, target)
+            if idx % print_freq == 0:
+                logger.info(f"Test ({name}): [{idx}/{len(loader)}]\t{memory_mb(device):.0f}MB")
+    bar.close()
     metrics = totals.compute()
     logger.info(
         f" * {name} Acc@1 {metrics['acc1']:.3f} Acc@5 {metrics['acc5']:.3f} "
@@ -398,6 +413,8 @@ class Trainer:
             },
             "rng_state": rng,
             "torch_version": str(torch.__version__),
+            # Experiment-tracker runs (name -> run id): a resumed run logs to the same runs.
+            "tracker_run_ids": dict(self.records.tracker_run_ids),
         }
 
     def save(self, epoch: int, batches_done: int, epoch_complete: bool, is_best: bool = False) -> None:

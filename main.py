@@ -21,6 +21,7 @@ import math
 import os
 import random
 import sys
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -30,17 +31,30 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from config import get_config, save_run_config
-from engine import ResumePoint, Trainer, check_class_names, evaluate, measure_throughput, memory_format_of
+from config import config_to_dict, get_config, save_run_config
+from engine import ResumePoint, Trainer, evaluate, measure_throughput, memory_format_of
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, scaled_lrs
 from utils import MoatError, UserError
 from utils.amp import apex_available, autocast_factory, build_scaler, resolve_amp_dtype
 from utils.checkpoint import CheckpointSaver, find_resumable, load_file, load_model_weights, model_state_from
+from utils.class_subset import ClassSubset, match_classes, present_labels
 from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown
+from utils.eval_reports import (
+    config_digest,
+    format_sizes_table,
+    report_base,
+    reports_dir,
+    sizes_rows,
+    write_eval_reports,
+    write_sizes_table,
+)
+from utils.inference import preprocessing_from_config
+from utils.metrics import ConfusionMatrix
 from utils.run_lock import RunFolderLock
 from utils.run_records import RunRecords
+from utils.trackers import build_trackers
 
 MODES = ("train", "eval", "throughput")
 
@@ -48,8 +62,8 @@ MODES = ("train", "eval", "throughput")
 # ------------------------------------------------------------------------------------------ CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """The trainer's flags; each one maps onto a config key (``--opts`` reaches the rest), except
-    ``--eval``/``--throughput`` and ``--local-rank``, which say how this launch runs, not what the
-    experiment is, and so stay out of the saved config."""
+    ``--eval``/``--eval-sizes``/``--eval-crop-pcts``/``--throughput`` and ``--local-rank``, which
+    say how this launch runs, not what the experiment is, and so stay out of the saved config."""
     p = argparse.ArgumentParser("MOAT training and evaluation", add_help=add_help)
     p.add_argument("--cfg", required=True, metavar="FILE", help="YAML config (see configs/)")
     p.add_argument(
@@ -90,10 +104,40 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="root of all outputs (OUTPUT); a run writes OUTPUT/MODEL.NAME/TAG")
     p.add_argument("--tag", help="run name (TAG)")
-    p.add_argument("--eval", action="store_true", help="only validate the checkpoint, then exit")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="only validate the checkpoint, then exit; reports go to <checkpoint folder>/eval/",
+    )
+    p.add_argument(
+        "--eval-sizes",
+        type=int,
+        nargs="+",
+        metavar="PX",
+        help="with --eval: evaluate at each of these input sizes (default: DATA.IMG_SIZE)",
+    )
+    p.add_argument(
+        "--eval-crop-pcts",
+        type=float,
+        nargs="+",
+        metavar="PCT",
+        help="with --eval-sizes: the eval crop of each size, in order (default: DATA.CROP_PCT at every size)",
+    )
     p.add_argument("--throughput", action="store_true", help="only measure inference img/s, then exit")
     p.add_argument("--seed", type=int, help="SEED")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="DEVICE")
+    p.add_argument(
+        "--log-wandb",
+        action="store_true",
+        default=None,
+        help="also log to Weights & Biases when wandb is installed (TRACKING.WANDB; see TRACKING.*)",
+    )
+    p.add_argument(
+        "--log-mlflow",
+        action="store_true",
+        default=None,
+        help="also log to MLflow when mlflow is installed (TRACKING.MLFLOW; see TRACKING.*)",
+    )
     # Old launchers (torch.distributed.launch) pass this; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     return p
@@ -111,15 +155,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.eval and args.throughput:
             raise UserError("--eval and --throughput exclude each other: pick one")
         mode = "eval" if args.eval else "throughput" if args.throughput else "train"
+        sizes = EvalSizes.from_args(args)
         # Launchers pass LOCAL_RANK in the environment (torchrun) or as --local-rank (older ones).
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-        return run(get_config(args), mode, local_rank)
+        return run(get_config(args), mode, local_rank, eval_sizes=sizes)
     except MoatError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
 
 
-def run(config: CfgNode, mode: str = "train", local_rank: int = 0) -> int:
+def run(config: CfgNode, mode: str = "train", local_rank: int = 0, eval_sizes: Optional[EvalSizes] = None) -> int:
     """Join the process group, do the work (``mode`` in ``MODES``), always leave the group again."""
     info = init_distributed(config.DEVICE, local_rank)
     clean = False
@@ -128,7 +173,7 @@ def run(config: CfgNode, mode: str = "train", local_rank: int = 0) -> int:
         os.makedirs(output_dir, exist_ok=True)
         # A training run owns its folder until it ends; --eval and --throughput only read from it.
         with lock_run_folder(output_dir, info) if mode == "train" else contextlib.nullcontext():
-            code = _run_in_folder(config, mode, info, output_dir)
+            code = _run_in_folder(config, mode, info, output_dir, eval_sizes or EvalSizes())
         clean = True
         return code
     finally:
@@ -166,7 +211,7 @@ def lock_run_folder(output_dir: str, info: DistInfo) -> Iterator[None]:
         lock.release()
 
 
-def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str) -> int:
+def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, eval_sizes: EvalSizes) -> int:
     from data import build_loader
 
     logger = create_logger(output_dir, info.rank)
@@ -192,28 +237,44 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str) 
 
     amp_dtype = None if config.AMP_OPT_LEVEL else resolve_amp_dtype(config.AMP, info.device)
     autocast = autocast_factory(info.device, amp_dtype)
-    logger.info(f"mixed precision: {config.AMP_OPT_LEVEL and 'apex ' + config.AMP_OPT_LEVEL or amp_dtype or 'off'}")
+    precision = str(config.AMP_OPT_LEVEL and "apex " + config.AMP_OPT_LEVEL or amp_dtype or "off")
+    logger.info(f"mixed precision: {precision}")
 
     checkpoint = None
     if mode == "eval":
         source, checkpoint = checkpoint_to_evaluate(config, output_dir, logger)
         config = with_checkpoint_preprocessing(config, checkpoint, source, logger)
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
-    class_names = [str(c) for c in dataset_train.classes]
+    # --eval reads the val split only: a val folder alone is enough to evaluate a checkpoint.
+    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, with_train=mode != "eval")
+    class_names = [str(c) for c in (dataset_train if dataset_train is not None else dataset_val).classes]
     fmt = memory_format_of(config)
     model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=fmt)
     n_params = sum(p.numel() for p in model.parameters())
+    train_images = f"{len(dataset_train)} train / " if dataset_train is not None else ""
     logger.info(
         f"model {model_name_of(config, checkpoint)}: {n_params / 1e6:.2f}M params, "
         f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
-        f"{len(dataset_train)} train / {len(dataset_val)} val images"
+        f"{train_images}{len(dataset_val)} val images"
     )
 
     if mode == "throughput":
         measure_throughput(model, loader_val, device=info.device, autocast=autocast, memory_format=fmt, logger=logger)
         return 0
     if mode == "eval":
-        return evaluate_checkpoint(config, model, source, checkpoint, loader_val, class_names, autocast, info, logger)
+        return evaluate_checkpoint(
+            config,
+            model,
+            source,
+            checkpoint,
+            dataset_val=dataset_val,
+            loader_val=loader_val,
+            eval_sizes=eval_sizes,
+            autocast=autocast,
+            precision=precision,
+            info=info,
+            logger=logger,
+            output_dir=output_dir,
+        )
     return train(
         config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast, info, logger, output_dir
     )
@@ -284,33 +345,171 @@ def model_name_of(config: CfgNode, checkpoint: Optional[Dict[str, Any]]) -> str:
     return config.MODEL.NAME
 
 
+@dataclass(frozen=True)
+class EvalSizes:
+    """``--eval-sizes`` and ``--eval-crop-pcts``: the resolutions one ``--eval`` run covers.
+
+    Without ``crop_pcts`` every size keeps the config's ``DATA.CROP_PCT`` (resize the short side
+    to size / CROP_PCT, center-crop size): the usual way a model trained at one size is
+    measured at others. Given, ``crop_pcts[i]`` is the crop of ``sizes[i]``.
+    """
+
+    sizes: Tuple[int, ...] = ()
+    crop_pcts: Tuple[float, ...] = ()
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "EvalSizes":
+        sizes, crops = tuple(args.eval_sizes or ()), tuple(args.eval_crop_pcts or ())
+        if (sizes or crops) and not args.eval:
+            raise UserError("--eval-sizes and --eval-crop-pcts need --eval")
+        if crops and not sizes:
+            raise UserError("--eval-crop-pcts needs --eval-sizes (one crop per size)")
+        if crops and len(crops) != len(sizes):
+            raise UserError(f"--eval-crop-pcts needs one value per size: {len(sizes)} sizes, {len(crops)} crops")
+        if any(s <= 0 for s in sizes) or len(set(sizes)) != len(sizes):
+            raise UserError(f"--eval-sizes must be distinct positive sizes, got {list(sizes)}")
+        if any(not 0.0 < c <= 1.0 for c in crops):
+            raise UserError(f"--eval-crop-pcts must lie in (0, 1], got {list(crops)}")
+        return cls(sizes, crops)
+
+    @property
+    def sweep(self) -> bool:
+        return bool(self.sizes)
+
+    def pairs(self, config: CfgNode) -> List[Tuple[int, float]]:
+        """``(img_size, crop_pct)`` per evaluation, in order (the config's alone by default)."""
+        sizes = self.sizes or (config.DATA.IMG_SIZE,)
+        crops = self.crop_pcts or (config.DATA.CROP_PCT,) * len(sizes)
+        return list(zip(sizes, crops))
+
+
+def config_at_size(config: CfgNode, img_size: int, crop_pct: float) -> CfgNode:
+    """``config`` with ``DATA.IMG_SIZE`` and ``DATA.CROP_PCT`` set (the eval transform reads both)."""
+    if (img_size, crop_pct) == (config.DATA.IMG_SIZE, config.DATA.CROP_PCT):
+        return config
+    config = config.clone()
+    config.defrost()
+    config.DATA.IMG_SIZE, config.DATA.CROP_PCT = img_size, crop_pct
+    config.freeze()
+    return config
+
+
 def evaluate_checkpoint(
     config: CfgNode,
     model: nn.Module,
     source: str,
     checkpoint: Dict[str, Any],
+    *,
+    dataset_val,
     loader_val,
-    class_names: List[str],
+    eval_sizes: EvalSizes,
     autocast,
+    precision: str,
     info: DistInfo,
     logger: logging.Logger,
+    output_dir: str,
 ) -> int:
-    """``--eval``: validate the given checkpoint (its EMA too, when it has one). Never trains."""
-    load_model_weights(model, model_state_from(checkpoint, source), source)
-    check_class_names(checkpoint, class_names, source, logger)
-    logger.info(f"evaluating {source}")
+    """``--eval``: validate the given checkpoint (its EMA too, when it has one) at every size,
+    and write the reports (``utils.eval_reports``) to ``<checkpoint folder>/eval/``. Never trains.
+
+    A val set with fewer classes than the model is scored on its own classes, matched by name
+    to the checkpoint's (``utils.class_subset``).
+    """
+    from data import build_loader
+
+    pairs = eval_sizes.pairs(config)
+    for img_size, _ in pairs:  # every size is checked before anything is evaluated
+        try:
+            model.cfg.check_img_size(img_size)
+        except ValueError as e:
+            raise UserError(f"cannot evaluate at {img_size} px: {e}") from None
+    num_outputs = model.get_classifier().out_features
+    subset = match_classes(
+        dataset_val.classes, present_labels(dataset_val), checkpoint.get("class_names"), num_outputs, source
+    )
+    class_names = subset.names if subset is not None else [str(c) for c in dataset_val.classes]
+    if subset is not None:
+        logger.info(
+            f"scoring {len(subset.names)} of the {num_outputs} classes of {source} (the val set's, "
+            "matched by name): logits restricted to them"
+        )
+    weights = {"model": model_state_from(checkpoint, source)}
+    if isinstance(checkpoint.get("model_ema"), dict):
+        weights["ema"] = model_state_from(checkpoint, source, prefer_ema=True)
+    folder = reports_dir(source, output_dir, logger) if info.is_primary else ""
     kwargs = dict(
         device=info.device,
         autocast=autocast,
         memory_format=memory_format_of(config),
         logger=logger,
         print_freq=config.PRINT_FREQ,
+        subset=subset,
+        show_progress=info.is_primary,
     )
-    evaluate(model, loader_val, name="model", **kwargs)
-    if isinstance(checkpoint.get("model_ema"), dict):
-        load_model_weights(model, model_state_from(checkpoint, source, prefer_ema=True), source)
-        evaluate(model, loader_val, name="ema", **kwargs)
+    table = []
+    for img_size, crop_pct in pairs:
+        sized = config_at_size(config, img_size, crop_pct)
+        loader = loader_val if sized is config else build_loader(sized, with_train=False)[3]
+        logger.info(f"evaluating {source} at {img_size} px (crop {crop_pct})")
+        results, confusions = {}, {}
+        for name, state in weights.items():
+            load_model_weights(model, state, source)
+            confusion = ConfusionMatrix(len(class_names), info.device)
+            results[name] = evaluate(model, loader, name=name, confusion=confusion, **kwargs)
+            confusions[name] = confusion.compute()  # collective: every rank takes part
+        table += sizes_rows(img_size, crop_pct, results)
+        if info.is_primary:
+            path = write_eval_reports(
+                folder,
+                report_base(source, img_size),
+                summary=eval_summary(sized, checkpoint, source, dataset_val, subset, class_names, precision, info),
+                results=results,
+                confusions=confusions,
+                class_names=class_names,
+            )
+            logger.info(f"eval reports: {path} (and the per-class CSV and confusion PNG beside it)")
+    if eval_sizes.sweep:
+        logger.info(format_sizes_table(table, title=f"{source} by input size:"))
+        if info.is_primary:
+            stem = os.path.splitext(os.path.basename(source))[0]
+            logger.info(f"size table: {write_sizes_table(os.path.join(folder, f'{stem}-sizes.csv'), table)}")
     return 0
+
+
+def eval_summary(
+    config: CfgNode,
+    checkpoint: Dict[str, Any],
+    source: str,
+    dataset_val,
+    subset: Optional[ClassSubset],
+    class_names: List[str],
+    precision: str,
+    info: DistInfo,
+) -> Dict[str, Any]:
+    """What an eval report says besides the numbers: which model, file, preprocessing and classes."""
+    epoch = checkpoint.get("epoch")
+    classes = (
+        subset.describe()
+        if subset is not None
+        else {
+            "subset": False,
+            "count": len(class_names),
+            "of": len(class_names),
+            "names": list(class_names),
+        }
+    )
+    return {
+        "model_name": model_name_of(config, checkpoint),
+        "checkpoint": os.path.abspath(source),
+        "epoch": epoch if isinstance(epoch, int) else None,
+        "img_size": int(config.DATA.IMG_SIZE),
+        "preprocessing": preprocessing_from_config(config),
+        "config_sha256": config_digest(config),
+        "val_root": os.path.abspath(str(dataset_val.root)),
+        "classes": classes,
+        "precision": precision,
+        "world_size": info.world_size,
+    }
 
 
 # ------------------------------------------------------------------------------------ training
@@ -386,7 +585,8 @@ def train(
         model_fwd = torch.compile(model_fwd, mode=None if mode == "default" else mode)
         logger.info(f"torch.compile, mode {mode}: the first steps compile the model")
 
-    records = RunRecords(output_dir, info.is_primary)
+    trackers = build_trackers(config, config_to_dict(config), output_dir, logger) if info.is_primary else []
+    records = RunRecords(output_dir, info.is_primary, trackers=trackers)
     try:
         trainer = Trainer(
             config=config,
@@ -407,6 +607,8 @@ def train(
             steps_per_epoch=steps_per_epoch,
         )
         start = trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH)
+        # A resumed run continues the tracker runs its checkpoint names.
+        records.start_trackers(resume[1].get("tracker_run_ids") if resume is not None else None)
         return trainer.fit(loader_train, loader_val, start)
     finally:
         records.close()

@@ -44,12 +44,14 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def build_dataset(is_train: bool, config: CfgNode) -> ClassFolderDataset:
+def build_dataset(is_train: bool, config: CfgNode, allow_fewer_classes: bool = False) -> ClassFolderDataset:
     """The train or val split under ``DATA.DATA_PATH`` with its transform.
 
     Checks the number of class folders against ``MODEL.NUM_CLASSES`` (and against 1000 for
     ``DATA.DATASET 'imagenet'``) so a wrong head size fails here in one line rather than as
-    a CUDA assert or a silently wrong model.
+    a CUDA assert or a silently wrong model. ``allow_fewer_classes`` accepts up to
+    ``MODEL.NUM_CLASSES`` classes: evaluation may score a subset of the model's classes
+    (ImageNet-A/-R style), matched to them by name by the caller.
     """
     data = config.DATA
     if not data.DATA_PATH:
@@ -63,6 +65,8 @@ def build_dataset(is_train: bool, config: CfgNode) -> ClassFolderDataset:
         root, transform=build_transform(is_train, config), skip_bad_images=data.SKIP_BAD_IMAGES
     )
     found = len(dataset.classes)
+    if allow_fewer_classes and found <= config.MODEL.NUM_CLASSES:
+        return dataset
     if data.DATASET == "imagenet" and found != IMAGENET_NUM_CLASSES:
         raise DataError(
             f"found {found} class folders in {root}, but DATA.DATASET 'imagenet' "
@@ -99,10 +103,11 @@ def build_mixup(config: CfgNode) -> Mixup | None:
 
 
 def build_loader(
-    config: CfgNode,
-) -> tuple[ClassFolderDataset, ClassFolderDataset, DataLoader, DataLoader, Mixup | None]:
+    config: CfgNode, with_train: bool = True
+) -> tuple[ClassFolderDataset | None, ClassFolderDataset, DataLoader | None, DataLoader, Mixup | None]:
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``; reads
-    ``config`` only.
+    ``config`` only. Without ``with_train`` (evaluation) only the val split is read, and it may
+    hold fewer classes than the model (``build_dataset``); the train entries are None.
 
     Train loader: ``ResumableSampler`` (call ``sampler.set_epoch(e)`` every epoch and
     ``sampler.set_start_index(i)`` to resume mid-epoch), ``drop_last=True``. Val loader: each rank
@@ -110,18 +115,18 @@ def build_loader(
     ``(images [B, 3, IMG_SIZE, IMG_SIZE] float, targets [B] int64)``.
     Raises ``DataError`` (one line naming the path) for any problem with the data on disk.
     """
-    dataset_train = build_dataset(True, config)
-    dataset_val = build_dataset(False, config)
-    check_same_classes(dataset_train, dataset_val)
-
     world_size, rank = _world()
-    sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank, seed=config.SEED)
-    if len(sampler_train) < config.DATA.BATCH_SIZE:
-        raise DataError(
-            f"{dataset_train.root} has {len(dataset_train)} images "
-            f"({len(sampler_train)} per process), fewer than DATA.BATCH_SIZE="
-            f"{config.DATA.BATCH_SIZE}: no full training batch"
-        )
+    dataset_train = build_dataset(True, config) if with_train else None
+    dataset_val = build_dataset(False, config, allow_fewer_classes=not with_train)
+    if dataset_train is not None:
+        check_same_classes(dataset_train, dataset_val)
+        sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank, seed=config.SEED)
+        if len(sampler_train) < config.DATA.BATCH_SIZE:
+            raise DataError(
+                f"{dataset_train.root} has {len(dataset_train)} images "
+                f"({len(sampler_train)} per process), fewer than DATA.BATCH_SIZE="
+                f"{config.DATA.BATCH_SIZE}: no full training batch"
+            )
     sampler_val = ShardedEvalSampler(dataset_val, num_replicas=world_size, rank=rank)
 
     num_workers = config.DATA.NUM_WORKERS
@@ -131,13 +136,15 @@ def build_loader(
         pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
-    data_loader_train = DataLoader(
-        dataset_train,
-        sampler=sampler_train,
-        drop_last=True,
-        generator=torch.Generator().manual_seed(config.SEED + rank),
-        **common,
-    )
+    data_loader_train = None
+    if dataset_train is not None:
+        data_loader_train = DataLoader(
+            dataset_train,
+            sampler=sampler_train,
+            drop_last=True,
+            generator=torch.Generator().manual_seed(config.SEED + rank),
+            **common,
+        )
     data_loader_val = DataLoader(
         dataset_val,
         sampler=sampler_val,
@@ -147,13 +154,13 @@ def build_loader(
         **common,
     )
     logger.info(
-        "data: %d train images (%s), %d val images (%s), %d classes; rank %d/%d",
-        len(dataset_train),
-        dataset_train.root,
+        "data: %s%d val images (%s), %d classes; rank %d/%d",
+        f"{len(dataset_train)} train images ({dataset_train.root}), " if dataset_train is not None else "",
         len(dataset_val),
         dataset_val.root,
-        len(dataset_train.classes),
+        len(dataset_val.classes),
         rank,
         world_size,
     )
-    return dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config)
+    mixup_fn = build_mixup(config) if with_train else None
+    return dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn

@@ -9,6 +9,7 @@ The reference 2-epoch run is a real subprocess (``conftest.reference_run``); the
 from __future__ import annotations
 
 import glob
+import json
 import math
 import os
 import re
@@ -111,7 +112,10 @@ def test_two_epoch_run_writes_checkpoints_summary_logs_and_tensorboard(reference
 def test_eval_reproduces_the_training_validation_and_never_trains(
     flags, log_line, loss_rel, top1_abs, reference_run, image_tree, tiny_cfg, tmp_path
 ):
-    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*"))}
+    def run_files():  # the evaluated run's own files; --eval adds its reports under eval/ only
+        return {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*")) if not p.endswith("eval")}
+
+    before = run_files()
     code = trainer.main(
         [
             "--cfg",
@@ -135,11 +139,28 @@ def test_eval_reproduces_the_training_validation_and_never_trains(
     assert acc["model"][0] == pytest.approx(float(last["val_top1"]), abs=top1_abs)
     assert acc["model"][2] == pytest.approx(float(last["val_loss"]), rel=loss_rel)
     assert acc["ema"][0] == pytest.approx(float(last["ema_top1"]), abs=top1_abs)
+    # The report beside the checkpoint holds the same numbers.
+    with open(os.path.join(reference_run, "eval", "last-32.json")) as f:
+        report = json.load(f)
+    assert report["results"]["model"]["top1"] == pytest.approx(acc["model"][0], abs=1e-3)
+    assert report["results"]["ema"]["loss"] == pytest.approx(acc["ema"][2], abs=1e-4)
     # Nothing trained or written: no checkpoint, summary or config in the eval output, and the
-    # evaluated run untouched.
+    # evaluated run's own files untouched.
     assert not glob.glob(os.path.join(run_dir, "*.pth")) and "Train:" not in log
     assert not {"summary.csv", "config.yaml"} & set(os.listdir(run_dir))
-    assert before == {p: os.path.getmtime(p) for p in glob.glob(os.path.join(reference_run, "*"))}
+    assert before == run_files()
+
+
+def test_eval_needs_only_the_val_folder(reference_run, image_tree, tiny_cfg, tmp_path):
+    shutil.copytree(os.path.join(image_tree, "val"), tmp_path / "data" / "val")
+    checkpoint = shutil.copy2(os.path.join(reference_run, "last.pth"), tmp_path / "last.pth")
+    argv = ["--cfg", tiny_cfg(), "--data-path", str(tmp_path / "data"), "--output", str(tmp_path / "out")]
+    assert trainer.main(argv + ["--eval", "--resume", str(checkpoint)]) == 0
+    log = read_log(os.path.join(tmp_path, "out", "tiny_moat_0", "default"))
+    assert accuracies(log)["model"][0] == pytest.approx(float(read_summary(reference_run)[-1]["val_top1"]), abs=1e-3)
+    assert os.path.isfile(tmp_path / "eval" / "last-32.json")
+    # Training still needs its train split.
+    assert trainer.main(argv) == 2
 
 
 def test_auto_resume_continues_after_the_last_finished_epoch(reference_run, image_tree, tiny_cfg, tmp_path):

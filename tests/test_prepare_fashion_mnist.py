@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import os
 import struct
 import subprocess
@@ -146,3 +147,12 @@ def test_debian_files_give_a_balanced_subset_the_data_pipeline_loads(tmp_path):
     assert len(dataset) == 20 and dataset.classes[0] == "Ankle_boot"
     image, target = dataset[0]
     assert image.shape == (3, 32, 32) and target == 0
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_bar_is_drawn_only_on_a_terminal(tty, synthetic_src, monkeypatch, tmp_path):
+    stderr = io.StringIO()
+    monkeypatch.setattr(stderr, "isatty", lambda: tty)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    pfm.prepare(str(tmp_path / "out"), synthetic_src[0], jobs=1)
+    assert ("writing PNGs" in stderr.getvalue()) == tty

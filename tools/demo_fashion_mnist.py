@@ -2,7 +2,7 @@
 
 Runs the real CLI (``main.py --cfg configs/fashion_mnist_tiny_moat_0.yaml``), then re-validates the
 best checkpoint with ``main.py --eval`` on the full 10,000-image test set and prints where the
-checkpoint, log, TensorBoard events and summary are. ``make demo`` calls it inside the project's
+checkpoint, log, TensorBoard events, summary, curves and eval reports are. ``make demo`` calls it inside the project's
 virtualenv; extra arguments after ``--`` go to ``main.py`` (e.g. ``-- --opts TRAIN.EPOCHS 1``).
 """
 
@@ -21,10 +21,14 @@ CONFIG = os.path.join("configs", "fashion_mnist_tiny_moat_0.yaml")
 MODEL_NAME = "tiny_moat_0"
 
 
-def run(cmd: list[str]) -> str:
-    """Run ``cmd`` in the project root, echoing its output; exit with its code on failure."""
+def run(cmd: list[str], own_stderr: bool = False) -> str:
+    """Run ``cmd`` in the project root, echoing its output; exit with its code on failure.
+
+    ``own_stderr`` leaves the command this process's stderr (not captured), so a tool that draws
+    a progress bar on a terminal can draw it there."""
     print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stderr = None if own_stderr else subprocess.STDOUT
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
     lines = []
     for line in proc.stdout:
         print(line, end="", flush=True)
@@ -58,7 +62,8 @@ def main() -> None:
             args.data,
             "--per-class-train",
             str(args.per_class_train),
-        ]
+        ],
+        own_stderr=True,
     )
     common = ["--cfg", CONFIG, "--data-path", args.data, "--output", args.output, "--tag", args.tag]
     run([args.python, "main.py", *common, *args.main_args])
@@ -82,6 +87,8 @@ def main() -> None:
     print(f"checkpoint            : {best}")
     print(f"log                   : {os.path.join(run_dir, 'log_rank0.txt')}")
     print(f"summary (per epoch)   : {os.path.join(run_dir, 'summary.csv')}")
+    print(f"curves (per epoch)    : {os.path.join(run_dir, 'curves.png')}")
+    print(f"eval reports          : {os.path.join(run_dir, 'eval')}  (per-class CSV, confusion matrix PNG, JSON)")
     print(f"TensorBoard events    : {run_dir}  ({len(events)} file(s); `tensorboard --logdir {args.output}`)")
     print("=" * 72)
 

@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.inference import ModelMeta, UserError, load_model_for_inference, safetensors_metadata, save_safetensors
+from utils.progress import progress_bar
 
 FORMATS = ("safetensors", "torchscript", "onnx")
 EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -314,27 +315,34 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
     if not supports_dynamic_size(model) and "onnx" in paths and not args.static_size:
         print(f"export.py: note: windowed attention: ONNX image size fixed at {img_size}", file=sys.stderr)
 
+    bar = progress_bar(total=len(paths), desc="export", unit="format")
     for fmt, path in paths.items():
+        bar.set_description(f"export {fmt}")
         if fmt == "safetensors":
             save_safetensors(model, meta, path)
         elif fmt == "torchscript":
             export_torchscript(model, meta, path, img_size)
         else:
             export_onnx(model, meta, path, img_size, args.opset, dynamic_size, args.dynamo)
-        print(f"wrote {fmt}: {path} ({meta.variant}, {meta.weights} weights, {meta.num_classes} classes)")
+        # Printed through the bar, so on a terminal the lines stay above it.
+        wrote = f"wrote {fmt}: {path} ({meta.variant}, {meta.weights} weights, {meta.num_classes} classes)"
+        bar.write(wrote, file=sys.stdout)
         if args.check and fmt == "safetensors":
             reloaded, _ = load_model_for_inference(path)
             ref, new = model.state_dict(), reloaded.state_dict()
             if any(not torch.equal(ref[k], new[k]) for k in ref):
                 raise CheckFailed(f"{path}: reloaded weights differ from the exported model")
-            print("  check: reloaded weights equal")
+            bar.write("  check: reloaded weights equal", file=sys.stdout)
         elif args.check:
             cases = check_cases(img_size, dynamic_size)
             diff = check_export(model, fmt, path, cases, args.atol, args.rtol)
-            print(
+            bar.write(
                 f"  check: max abs diff {diff:.2e} vs PyTorch over inputs "
-                + ", ".join(f"{b}x3x{h}x{w}" for b, h, w in cases)
+                + ", ".join(f"{b}x3x{h}x{w}" for b, h, w in cases),
+                file=sys.stdout,
             )
+        bar.update()
+    bar.close()
     return paths
 
 

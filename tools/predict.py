@@ -33,6 +33,7 @@ from data.datasets import load_rgb
 from utils.amp import autocast_factory, resolve_amp_dtype
 from utils.distributed import resolve_device
 from utils.inference import UserError, build_eval_transform, load_model_for_inference
+from utils.progress import progress_bar
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -161,10 +162,8 @@ def predict(args: argparse.Namespace) -> List[Tuple[str, List[Tuple[str, float]]
         pin_memory=device.type == "cuda",
     )
 
-    from tqdm import tqdm  # a timm dependency
-
     # A bar only for folders (a handful of named files needs none) and only on a terminal.
-    bar = tqdm(total=len(paths), unit="img", disable=None if any_folder else True, file=sys.stderr)
+    bar = progress_bar(total=len(paths), desc="predict", unit="img", enabled=any_folder)
     results, start = [], 0
     for images, errors in loader:
         bad = next((e for e in errors if e), None)

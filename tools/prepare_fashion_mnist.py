@@ -22,8 +22,14 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # run as a script: make the repo's packages importable
+    sys.path.insert(0, _REPO)
+
 import numpy as np
 from PIL import Image
+
+from utils.progress import progress_bar
 
 DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
 SPLIT_FILES = {
@@ -203,12 +209,15 @@ def prepare(
                 tasks.append((os.path.join(partial, split, name), images[chunk], chunk))
 
     jobs = jobs or os.cpu_count() or 1
+    bar = progress_bar(total=sum(len(task[2]) for task in tasks), desc="writing PNGs", unit="img")
     if jobs > 1 and len(tasks) > 1:
         with ProcessPoolExecutor(jobs) as pool:
-            list(pool.map(_write_pngs, *zip(*tasks)))
+            for written in pool.map(_write_pngs, *zip(*tasks)):
+                bar.update(written)
     else:
         for task in tasks:
-            _write_pngs(*task)
+            bar.update(_write_pngs(*task))
+    bar.close()
 
     for split in SPLIT_FILES:
         os.replace(os.path.join(partial, split), os.path.join(out, split))
