@@ -582,7 +582,9 @@ def train(
         )
     if config.TRAIN.COMPILE:
         mode = config.TRAIN.COMPILE_MODE
-        model_fwd = torch.compile(model_fwd, mode=None if mode == "default" else mode)
+        # dynamic=False: training shapes are fixed, and a recompile with symbolic sizes (after a
+        # size change in the same process) traces the relative-bias index math for minutes.
+        model_fwd = torch.compile(model_fwd, mode=None if mode == "default" else mode, dynamic=False)
         logger.info(f"torch.compile, mode {mode}: the first steps compile the model")
 
     trackers = build_trackers(config, config_to_dict(config), output_dir, logger) if info.is_primary else []

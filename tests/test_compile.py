@@ -16,6 +16,15 @@ import torch.nn.functional as F
 from models.moat import MOAT, MoatCfg
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles from scratch: cached graphs of another model (same code objects, other
+    sizes) would make dynamo recompile with dynamic shapes."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def small_moat(**kwargs) -> MOAT:
     """One block per stage (MBConv, MBConv, MOAT, MOAT), attention with relative bias."""
     torch.manual_seed(0)
@@ -51,7 +60,7 @@ def test_forward_and_backward_trace_to_one_graph_without_breaks(train):
 def test_compiled_training_steps_give_the_eager_losses_and_gradients():
     eager = small_moat(window_size=(None, None)).to(memory_format=torch.channels_last)
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model)
+    compiled = torch.compile(compiled_model, dynamic=False)
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
     opt_c = torch.optim.SGD(compiled_model.parameters(), lr=0.05)
     x, y = _batch()
