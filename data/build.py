@@ -118,6 +118,7 @@ def build_dataset(is_train: bool, config: CfgNode, native_classes: list[str] | N
             index or shards,
             transform,
             native_classes=native_classes,
+            num_classes=config.MODEL.NUM_CLASSES if class_map is None else None,
             class_map=class_map,
             skip_bad_images=data.SKIP_BAD_IMAGES,
         )

@@ -68,7 +68,7 @@ def scan_shard(path: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     problems: list[tuple[str, str]] = []
     try:
         with tarfile.open(path, "r:") as tar:
-            for member in tar:
+            for member in _members_until_cut(tar, path, problems):
                 if not member.isfile():
                     continue
                 key, ext = split_key(member.name)
@@ -111,6 +111,24 @@ def scan_shard(path: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
         entry["keys"].append(sample["image"][0])
     entry["nsamples"] = len(entry["offsets"])
     return entry, problems
+
+
+def _members_until_cut(tar: tarfile.TarFile, path: str, problems: list[tuple[str, str]]):
+    """The tar's members, stopping (with a problem noted) where a truncated file ends."""
+    last = "the first member"
+    while True:
+        try:
+            member = tar.next()
+        except tarfile.ReadError as e:
+            if "unexpected end of data" not in str(e) and "truncated" not in str(e):
+                raise
+            if not (problems and problems[-1][0] == last):  # unless that member was already found cut off
+                problems.append((last, f"the shard ends after it ({first_line(e)}): truncated, later samples lost"))
+            return
+        if member is None:
+            return
+        last = member.name
+        yield member
 
 
 def write_index(path: str, entries: list[dict[str, Any]], classes: list[str] | None, name: str) -> None:
@@ -175,7 +193,8 @@ class ShardDataset(KeyedImageDataset):
 
     ``source``: an index JSON or the list of shard paths (``resolve_shards``). ``native_classes``:
     names of the ``.cls`` values when the index has none (the val split passes the train split's);
-    without names anywhere they are ``'0'``, ``'1'``, ... up to the largest label.
+    without names anywhere they are ``'0'``, ``'1'``, ... up to ``num_classes`` (``MODEL.NUM_CLASSES``;
+    a larger label is an error naming its member), or else up to the largest label.
     """
 
     def __init__(
@@ -184,6 +203,7 @@ class ShardDataset(KeyedImageDataset):
         transform: Callable | None = None,
         *,
         native_classes: list[str] | None = None,
+        num_classes: int | None = None,
         class_map: list[str] | None = None,
         skip_bad_images: bool = False,
     ) -> None:
@@ -202,6 +222,8 @@ class ShardDataset(KeyedImageDataset):
             self.native_classes = index_classes
         elif native_classes is not None:
             self.native_classes = list(native_classes)
+        elif num_classes is not None:
+            self.native_classes = [str(k) for k in range(num_classes)]
         else:
             self.native_classes = [str(k) for k in range(int(labels.max(initial=-1)) + 1)]
         self.classes = list(class_map) if class_map is not None else list(self.native_classes)
