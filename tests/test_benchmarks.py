@@ -98,3 +98,33 @@ def test_profile_model_prints_the_op_table_of_a_folded_model():
     )
     assert "tiny_moat_0 infer reparam" in out and "aten::mkldnn_convolution" in out
     assert "aten::native_batch_norm" not in out  # every BatchNorm was folded away
+
+
+def test_loader_throughput_prints_a_row_per_format_and_worker_count():
+    out = _run(
+        "benchmarks/loader_throughput.py",
+        "--workers",
+        "0",
+        "1",
+        "--num-images",
+        "16",
+        "--num-classes",
+        "2",
+        "--source-size",
+        "60",
+        "40",
+        "--batch-size",
+        "4",
+        "--batches",
+        "1",
+        "--warmup",
+        "0",
+        "--img-size",
+        "32",
+        "--shard-size",
+        "5",
+        "--threads",
+        "1",
+    )
+    rows = re.findall(r"^\| ([\w-]+) \| (\d) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.M)
+    assert rows == [(f, w) for f in ("folder", "zip", "zip-cache", "shards") for w in ("0", "1")], out
