@@ -390,6 +390,11 @@ def train(
 
     # Weights: an explicit --resume wins, then auto-resume from the output folder, then --pretrained.
     resume = choose_resume(config, output_dir, info, logger)
+    from data import part_cache_resume_note
+
+    note = part_cache_resume_note(config, resume[1], info.world_size) if resume is not None else None
+    if note:
+        logger.warning(note)
     if resume is None and config.MODEL.PRETRAINED:
         load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
     ema = None

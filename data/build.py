@@ -147,6 +147,25 @@ def build_dataset(is_train: bool, config: CfgNode, native_classes: list[str] | N
     return dataset
 
 
+def part_cache_resume_note(config: CfgNode, checkpoint: dict, world_size: int) -> str | None:
+    """What a resume changes in the data, when it cannot continue exactly: a ``CACHE_MODE part``
+    checkpoint written by another number of processes (every rank's subset depends on it)."""
+    saved = checkpoint.get("world_size")
+    if config.DATA.FORMAT != "zip" or config.DATA.CACHE_MODE != "part" or saved in (None, world_size):
+        return None
+    note = (
+        f"DATA.CACHE_MODE part: the checkpoint was written by {saved} process(es), this run has {world_size}, "
+        "so every rank trains on another part of the train images"
+    )
+    if not checkpoint.get("epoch_complete", True):
+        batches = int(checkpoint.get("batches_done", 0))
+        note += (
+            f"; the rest of epoch {checkpoint.get('epoch')} skips the first {batches * config.DATA.BATCH_SIZE} "
+            "samples of each rank's new order, so some images of this epoch repeat and others are not seen"
+        )
+    return note
+
+
 def build_mixup(config: CfgNode) -> Mixup | None:
     """timm ``Mixup`` (Mixup/CutMix + label smoothing into soft targets), or None when both are off.
 

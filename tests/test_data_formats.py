@@ -24,7 +24,7 @@ import webdataset as wds
 import main as trainer
 from config import get_config
 from conftest import CLASSES
-from data import ShardDataset, ZipImageDataset, build_dataset, build_loader
+from data import ShardDataset, ZipImageDataset, build_dataset, build_loader, part_cache_resume_note
 from data.samplers import RankSubsetSampler, rank_subset
 from test_crash_safety import _start, _wait_for_log, assert_same_training_state
 from tools.make_shards import index_only, make_shards
@@ -131,6 +131,26 @@ def test_part_mode_ranks_sample_disjoint_fixed_subsets_in_equal_numbers_resumabl
         orders.append({i for i, _ in full})
     assert set().union(*orders) == set(range(num_items))
     assert sum(len(o) for o in orders) == num_items  # disjoint
+
+
+def test_resuming_zip_part_on_another_world_size_says_what_is_repeated_or_skipped(zip_data):
+    config = make_config(zip_data, "zip", CACHE_MODE="part")
+    mid_epoch = {"world_size": 2, "epoch": 3, "epoch_complete": False, "batches_done": 5}
+    assert part_cache_resume_note(config, mid_epoch, 2) is None  # same world size: exact
+    note = part_cache_resume_note(config, mid_epoch, 1)
+    assert "written by 2 process(es), this run has 1" in note
+    assert "the rest of epoch 3 skips the first 20 samples of each rank's new order" in note
+    assert "skips" not in part_cache_resume_note(config, {**mid_epoch, "epoch_complete": True}, 1)
+    assert part_cache_resume_note(make_config(zip_data, "zip", CACHE_MODE="full"), mid_epoch, 1) is None
+
+
+def test_swin_flat_val_map_takes_the_class_names_of_the_train_map(zip_data, tmp_path):
+    root = copy_of(zip_data, tmp_path)
+    rewrite_zip(root, "val", lambda name, data: [(name.replace("/", "_"), data)])  # Swin: val images flat
+    rewrite_map(root, "val", lambda lines: [line.replace("/", "_") for line in lines])
+    folder_val = build_loader(make_config(zip_data, "zip"))[1]
+    train, val = build_loader(make_config(root, "zip"))[:2]
+    assert val.classes == train.classes == sorted(CLASSES) and list(val.targets) == list(folder_val.targets)
 
 
 def test_shards_read_by_webdataset_hold_the_same_samples_as_the_index(shard_data):
