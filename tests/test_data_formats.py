@@ -176,6 +176,14 @@ def test_index_only_indexes_shards_made_elsewhere_like_make_shards(shard_data, t
     assert list(scanned.targets) == list(ours.targets)  # a pattern without an index: scanned at start-up
 
 
+def test_make_shards_shuffle_seed_spreads_the_same_samples_over_the_shards(image_tree, shard_data, tmp_path):
+    make_shards(image_tree, str(tmp_path), shard_size=5, splits=("train",), shuffle_seed=1)
+    shuffled, ordered = ShardDataset(str(tmp_path / "train.json")), ShardDataset(os.path.join(shard_data, "train.json"))
+    pairs = sorted((shuffled.encoded_bytes(i), shuffled.targets[i]) for i in range(24))
+    assert pairs == sorted((ordered.encoded_bytes(i), ordered.targets[i]) for i in range(24))
+    assert list(shuffled.targets) != list(ordered.targets)
+
+
 def test_dataset_tools_never_overwrite_and_store_members_uncompressed(image_tree, zip_data, shard_data):
     with zipfile.ZipFile(os.path.join(zip_data, "train.zip")) as zf:
         assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
