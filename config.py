@@ -52,8 +52,28 @@ _C.DATA.STD = [0.229, 0.224, 0.225]
 _C.DATA.PIN_MEMORY = True
 # Loader worker processes per training process.
 _C.DATA.NUM_WORKERS = 8
-# Skip (count and log once) unreadable or truncated images instead of failing fast.
+# Skip (count and log once) unreadable or truncated images instead of failing fast; for zips and
+# shards also map lines naming a missing member, samples without or with a bad label, and samples
+# cut off by a truncated shard (counted and logged at start-up).
 _C.DATA.SKIP_BAD_IMAGES = False
+# How the images are stored under DATA_PATH (README "Data formats"): 'folder' (TRAIN_SPLIT/ and
+# VAL_SPLIT/ class folders), 'zip' (Swin's layout: <split>.zip + <split>_map.txt, --zip) or
+# 'shards' (WebDataset tar shards + a shard index, see TRAIN_SHARDS).
+_C.DATA.FORMAT = "folder"
+# FORMAT 'zip' only, Swin's --cache-mode: 'no' reads the zip on demand, 'part' keeps this rank's
+# 1/world-size of the train images in RAM and samples only those, 'full' keeps all of them on
+# every rank. Validation caches its own part unless 'no'.
+_C.DATA.CACHE_MODE = "part"
+# FORMAT 'shards' only: the shard index JSON (tools/make_shards.py writes <split>.json), a folder
+# of .tar shards, or a pattern ('train-{000000..000146}.tar', 'train-*.tar'), relative to
+# DATA_PATH unless absolute. Empty: DATA_PATH/<split>.json, else DATA_PATH/<split>-*.tar.
+_C.DATA.TRAIN_SHARDS = ""
+_C.DATA.VAL_SHARDS = ""
+# Text file of class names in label order, one per line ('' = the data's own classes). Label k is
+# line k in every format; classes the map does not name are skipped (a subset trains without
+# copying the data); MODEL.NUM_CLASSES must equal the number of names. The val split may hold any
+# part of the map, the train split every class that val holds.
+_C.DATA.CLASS_MAP = ""
 
 # -----------------------------------------------------------------------------
 # Model
@@ -287,12 +307,17 @@ _RETIRED_KEYS = ("EVAL_MODE", "THROUGHPUT_MODE", "LOCAL_RANK")
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DATA_FORMATS = ("folder", "zip", "shards")
+CACHE_MODES = ("no", "part", "full")
 
 # argparse destination of each named flag -> the config key it sets.
 _FLAG_KEYS = {
     "batch_size": "DATA.BATCH_SIZE",
     "data_path": "DATA.DATA_PATH",
     "dataset": "DATA.DATASET",
+    "data_format": "DATA.FORMAT",
+    "cache_mode": "DATA.CACHE_MODE",
+    "class_map": "DATA.CLASS_MAP",
     "pretrained": "MODEL.PRETRAINED",
     "resume": "MODEL.RESUME",
     "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
@@ -393,6 +418,18 @@ def validate_config(config: CN) -> None:
         "need three values each",
     )
     check(config.DATA.NUM_WORKERS >= 0, "DATA.NUM_WORKERS", config.DATA.NUM_WORKERS, "must be >= 0")
+    check(
+        config.DATA.FORMAT in DATA_FORMATS,
+        "DATA.FORMAT",
+        config.DATA.FORMAT,
+        "accepted: " + ", ".join(repr(f) for f in DATA_FORMATS),
+    )
+    check(
+        config.DATA.CACHE_MODE in CACHE_MODES,
+        "DATA.CACHE_MODE",
+        config.DATA.CACHE_MODE,
+        "accepted: " + ", ".join(repr(m) for m in CACHE_MODES),
+    )
     check(config.MODEL.NUM_CLASSES > 0, "MODEL.NUM_CLASSES", config.MODEL.NUM_CLASSES, "must be > 0")
     check(
         config.MODEL.DROP_PATH_RATE < 1.0,
@@ -536,6 +573,8 @@ _LAUNCH_KEYS = {
     "DATA.NUM_WORKERS",
     "DATA.PIN_MEMORY",
     "DATA.DATA_PATH",
+    "DATA.TRAIN_SHARDS",
+    "DATA.VAL_SHARDS",
     "PRINT_FREQ",
     "DEVICE",
     "OUTPUT",

@@ -8,13 +8,15 @@ import sys
 
 _FMT = "[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s"
 _DATEFMT = "%Y-%m-%d %H:%M:%S"
+_DATA_LOGGER = "data"  # the data package's module loggers (data.build, data.zip_dataset, ...)
 
 
 def create_logger(output_dir: str, rank: int = 0, name: str = "moat") -> logging.Logger:
     """A logger owned by this run (not module-global state shared between runs).
 
     Warnings that reach the root logger (libraries, the data pipeline's "skipping unreadable
-    image ...") are forwarded to this logger, so they land in the run's log files too.
+    image ...") are forwarded to this logger, so they land in the run's log files too; so are the
+    data pipeline's INFO lines (dataset sizes, RAM-cache progress, shard indexing).
     Calling it again (e.g. a second run in one process, as tests do) replaces the handlers
     instead of stacking duplicates.
     """
@@ -40,6 +42,7 @@ def create_logger(output_dir: str, rank: int = 0, name: str = "moat") -> logging
         file_handler.setLevel(logging.INFO)
         file_handler.setFormatter(formatter)
         logger.addHandler(file_handler)
+    logging.getLogger(_DATA_LOGGER).setLevel(logging.INFO)
     root.addHandler(_ForwardTo(logger))
     return logger
 
@@ -57,11 +60,13 @@ def close_logger(name: str = "moat") -> None:
 
 
 class _ForwardTo(logging.Handler):
-    """Root-logger handler that hands WARNING+ records to the run's logger."""
+    """Root-logger handler that hands WARNING+ records, and the data pipeline's INFO records, to
+    the run's logger."""
 
     def __init__(self, target: logging.Logger) -> None:
-        super().__init__(level=logging.WARNING)
+        super().__init__(level=logging.INFO)
         self.target = target
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.target.handle(record)
+        if record.levelno >= logging.WARNING or record.name.split(".")[0] == _DATA_LOGGER:
+            self.target.handle(record)

@@ -75,6 +75,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per process per micro-step (DATA.BATCH_SIZE)")
     p.add_argument("--data-path", help="dataset root holding train/ and val/ (DATA.DATA_PATH)")
     p.add_argument("--dataset", choices=["imagenet", "imagefolder"], help="DATA.DATASET")
+    data_format = p.add_mutually_exclusive_group()
+    data_format.add_argument(
+        "--data-format", choices=["folder", "zip", "shards"], help="how DATA_PATH stores the images (DATA.FORMAT)"
+    )
+    data_format.add_argument(
+        "--zip",
+        dest="data_format",
+        action="store_const",
+        const="zip",
+        help="Swin's zipped layout: DATA_PATH/{train,val}.zip + {train,val}_map.txt (DATA.FORMAT zip)",
+    )
+    p.add_argument(
+        "--cache-mode",
+        choices=["no", "part", "full"],
+        help="zip only: keep this rank's part / all of the images in RAM (DATA.CACHE_MODE)",
+    )
+    p.add_argument("--class-map", metavar="FILE", help="class names in label order, one per line (DATA.CLASS_MAP)")
     p.add_argument("--pretrained", help="initialise from these weights only (MODEL.PRETRAINED)")
     p.add_argument("--resume", help="resume (or with --eval, evaluate) this checkpoint (MODEL.RESUME)")
     p.add_argument("--accumulation-steps", type=int, help="micro-steps per update (TRAIN.ACCUMULATION_STEPS)")
@@ -158,7 +175,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         sizes = EvalSizes.from_args(args)
         # Launchers pass LOCAL_RANK in the environment (torchrun) or as --local-rank (older ones).
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-        return run(get_config(args), mode, local_rank, eval_sizes=sizes)
+        config = get_config(args)
+        if args.cache_mode and config.DATA.FORMAT != "zip":
+            raise UserError(f"--cache-mode applies to zipped data (--zip), not DATA.FORMAT '{config.DATA.FORMAT}'")
+        return run(config, mode, local_rank, eval_sizes=sizes)
     except MoatError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
@@ -569,6 +589,11 @@ def train(
 
     # Weights: an explicit --resume wins, then auto-resume from the output folder, then --pretrained.
     resume = choose_resume(config, output_dir, info, logger)
+    from data import part_cache_resume_note
+
+    note = part_cache_resume_note(config, resume[1], info.world_size) if resume is not None else None
+    if note:
+        logger.warning(note)
     if resume is None and config.MODEL.PRETRAINED:
         load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
     ema = None

@@ -1,11 +1,17 @@
-"""Images/s of the training loader (JPEG decode + timm train transform + Mixup) by worker count.
+"""Images/s of the training loader (read + JPEG decode + timm train transform + Mixup) by data
+format and worker count.
 
 Shows whether data loading can feed the model: compare its img/s with the training img/s of
-``benchmarks/model_throughput.py`` at the same batch size. Uses the real ``build_loader`` on an
-ImageFolder of JPEGs; without ``--data-path`` it writes a synthetic one (ImageNet-like sizes and
-file sizes) into a temporary folder first.
+``benchmarks/model_throughput.py`` at the same batch size. Uses the real ``build_loader`` on the
+same images stored as class folders (``folder``), a Swin-layout zip read on demand (``zip``) or
+held in RAM (``zip-cache``, ``DATA.CACHE_MODE full``; with one process ``part`` holds the same)
+and WebDataset shards (``shards``). Without ``--data-path`` it writes a synthetic ImageNet-like
+JPEG tree into a temporary folder first; the zip and the shards are made from the tree with
+``tools/make_zip_dataset.py`` and ``tools/make_shards.py`` unless ``--zip-path`` /
+``--shard-path`` point at existing ones.
 
     python benchmarks/loader_throughput.py --workers 0 1 2
+    python benchmarks/loader_throughput.py --formats folder shards --workers 1 2 4 8
     python benchmarks/loader_throughput.py --data-path /data/imagenet --dataset imagenet --workers 4 8 16
     python benchmarks/loader_throughput.py --opts AUG.AUTO_AUGMENT '' AUG.MIXUP 0.0 AUG.CUTMIX 0.0
 
@@ -31,6 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import get_config
 from data import build_loader
+from tools.make_shards import make_shards
+from tools.make_zip_dataset import make_zip_dataset
+
+# --formats name -> (DATA.FORMAT, DATA.CACHE_MODE)
+FORMATS = {"folder": ("folder", "no"), "zip": ("zip", "no"), "zip-cache": ("zip", "full"), "shards": ("shards", "no")}
 
 
 def make_jpeg_tree(root: str, num_images: int, num_classes: int, size: tuple[int, int]) -> None:
@@ -50,14 +61,19 @@ def make_jpeg_tree(root: str, num_images: int, num_classes: int, size: tuple[int
             Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:06d}.jpg"), quality=90)
 
 
-def make_config(args: argparse.Namespace, data_path: str, num_workers: int):
-    num_classes = len([e for e in os.scandir(os.path.join(data_path, "train")) if e.is_dir()])
+def make_config(args: argparse.Namespace, data_path: str, num_workers: int, fmt: str = "folder"):
+    num_classes = len([e for e in os.scandir(os.path.join(args.folder_path, "train")) if e.is_dir()])
+    data_format, cache_mode = FORMATS[fmt]
     config = get_config().clone()
     config.defrost()
     config.merge_from_list(
         [
             "DATA.DATA_PATH",
             data_path,
+            "DATA.FORMAT",
+            data_format,
+            "DATA.CACHE_MODE",
+            cache_mode,
             "DATA.DATASET",
             args.dataset,
             "MODEL.NUM_CLASSES",
@@ -126,12 +142,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--data-path", default="", help="ImageFolder root with train/ and val/ (default: synthetic JPEGs in a temp dir)"
     )
     parser.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "imagenet"])
+    parser.add_argument(
+        "--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS), help="data formats to measure"
+    )
+    parser.add_argument("--zip-path", default="", help="folder with train.zip/val.zip + maps (default: made)")
+    parser.add_argument("--shard-path", default="", help="folder with train.json/val.json + shards (default: made)")
+    parser.add_argument("--shard-size", type=int, default=100, help="samples per shard when making shards")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DATA.NUM_WORKERS values to measure")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=10, help="timed batches per row")
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches after the first")
-    parser.add_argument("--num-images", type=int, default=1024, help="synthetic train images")
+    parser.add_argument("--num-images", type=int, default=512, help="synthetic train images")
     parser.add_argument("--num-classes", type=int, default=10, help="synthetic classes")
     parser.add_argument(
         "--source-size",
@@ -154,23 +176,47 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
+def prepare_formats(args: argparse.Namespace, scratch: str) -> dict[str, str]:
+    """``{format: DATA_PATH}``, converting the folder tree where no path was given."""
+    paths = {}
+    for fmt in args.formats:
+        data_format = FORMATS[fmt][0]
+        if data_format == "folder":
+            paths[fmt] = args.folder_path
+        elif data_format == "zip":
+            if not args.zip_path:
+                args.zip_path = os.path.join(scratch, "zip")
+                start = time.perf_counter()
+                make_zip_dataset(args.folder_path, args.zip_path)
+                print(f"zipped the tree in {time.perf_counter() - start:.1f} s")
+            paths[fmt] = args.zip_path
+        else:
+            if not args.shard_path:
+                args.shard_path = os.path.join(scratch, "shards")
+                start = time.perf_counter()
+                make_shards(args.folder_path, args.shard_path, shard_size=args.shard_size)
+                print(f"wrote shards of {args.shard_size} in {time.perf_counter() - start:.1f} s")
+            paths[fmt] = args.shard_path
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tmp = None
-    data_path = args.data_path
-    if not data_path:
-        tmp = tempfile.TemporaryDirectory(prefix="loader_bench_")
-        data_path = tmp.name
+    scratch = tempfile.TemporaryDirectory(prefix="loader_bench_")
+    args.folder_path = args.data_path
+    if not args.folder_path:
+        args.folder_path = os.path.join(scratch.name, "folder")
         start = time.perf_counter()
-        make_jpeg_tree(data_path, args.num_images, args.num_classes, tuple(args.source_size))
+        make_jpeg_tree(args.folder_path, args.num_images, args.num_classes, tuple(args.source_size))
         print(
             f"wrote {args.num_images} synthetic {args.source_size[0]}x{args.source_size[1]} JPEGs "
-            f"to {data_path} in {time.perf_counter() - start:.1f} s"
+            f"to {args.folder_path} in {time.perf_counter() - start:.1f} s"
         )
     try:
-        config = make_config(args, data_path, 0)
+        paths = prepare_formats(args, scratch.name)
+        config = make_config(args, args.folder_path, 0)
         aug = config.AUG
         print(
             f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
@@ -179,20 +225,23 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"loader: batch {args.batch_size}, {args.img_size} px, auto_augment "
             f"'{aug.AUTO_AUGMENT}', re_prob {aug.REPROB}, mixup {aug.MIXUP} / cutmix {aug.CUTMIX}, "
-            f"data {data_path}"
+            f"data {args.folder_path}"
         )
-        print(f"{'workers':>7} | {'first batch s':>13} | {'img/s':>8} | {'ms/batch':>8}")
-        print(f"{'-' * 7}-+-{'-' * 13}-+-{'-' * 8}-+-{'-' * 8}")
-        for workers in args.workers:
-            row = measure(make_config(args, data_path, workers), args.batches, args.warmup)
-            print(
-                f"{workers:>7} | {row['first_batch_s']:>13.2f} | {row['img_per_s']:>8.1f} | "
-                f"{row['ms_per_batch']:>8.1f}",
-                flush=True,
-            )
+        print("img/s per worker: total / workers (0 workers: the main process loads)")
+        print()
+        print("| format | workers | first batch s | img/s | img/s per worker | ms/batch |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for fmt in args.formats:
+            for workers in args.workers:
+                row = measure(make_config(args, paths[fmt], workers, fmt), args.batches, args.warmup)
+                per_worker = row["img_per_s"] / max(workers, 1)
+                print(
+                    f"| {fmt} | {workers} | {row['first_batch_s']:.2f} | {row['img_per_s']:.1f} | "
+                    f"{per_worker:.1f} | {row['ms_per_batch']:.1f} |",
+                    flush=True,
+                )
     finally:
-        if tmp is not None:
-            tmp.cleanup()
+        scratch.cleanup()
     return 0
 
 

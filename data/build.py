@@ -1,4 +1,4 @@
-"""``build_loader``: datasets, samplers, loaders and Mixup from the DATA / AUG config keys.
+"""``build_loader``: datasets (any ``DATA.FORMAT``), samplers, loaders and Mixup from the DATA / AUG keys.
 
 Reproducibility (what makes a resumed run bit-identical):
 
@@ -15,11 +15,34 @@ Reproducibility (what makes a resumed run bit-identical):
 * Mixup/CutMix runs in the main process and draws from the global ``numpy.random`` (timm's
   ``Mixup``); data loading leaves that stream untouched, so seeding or checkpointing numpy's
   global state in the trainer is all that is needed.
+
+Formats (``DATA.FORMAT``) and what resume guarantees for each. Every format indexes its images
+0..N-1 in the order of the class-folder tree it was made from (``tools/make_zip_dataset.py`` and
+``tools/make_shards.py`` keep ImageFolder's order), and serves the same ``(index, seed)`` keys,
+so the same data gives the same batches, bit for bit, in every format:
+
+* ``folder``: class folders (``ClassFolderDataset``); exact resume as above.
+* ``zip`` (Swin layout, ``data.zip_dataset``): with ``CACHE_MODE no`` or ``full`` the sampler is
+  ``ResumableSampler`` over all images, as for folders. With ``part`` each rank keeps a fixed
+  subset in RAM, indices ``rank, rank + W, ...`` (a function of the dataset, the world size W and
+  the rank only), and ``RankSubsetSampler`` permutes only that subset, by (SEED, epoch), padded
+  to ``ceil(N / W)`` per rank. A resume with the same world size is exact; a different world
+  size gives every rank another subset (and the trainer already warns that RNG states are not
+  restored). With one process, ``part`` is exactly ``no``/``full``/``folder``.
+* ``shards`` (WebDataset tars + index, ``data.shards``): random access, ``ResumableSampler``
+  over all samples; exact resume like folders. Shard boundaries play no part in the order, so
+  uneven shard sizes and counts need nothing special; ranks read disjoint samples apart from the
+  up to W-1 repeats that pad the last round (torch's ``DistributedSampler``), as for folders.
+
+In every format the train loader drops the last partial batch (``drop_last``) and validation
+reads the exact val set, unpadded, split over ranks by ``ShardedEvalSampler``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import multiprocessing
 import os
 
 import torch
@@ -28,9 +51,14 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
-from .datasets import ClassFolderDataset, DataError, check_same_classes
-from .samplers import ResumableSampler, ShardedEvalSampler
+from utils.errors import ConfigError
+
+from .class_map import check_class_coverage, read_class_map
+from .datasets import ClassFolderDataset, DataError, KeyedImageDataset, check_same_classes
+from .samplers import RankSubsetSampler, ResumableSampler, ShardedEvalSampler, rank_subset
+from .shards import ShardDataset, resolve_shards
 from .transforms import build_transform
+from .zip_dataset import ZipImageDataset
 
 logger = logging.getLogger(__name__)
 
@@ -44,41 +72,107 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def build_dataset(is_train: bool, config: CfgNode, allow_fewer_classes: bool = False) -> ClassFolderDataset:
-    """The train or val split under ``DATA.DATA_PATH`` with its transform.
+def build_dataset(
+    is_train: bool,
+    config: CfgNode,
+    native_classes: list[str] | None = None,
+    allow_fewer_classes: bool = False,
+) -> KeyedImageDataset:
+    """The train or val split of ``DATA.DATA_PATH`` in ``DATA.FORMAT``, with its transform.
 
-    Checks the number of class folders against ``MODEL.NUM_CLASSES`` (and against 1000 for
-    ``DATA.DATASET 'imagenet'``) so a wrong head size fails here in one line rather than as
-    a CUDA assert or a silently wrong model. ``allow_fewer_classes`` accepts up to
-    ``MODEL.NUM_CLASSES`` classes: evaluation may score a subset of the model's classes
-    (ImageNet-A/-R style), matched to them by name by the caller.
+    Checks the number of classes against ``MODEL.NUM_CLASSES`` (and against 1000 for
+    ``DATA.DATASET 'imagenet'``; with ``DATA.CLASS_MAP``, the map's length instead) so a wrong
+    head size fails here in one line rather than as a CUDA assert or a silently wrong model.
+    ``native_classes``: the train split's names of the zip map / shard class indices, for the
+    val split (Swin's val maps have no class folders to read names from). ``allow_fewer_classes``
+    accepts up to ``MODEL.NUM_CLASSES`` classes: evaluation may score a subset of the model's
+    classes (ImageNet-A/-R style), matched to them by name by the caller.
     """
     data = config.DATA
     if not data.DATA_PATH:
         raise DataError("no data path given: set DATA.DATA_PATH (--data-path)")
     if not os.path.isdir(data.DATA_PATH):
         raise DataError(f"data path not found: {data.DATA_PATH} (DATA.DATA_PATH / --data-path)")
-    root = os.path.join(data.DATA_PATH, data.TRAIN_SPLIT if is_train else data.VAL_SPLIT)
+    class_map = read_class_map(data.CLASS_MAP) if data.CLASS_MAP else None
+    if class_map is not None and len(class_map) != config.MODEL.NUM_CLASSES:
+        raise ConfigError(
+            f"DATA.CLASS_MAP {data.CLASS_MAP} names {len(class_map)} classes, but MODEL.NUM_CLASSES is "
+            f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {len(class_map)}"
+        )
+    split = data.TRAIN_SPLIT if is_train else data.VAL_SPLIT
+    transform = build_transform(is_train, config)
     # SKIP_BAD_IMAGES applies to val too: opting in means "never stop for a bad file"; the
     # substituted val samples are logged like the train ones.
-    dataset = ClassFolderDataset(
-        root, transform=build_transform(is_train, config), skip_bad_images=data.SKIP_BAD_IMAGES
-    )
+    if data.FORMAT == "zip":
+        world_size, rank = _world()
+        # Validation reads only this rank's part (ShardedEvalSampler), so caching more is waste
+        # (Swin caches val in 'part' mode too).
+        cache_mode = data.CACHE_MODE if is_train or data.CACHE_MODE == "no" else "part"
+        dataset = ZipImageDataset(
+            os.path.join(data.DATA_PATH, f"{split}.zip"),
+            os.path.join(data.DATA_PATH, f"{split}_map.txt"),
+            transform,
+            native_classes=native_classes,
+            class_map=class_map,
+            cache_mode=cache_mode,
+            rank=rank,
+            world_size=world_size,
+            skip_bad_images=data.SKIP_BAD_IMAGES,
+        )
+    elif data.FORMAT == "shards":
+        index, shards, _ = resolve_shards(data.TRAIN_SHARDS if is_train else data.VAL_SHARDS, data.DATA_PATH, split)
+        dataset = ShardDataset(
+            index or shards,
+            transform,
+            native_classes=native_classes,
+            num_classes=config.MODEL.NUM_CLASSES if class_map is None else None,
+            class_map=class_map,
+            skip_bad_images=data.SKIP_BAD_IMAGES,
+        )
+    else:
+        dataset = ClassFolderDataset(
+            os.path.join(data.DATA_PATH, split),
+            transform=transform,
+            skip_bad_images=data.SKIP_BAD_IMAGES,
+            class_map=class_map,
+        )
+    if class_map is not None:
+        return dataset
     found = len(dataset.classes)
     if allow_fewer_classes and found <= config.MODEL.NUM_CLASSES:
         return dataset
+    what = "class folders" if data.FORMAT == "folder" else "classes"
     if data.DATASET == "imagenet" and found != IMAGENET_NUM_CLASSES:
         raise DataError(
-            f"found {found} class folders in {root}, but DATA.DATASET 'imagenet' "
-            f"expects {IMAGENET_NUM_CLASSES}; for another class-folder tree use "
+            f"found {found} {what} in {dataset.root}, but DATA.DATASET 'imagenet' "
+            f"expects {IMAGENET_NUM_CLASSES}; for another dataset use "
             f"DATA.DATASET imagefolder (--dataset imagefolder) and MODEL.NUM_CLASSES {found}"
         )
     if found != config.MODEL.NUM_CLASSES:
         raise DataError(
-            f"found {found} class folders in {root}, but MODEL.NUM_CLASSES is "
+            f"found {found} {what} in {dataset.root}, but MODEL.NUM_CLASSES is "
             f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {found}"
         )
     return dataset
+
+
+def part_cache_resume_note(config: CfgNode, checkpoint: dict, world_size: int) -> str | None:
+    """What a resume changes in the data, when it cannot continue exactly: a ``CACHE_MODE part``
+    checkpoint written by another number of processes (every rank's subset depends on it)."""
+    saved = checkpoint.get("world_size")
+    if config.DATA.FORMAT != "zip" or config.DATA.CACHE_MODE != "part" or saved in (None, world_size):
+        return None
+    note = (
+        f"DATA.CACHE_MODE part: the checkpoint was written by {saved} process(es), this run has {world_size}, "
+        "so every rank trains on another part of the train images"
+    )
+    if not checkpoint.get("epoch_complete", True):
+        batches = int(checkpoint.get("batches_done", 0))
+        note += (
+            f"; the rest of epoch {checkpoint.get('epoch')} skips the first {batches * config.DATA.BATCH_SIZE} "
+            "samples of each rank's new order, so some images of this epoch repeat and others are not seen"
+        )
+    return note
 
 
 def build_mixup(config: CfgNode) -> Mixup | None:
@@ -104,7 +198,7 @@ def build_mixup(config: CfgNode) -> Mixup | None:
 
 def build_loader(
     config: CfgNode, with_train: bool = True
-) -> tuple[ClassFolderDataset | None, ClassFolderDataset, DataLoader | None, DataLoader, Mixup | None]:
+) -> tuple[KeyedImageDataset | None, KeyedImageDataset, DataLoader | None, DataLoader, Mixup | None]:
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``; reads
     ``config`` only. Without ``with_train`` (evaluation) only the val split is read, and it may
     hold fewer classes than the model (``build_dataset``); the train entries are None.
@@ -117,10 +211,24 @@ def build_loader(
     """
     world_size, rank = _world()
     dataset_train = build_dataset(True, config) if with_train else None
-    dataset_val = build_dataset(False, config, allow_fewer_classes=not with_train)
+    dataset_val = build_dataset(
+        False,
+        config,
+        native_classes=getattr(dataset_train, "native_classes", None),
+        allow_fewer_classes=not with_train,
+    )
+    sampler_train = None
     if dataset_train is not None:
-        check_same_classes(dataset_train, dataset_val)
-        sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank, seed=config.SEED)
+        if config.DATA.CLASS_MAP:
+            check_class_coverage(dataset_train, dataset_val, config.DATA.CLASS_MAP)
+        else:
+            check_same_classes(dataset_train, dataset_val)
+        if config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE == "part":
+            subset = rank_subset(len(dataset_train), world_size, rank)
+            per_rank = math.ceil(len(dataset_train) / world_size)
+            sampler_train = RankSubsetSampler(subset, per_rank, seed=config.SEED)
+        else:
+            sampler_train = ResumableSampler(dataset_train, num_replicas=world_size, rank=rank, seed=config.SEED)
         if len(sampler_train) < config.DATA.BATCH_SIZE:
             raise DataError(
                 f"{dataset_train.root} has {len(dataset_train)} images "
@@ -136,6 +244,11 @@ def build_loader(
         pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
+    if num_workers > 0 and config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE != "no":
+        # Forked workers share the RAM cache's pages; spawn/forkserver (Python 3.14's default on
+        # Linux) would pickle a copy of it into every worker.
+        if "fork" in multiprocessing.get_all_start_methods():
+            common["multiprocessing_context"] = "fork"
     data_loader_train = None
     if dataset_train is not None:
         data_loader_train = DataLoader(
@@ -154,7 +267,8 @@ def build_loader(
         **common,
     )
     logger.info(
-        "data: %s%d val images (%s), %d classes; rank %d/%d",
+        "data (%s): %s%d val images (%s), %d classes; rank %d/%d",
+        config.DATA.FORMAT,
         f"{len(dataset_train)} train images ({dataset_train.root}), " if dataset_train is not None else "",
         len(dataset_val),
         dataset_val.root,

@@ -1,6 +1,8 @@
-"""Class-folder datasets with one-line errors for bad data, and per-sample seeded augmentation.
+"""Image datasets with one-line errors for bad data, and per-sample seeded augmentation.
 
-``ClassFolderDataset`` is torchvision's ``ImageFolder`` plus three things the trainer needs:
+``KeyedImageDataset`` is what every format shares (class folders here, Swin-style zips in
+``data.zip_dataset``, tar shards in ``data.shards``); ``ClassFolderDataset`` is torchvision's
+``ImageFolder`` on top of it. All of them give the trainer three things:
 
 * every data problem (missing path or split, no class folders, an empty class folder, an
   unreadable or truncated image) is a ``DataError`` whose message is one line naming the path;
@@ -14,15 +16,16 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -67,7 +70,14 @@ _EXIF_ORIENTATION = 0x0112
 
 
 def load_rgb(path: str) -> Image.Image:
-    """Decode an image file to an RGB ``PIL.Image``, whatever mode the file holds.
+    """Decode an image file to an RGB ``PIL.Image`` (see :func:`decode_rgb`)."""
+    with open(path, "rb") as f:
+        return decode_rgb(f)
+
+
+def decode_rgb(data: bytes | BinaryIO) -> Image.Image:
+    """Decode encoded image bytes (or an open binary file) to an RGB ``PIL.Image``, whatever
+    mode the image holds.
 
     torchvision's ``default_loader`` is ``Image.open(path).convert("RGB")``, which is right for
     8-bit modes (L, LA, P with transparency, RGBA, CMYK) but clips 16-bit and 32-bit images
@@ -75,13 +85,12 @@ def load_rgb(path: str) -> Image.Image:
     such images are scaled to 8 bits first, and EXIF-rotated photos are turned upright, as
     image viewers show them.
     """
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-            img = ImageOps.exif_transpose(img)
-        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-            img = _to_8bit(img)
-        return img.convert("RGB")
+    img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+    if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
+    return img.convert("RGB")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -107,26 +116,45 @@ def _check_split_dir(root: str) -> None:
         raise DataError(f"no class folders in {root} (expected {root}/<class name>/<images>)")
 
 
-class ClassFolderDataset(ImageFolder):
-    """``ImageFolder`` whose data problems are one-line ``DataError``s naming the path.
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line data error quotes of its cause."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+class KeyedImageDataset(Dataset):
+    """What every training format shares: ``(index, seed)`` keys, bad-image skipping, errors.
+
+    A subclass fills ``self.targets`` (one label per image, its length is the dataset's),
+    ``self.classes`` (names in label order) and ``self.root`` (what the data is, for
+    messages), calls :meth:`_init_bad_image_flags`, and implements :meth:`_read` (decode one
+    sample) and :meth:`sample_name` (``file`` or ``file:member``, for messages).
 
     Indexing takes an int (transform uses the current global RNGs) or a ``(index, seed)`` key
-    (transform runs under RNGs seeded from ``seed``; see the module docstring).
-    Returns ``(image, target)`` with ``image`` whatever ``transform`` makes ([3, H, W] tensors
-    with ours).
+    (transform runs under RNGs seeded from ``seed``; see the module docstring). Returns
+    ``(image, target)`` with ``image`` whatever ``transform`` makes ([3, H, W] tensors with ours).
     """
 
-    def __init__(self, root: str, transform: Callable | None = None, skip_bad_images: bool = False) -> None:
-        _check_split_dir(root)
-        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
-        counts = np.bincount([t for _, t in self.samples], minlength=len(self.classes))
-        if (counts == 0).any():
-            empty = self.classes[int(np.flatnonzero(counts == 0)[0])]
-            raise DataError(f"empty class folder (no {'/'.join(IMG_EXTENSIONS)} files): {os.path.join(root, empty)}")
+    transform: Callable | None = None
+    target_transform: Callable | None = None
+    skip_bad_images: bool = False
+
+    def _init_bad_image_flags(self, skip_bad_images: bool) -> None:
         self.skip_bad_images = skip_bad_images
         # One flag per sample in shared memory: DataLoader workers (forked or spawned) see and
         # set the same flags, so a bad file is logged once per process group and counted here.
-        self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self._bad = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        """The decoded RGB image and target of ``index``; raises whatever reading or decoding raises."""
+        raise NotImplementedError
+
+    def sample_name(self, index: int) -> str:
+        """Where sample ``index`` lives: a path, or ``archive:member``."""
+        raise NotImplementedError
 
     @property
     def num_skipped(self) -> int:
@@ -135,27 +163,28 @@ class ClassFolderDataset(ImageFolder):
 
     @property
     def skipped_files(self) -> list[str]:
-        """Paths of the files skipped so far."""
-        return [self.samples[i][0] for i in torch.nonzero(self._bad).flatten().tolist()]
+        """Names (see :meth:`sample_name`) of the files skipped so far."""
+        return [self.sample_name(i) for i in torch.nonzero(self._bad).flatten().tolist()]
 
     def _load(self, index: int) -> tuple[Any, int]:
         """The decoded image and target of ``index``, or of the next readable sample when skipping."""
-        n = len(self.samples)
+        n = len(self)
         for offset in range(n):
             i = (index + offset) % n
             if self._bad[i]:
                 continue
-            path, target = self.samples[i]
             try:
-                return self.loader(path), target
-            except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, ...
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                return self._read(i)
+            except Exception as e:  # decoders raise OSError, ValueError, SyntaxError, zipfile.BadZipFile, ...
+                name = self.sample_name(i)
                 if not self.skip_bad_images:
                     raise DataError(
-                        f"unreadable image {path} ({reason}); set DATA.SKIP_BAD_IMAGES True to skip such files"
+                        f"unreadable image {name} ({first_line(e)}); set DATA.SKIP_BAD_IMAGES True to skip such files"
                     ) from e
                 self._bad[i] = 1
-                logger.warning("skipping unreadable image %s (%s); %d skipped so far", path, reason, self.num_skipped)
+                logger.warning(
+                    "skipping unreadable image %s (%s); %d skipped so far", name, first_line(e), self.num_skipped
+                )
         raise DataError(f"no readable image left in {self.root}")
 
     def __getitem__(self, key: int | SampleKey) -> tuple[Any, int]:
@@ -172,12 +201,62 @@ class ClassFolderDataset(ImageFolder):
         return sample, target
 
 
-def check_same_classes(train: ClassFolderDataset, val: ClassFolderDataset) -> None:
-    """Raise a DataError naming both split paths and the first class that differs."""
+class ClassFolderDataset(KeyedImageDataset, ImageFolder):
+    """``ImageFolder`` whose data problems are one-line ``DataError``s naming the path.
+
+    With ``class_map`` (class names in label order, ``DATA.CLASS_MAP``) the labels follow the map:
+    folders whose name is not in it are skipped (logged), and map classes without a folder have
+    no images here (``data.class_map.check_class_coverage`` decides whether that is allowed).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        transform: Callable | None = None,
+        skip_bad_images: bool = False,
+        class_map: list[str] | None = None,
+    ) -> None:
+        _check_split_dir(root)
+        self.class_map = class_map
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        counts = np.bincount([t for _, t in self.samples], minlength=len(self.classes))
+        present = {e.name for e in os.scandir(root) if e.is_dir()}
+        empty = [c for c, n in zip(self.classes, counts) if n == 0 and c in present]
+        if empty:
+            raise DataError(f"empty class folder (no {'/'.join(IMG_EXTENSIONS)} files): {os.path.join(root, empty[0])}")
+        self._init_bad_image_flags(skip_bad_images)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """ImageFolder's sorted class folders, or the class map (folders not in it are skipped)."""
+        if self.class_map is None:
+            return super().find_classes(directory)
+        unmapped = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name not in self.class_map)
+        if unmapped:
+            logger.info(
+                "%s: %d class folder(s) not in DATA.CLASS_MAP are skipped (%s%s)",
+                directory,
+                len(unmapped),
+                ", ".join(unmapped[:5]),
+                ", ..." if len(unmapped) > 5 else "",
+            )
+        return list(self.class_map), {name: i for i, name in enumerate(self.class_map)}
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        return self.loader(path), target
+
+    def sample_name(self, index: int) -> str:
+        return self.samples[index][0]
+
+
+def check_same_classes(train: KeyedImageDataset, val: KeyedImageDataset) -> None:
+    """Raise a DataError naming both splits and the first class that differs."""
     if train.classes == val.classes:
         return
     only_train = sorted(set(train.classes) - set(val.classes))
     only_val = sorted(set(val.classes) - set(train.classes))
+    if not (only_train or only_val):
+        raise DataError(f"{train.root} and {val.root} name the same classes in another order")
     first = min(only_train[:1] + only_val[:1])
     side, other = (train.root, val.root) if first in only_train else (val.root, train.root)
     raise DataError(

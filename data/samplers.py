@@ -90,3 +90,33 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_items, self.num_replicas))
+
+
+def rank_subset(num_items: int, num_replicas: int, rank: int) -> np.ndarray:
+    """Rank ``rank``'s fixed part of a dataset: indices ``rank, rank + R, rank + 2R, ...``.
+
+    The part a rank keeps in RAM under ``DATA.CACHE_MODE part`` (as Swin's ``CachedImageFolder``
+    does), and the part ``ShardedEvalSampler`` gives it, so validation reads only cached images.
+    """
+    return np.arange(rank, num_items, num_replicas)
+
+
+class RankSubsetSampler(ResumableSampler):
+    """Training order over one rank's fixed subset of the dataset (``DATA.CACHE_MODE part``).
+
+    Swin's ``SubsetRandomSampler`` with the resume of ``ResumableSampler``: the subset is a
+    function of (dataset size, world size, rank) only (:func:`rank_subset`); within it the epoch's
+    order is ``torch.randperm`` seeded with ``seed + epoch``, torch's ``DistributedSampler``
+    formula, so with one process the order equals ``ResumableSampler``'s. Every rank yields
+    ``ceil(N / world size)`` keys (a shorter subset repeats the start of its own order, as
+    ``DistributedSampler`` pads), so all ranks run the same number of steps.
+    """
+
+    def __init__(self, indices: np.ndarray, num_samples: int, seed: int = 0) -> None:
+        super().__init__(indices, num_replicas=1, rank=0, seed=seed)
+        self.subset = np.asarray(indices, dtype=np.int64)
+        # DistributedSampler pads its permutation up to total_size by repeating its start.
+        self.num_samples = self.total_size = num_samples
+
+    def epoch_indices(self) -> list[int]:
+        return self.subset[super().epoch_indices()].tolist()

@@ -114,3 +114,33 @@ def test_gpu_suite_runs_every_step_on_the_cpu_at_toy_sizes_and_ends_with_its_sum
     assert all(s["status"] == "ok" for name, s in steps.items() if name != "train --compile"), steps
     assert steps["resume to epoch 3"]["result"] == "auto-resumed after epoch 1"
     assert "x the model-only train row" in steps["trainer img/s (moat_0)"]["result"]
+
+
+def test_loader_throughput_prints_a_row_per_format_and_worker_count():
+    out = _run(
+        "benchmarks/loader_throughput.py",
+        "--workers",
+        "0",
+        "1",
+        "--num-images",
+        "16",
+        "--num-classes",
+        "2",
+        "--source-size",
+        "60",
+        "40",
+        "--batch-size",
+        "4",
+        "--batches",
+        "1",
+        "--warmup",
+        "0",
+        "--img-size",
+        "32",
+        "--shard-size",
+        "5",
+        "--threads",
+        "1",
+    )
+    rows = re.findall(r"^\| ([\w-]+) \| (\d) \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", out, re.M)
+    assert rows == [(f, w) for f in ("folder", "zip", "zip-cache", "shards") for w in ("0", "1")], out
