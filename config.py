@@ -50,6 +50,11 @@ _C.DATA.MEAN = [0.485, 0.456, 0.406]
 _C.DATA.STD = [0.229, 0.224, 0.225]
 # Pin host memory in the loaders (ignored on CPU-only runs).
 _C.DATA.PIN_MEMORY = True
+# Normalise (and randomly erase) batches on the device: the loader workers hand over uint8 images
+# and the device does the float conversion, normalisation and random erasing, overlapped with
+# the previous step on CUDA (data/device_loader.py). 'auto' = on for CUDA, off on CPU; 'on';
+# 'off' (the float path: everything in the workers, bit-identical resume).
+_C.DATA.NORMALIZE_ON_DEVICE = "auto"
 # Loader worker processes per training process.
 _C.DATA.NUM_WORKERS = 8
 # Skip (count and log once) unreadable or truncated images instead of failing fast; for zips and
@@ -571,6 +576,7 @@ _LAUNCH_KEYS = {
     "MODEL.RESUME",
     "TRAIN.AUTO_RESUME",
     "DATA.NUM_WORKERS",
+    "DATA.NORMALIZE_ON_DEVICE",
     "DATA.PIN_MEMORY",
     "DATA.DATA_PATH",
     "DATA.TRAIN_SHARDS",

@@ -226,7 +226,7 @@ class Trainer:
                 raise UserError(
                     "this checkpoint stopped mid-epoch but the train sampler cannot skip ahead (no set_start_index)"
                 )
-            sampler.set_start_index(start.batch * loader_train.batch_size)
+            sampler.set_start_index(start.batch * self.config.DATA.BATCH_SIZE)
         else:
             self.epoch_loss = [0.0, 0.0]
         if self.train_one_epoch(loader_train, epoch, start.batch, start.rng_state):

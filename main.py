@@ -265,7 +265,9 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
         source, checkpoint = checkpoint_to_evaluate(config, output_dir, logger)
         config = with_checkpoint_preprocessing(config, checkpoint, source, logger)
     # --eval reads the val split only: a val folder alone is enough to evaluate a checkpoint.
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, with_train=mode != "eval")
+    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(
+        config, with_train=mode != "eval", device=info.device
+    )
     class_names = [str(c) for c in (dataset_train if dataset_train is not None else dataset_val).classes]
     fmt = memory_format_of(config)
     model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=fmt)
@@ -469,7 +471,7 @@ def evaluate_checkpoint(
     table = []
     for img_size, crop_pct in pairs:
         sized = config_at_size(config, img_size, crop_pct)
-        loader = loader_val if sized is config else build_loader(sized, with_train=False)[3]
+        loader = loader_val if sized is config else build_loader(sized, with_train=False, device=info.device)[3]
         logger.info(f"evaluating {source} at {img_size} px (crop {crop_pct})")
         results, confusions = {}, {}
         for name, state in weights.items():

@@ -55,6 +55,7 @@ from utils.errors import ConfigError
 
 from .class_map import check_class_coverage, read_class_map
 from .datasets import ClassFolderDataset, DataError, KeyedImageDataset, check_same_classes
+from .device_loader import fast_collate, normalize_on_device, wrap_for_device
 from .samplers import RankSubsetSampler, ResumableSampler, ShardedEvalSampler, rank_subset
 from .shards import ShardDataset, resolve_shards
 from .transforms import build_transform
@@ -77,6 +78,7 @@ def build_dataset(
     config: CfgNode,
     native_classes: list[str] | None = None,
     allow_fewer_classes: bool = False,
+    uint8: bool = False,
 ) -> KeyedImageDataset:
     """The train or val split of ``DATA.DATA_PATH`` in ``DATA.FORMAT``, with its transform.
 
@@ -86,7 +88,8 @@ def build_dataset(
     ``native_classes``: the train split's names of the zip map / shard class indices, for the
     val split (Swin's val maps have no class folders to read names from). ``allow_fewer_classes``
     accepts up to ``MODEL.NUM_CLASSES`` classes: evaluation may score a subset of the model's
-    classes (ImageNet-A/-R style), matched to them by name by the caller.
+    classes (ImageNet-A/-R style), matched to them by name by the caller. ``uint8``: images
+    stay uint8 (``build_transform``), for normalisation on the device.
     """
     data = config.DATA
     if not data.DATA_PATH:
@@ -100,7 +103,7 @@ def build_dataset(
             f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {len(class_map)}"
         )
     split = data.TRAIN_SPLIT if is_train else data.VAL_SPLIT
-    transform = build_transform(is_train, config)
+    transform = build_transform(is_train, config, uint8=uint8)
     # SKIP_BAD_IMAGES applies to val too: opting in means "never stop for a bad file"; the
     # substituted val samples are logged like the train ones.
     if data.FORMAT == "zip":
@@ -197,11 +200,16 @@ def build_mixup(config: CfgNode) -> Mixup | None:
 
 
 def build_loader(
-    config: CfgNode, with_train: bool = True
+    config: CfgNode, with_train: bool = True, device: torch.device | None = None
 ) -> tuple[KeyedImageDataset | None, KeyedImageDataset, DataLoader | None, DataLoader, Mixup | None]:
     """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``; reads
     ``config`` only. Without ``with_train`` (evaluation) only the val split is read, and it may
     hold fewer classes than the model (``build_dataset``); the train entries are None.
+
+    ``device``: where the batches are used. When ``DATA.NORMALIZE_ON_DEVICE`` applies there
+    (``device_loader.normalize_on_device``), the workers deliver uint8 batches and the loaders
+    are wrapped to normalise (and, for training, randomly erase) them on the device; the batches
+    then arrive on ``device`` already.
 
     Train loader: ``ResumableSampler`` (call ``sampler.set_epoch(e)`` every epoch and
     ``sampler.set_start_index(i)`` to resume mid-epoch), ``drop_last=True``. Val loader: each rank
@@ -210,12 +218,14 @@ def build_loader(
     Raises ``DataError`` (one line naming the path) for any problem with the data on disk.
     """
     world_size, rank = _world()
-    dataset_train = build_dataset(True, config) if with_train else None
+    uint8 = normalize_on_device(config, device)
+    dataset_train = build_dataset(True, config, uint8=uint8) if with_train else None
     dataset_val = build_dataset(
         False,
         config,
         native_classes=getattr(dataset_train, "native_classes", None),
         allow_fewer_classes=not with_train,
+        uint8=uint8,
     )
     sampler_train = None
     if dataset_train is not None:
@@ -244,6 +254,8 @@ def build_loader(
         pin_memory=config.DATA.PIN_MEMORY and torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
     )
+    if uint8:
+        common["collate_fn"] = fast_collate  # uint8 batch without a float copy
     if num_workers > 0 and config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE != "no":
         # Forked workers share the RAM cache's pages; spawn/forkserver (Python 3.14's default on
         # Linux) would pickle a copy of it into every worker.
@@ -276,5 +288,9 @@ def build_loader(
         rank,
         world_size,
     )
+    if uint8:
+        if data_loader_train is not None:
+            data_loader_train = wrap_for_device(data_loader_train, config, device, is_train=True)
+        data_loader_val = wrap_for_device(data_loader_val, config, device, is_train=False)
     mixup_fn = build_mixup(config) if with_train else None
     return dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn

@@ -12,13 +12,17 @@ from yacs.config import CfgNode
 from utils.errors import ConfigError
 
 
-def build_transform(is_train: bool, config: CfgNode) -> Callable:
+def build_transform(is_train: bool, config: CfgNode, uint8: bool = False) -> Callable:
     """PIL image -> normalised float tensor [3, IMG_SIZE, IMG_SIZE].
 
     Train: timm's ImageNet recipe (random-resized crop, flip, RandAugment or color jitter,
     random erasing). Eval: resize the short side to floor(IMG_SIZE / CROP_PCT) and center-crop
     (``TEST.CROP``), or squash straight to IMG_SIZE x IMG_SIZE. Both upsample small inputs
     (e.g. 28x28 Fashion-MNIST) like any other.
+
+    ``uint8``: stop before the float conversion (timm's ``use_prefetcher`` form): a uint8
+    ``[3, IMG_SIZE, IMG_SIZE]`` image, 4x less to collate, pin and copy; normalisation and random
+    erasing then run on the device (``data.device_loader``).
     """
     data, aug = config.DATA, config.AUG
     mean, std = tuple(data.MEAN), tuple(data.STD)
@@ -37,6 +41,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
                 interpolation=data.INTERPOLATION,
                 mean=mean,
                 std=std,
+                use_prefetcher=uint8,
             )
         except (AssertionError, KeyError) as e:  # timm's policy parser asserts on unknown parts
             raise ConfigError(
@@ -57,6 +62,7 @@ def build_transform(is_train: bool, config: CfgNode) -> Callable:
         crop_mode="center" if config.TEST.CROP else "squash",
         mean=mean,
         std=std,
+        use_prefetcher=uint8,
     )
 
 
