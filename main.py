@@ -6,7 +6,7 @@
     python main.py --cfg configs/moat_0.yaml --data-path DATA --throughput
 
 ``main`` parses, ``run`` joins the process group and builds what the frozen config describes,
-then hands it to ``engine.Trainer`` (training), ``engine.evaluate`` (``--eval``) or
+then hands it to ``engine.Trainer`` (training), ``evaluation.run_eval`` (``--eval``) or
 ``engine.measure_throughput`` (``--throughput``). Errors of the ``utils.errors`` hierarchy end
 with one line on stderr and their exit code (2: bad input; 1: a run stopped to keep its files
 safe).
@@ -21,7 +21,6 @@ import math
 import os
 import random
 import sys
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -32,26 +31,15 @@ from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 from config import config_to_dict, get_config, save_run_config
-from engine import ResumePoint, Trainer, evaluate, measure_throughput, memory_format_of
+from engine import ResumePoint, Trainer, measure_throughput, memory_format_of
+from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, scaled_lrs
 from utils import MoatError, UserError
 from utils.amp import apex_available, autocast_factory, build_scaler, resolve_amp_dtype
 from utils.checkpoint import CheckpointSaver, find_resumable, load_file, load_model_weights, model_state_from
-from utils.class_subset import ClassSubset, match_classes, present_labels
 from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown
-from utils.eval_reports import (
-    config_digest,
-    format_sizes_table,
-    report_base,
-    reports_dir,
-    sizes_rows,
-    write_eval_reports,
-    write_sizes_table,
-)
-from utils.inference import preprocessing_from_config
-from utils.metrics import ConfusionMatrix
 from utils.run_lock import RunFolderLock
 from utils.run_records import RunRecords
 from utils.trackers import build_trackers
@@ -233,6 +221,7 @@ def lock_run_folder(output_dir: str, info: DistInfo) -> Iterator[None]:
 
 def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, eval_sizes: EvalSizes) -> int:
     from data import build_loader
+    from models import build_model
 
     logger = create_logger(output_dir, info.rank)
     if mode == "train" and info.is_primary:
@@ -260,278 +249,32 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
     precision = str(config.AMP_OPT_LEVEL and "apex " + config.AMP_OPT_LEVEL or amp_dtype or "off")
     logger.info(f"mixed precision: {precision}")
 
-    checkpoint = None
     if mode == "eval":
-        source, checkpoint = checkpoint_to_evaluate(config, output_dir, logger)
-        config = with_checkpoint_preprocessing(config, checkpoint, source, logger)
-    # --eval reads the val split only: a val folder alone is enough to evaluate a checkpoint.
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(
-        config, with_train=mode != "eval", device=info.device
-    )
-    class_names = [str(c) for c in (dataset_train if dataset_train is not None else dataset_val).classes]
-    fmt = memory_format_of(config)
-    model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=fmt)
-    n_params = sum(p.numel() for p in model.parameters())
-    train_images = f"{len(dataset_train)} train / " if dataset_train is not None else ""
-    logger.info(
-        f"model {model_name_of(config, checkpoint)}: {n_params / 1e6:.2f}M params, "
-        f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
-        f"{train_images}{len(dataset_val)} val images"
-    )
-
-    if mode == "throughput":
-        measure_throughput(model, loader_val, device=info.device, autocast=autocast, memory_format=fmt, logger=logger)
-        return 0
-    if mode == "eval":
-        return evaluate_checkpoint(
+        return run_eval(
             config,
-            model,
-            source,
-            checkpoint,
-            dataset_val=dataset_val,
-            loader_val=loader_val,
-            eval_sizes=eval_sizes,
-            autocast=autocast,
-            precision=precision,
             info=info,
             logger=logger,
             output_dir=output_dir,
+            eval_sizes=eval_sizes,
+            autocast=autocast,
+            precision=precision,
         )
+    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, device=info.device)
+    class_names = [str(c) for c in dataset_train.classes]
+    fmt = memory_format_of(config)
+    model = build_model(config).to(info.device, memory_format=fmt)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(
+        f"model {config.MODEL.NAME}: {n_params / 1e6:.2f}M params, "
+        f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
+        f"{len(dataset_train)} train / {len(dataset_val)} val images"
+    )
+    if mode == "throughput":
+        measure_throughput(model, loader_val, device=info.device, autocast=autocast, memory_format=fmt, logger=logger)
+        return 0
     return train(
         config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast, info, logger, output_dir
     )
-
-
-# ------------------------------------------------------------------------------------- --eval
-def checkpoint_to_evaluate(config: CfgNode, output_dir: str, logger: logging.Logger) -> Tuple[str, Dict[str, Any]]:
-    """``(path, checkpoint)`` for ``--eval``: MODEL.RESUME, MODEL.PRETRAINED, or the run folder's
-    newest checkpoint."""
-    source = config.MODEL.RESUME or config.MODEL.PRETRAINED
-    if not source:
-        found = find_resumable(output_dir, logger.warning)
-        if found is None:
-            raise UserError(
-                f"--eval needs --resume CHECKPOINT or --pretrained WEIGHTS (no checkpoint found in {output_dir})"
-            )
-        return found
-    return source, load_file(source)
-
-
-def with_checkpoint_preprocessing(
-    config: CfgNode, checkpoint: Dict[str, Any], source: str, logger: logging.Logger
-) -> CfgNode:
-    """The config with the normalisation (DATA.MEAN/STD) the checkpoint was trained with: a model
-    evaluated with other statistics loses accuracy for no reason (converted official weights use
-    mean/std 0.5 for some variants). Resolution and crop stay the config's, so any size can be
-    evaluated."""
-    saved = (checkpoint.get("config") or {}).get("DATA", {})
-    if "MEAN" not in saved or "STD" not in saved:
-        return config
-    mean, std = [float(v) for v in saved["MEAN"]], [float(v) for v in saved["STD"]]
-    if (mean, std) == (list(config.DATA.MEAN), list(config.DATA.STD)):
-        return config
-    logger.info(f"normalising with {source}'s DATA.MEAN {mean} / DATA.STD {std}")
-    config = config.clone()
-    config.defrost()
-    config.DATA.MEAN, config.DATA.STD = mean, std
-    config.freeze()
-    return config
-
-
-def build_model_for(config: CfgNode, checkpoint: Optional[Dict[str, Any]], logger: logging.Logger) -> nn.Module:
-    """The config's model, or, when ``checkpoint`` records an architecture (``model_cfg``), that
-    one: ``--eval`` rebuilds what the file holds, custom architectures included. Attention windows
-    the config sets explicitly (MODEL.MOAT.WINDOW_SIZE) still apply."""
-    from models import MoatCfg, build_model, create_moat, moat_overrides_from_config
-
-    recorded = (checkpoint or {}).get("model_cfg")
-    if not isinstance(recorded, dict):
-        return build_model(config)
-    overrides = {k: v for k, v in moat_overrides_from_config(config).items() if k == "window_size"}
-    try:
-        cfg = MoatCfg.from_dict(recorded).replace(**overrides)
-        cfg.check_img_size(config.DATA.IMG_SIZE)
-    except ValueError as e:
-        raise UserError(f"cannot evaluate the checkpoint's architecture at this config: {e}") from None
-    return create_moat(
-        model_name_of(config, checkpoint),
-        cfg=cfg,
-        num_classes=config.MODEL.NUM_CLASSES,
-        drop_rate=config.MODEL.DROP_RATE,
-    )
-
-
-def model_name_of(config: CfgNode, checkpoint: Optional[Dict[str, Any]]) -> str:
-    if checkpoint is not None and isinstance(checkpoint.get("model_cfg"), dict):
-        return str(checkpoint.get("model_name") or config.MODEL.NAME)
-    return config.MODEL.NAME
-
-
-@dataclass(frozen=True)
-class EvalSizes:
-    """``--eval-sizes`` and ``--eval-crop-pcts``: the resolutions one ``--eval`` run covers.
-
-    Without ``crop_pcts`` every size keeps the config's ``DATA.CROP_PCT`` (resize the short side
-    to size / CROP_PCT, center-crop size): the usual way a model trained at one size is
-    measured at others. Given, ``crop_pcts[i]`` is the crop of ``sizes[i]``.
-    """
-
-    sizes: Tuple[int, ...] = ()
-    crop_pcts: Tuple[float, ...] = ()
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "EvalSizes":
-        sizes, crops = tuple(args.eval_sizes or ()), tuple(args.eval_crop_pcts or ())
-        if (sizes or crops) and not args.eval:
-            raise UserError("--eval-sizes and --eval-crop-pcts need --eval")
-        if crops and not sizes:
-            raise UserError("--eval-crop-pcts needs --eval-sizes (one crop per size)")
-        if crops and len(crops) != len(sizes):
-            raise UserError(f"--eval-crop-pcts needs one value per size: {len(sizes)} sizes, {len(crops)} crops")
-        if any(s <= 0 for s in sizes) or len(set(sizes)) != len(sizes):
-            raise UserError(f"--eval-sizes must be distinct positive sizes, got {list(sizes)}")
-        if any(not 0.0 < c <= 1.0 for c in crops):
-            raise UserError(f"--eval-crop-pcts must lie in (0, 1], got {list(crops)}")
-        return cls(sizes, crops)
-
-    @property
-    def sweep(self) -> bool:
-        return bool(self.sizes)
-
-    def pairs(self, config: CfgNode) -> List[Tuple[int, float]]:
-        """``(img_size, crop_pct)`` per evaluation, in order (the config's alone by default)."""
-        sizes = self.sizes or (config.DATA.IMG_SIZE,)
-        crops = self.crop_pcts or (config.DATA.CROP_PCT,) * len(sizes)
-        return list(zip(sizes, crops))
-
-
-def config_at_size(config: CfgNode, img_size: int, crop_pct: float) -> CfgNode:
-    """``config`` with ``DATA.IMG_SIZE`` and ``DATA.CROP_PCT`` set (the eval transform reads both)."""
-    if (img_size, crop_pct) == (config.DATA.IMG_SIZE, config.DATA.CROP_PCT):
-        return config
-    config = config.clone()
-    config.defrost()
-    config.DATA.IMG_SIZE, config.DATA.CROP_PCT = img_size, crop_pct
-    config.freeze()
-    return config
-
-
-def evaluate_checkpoint(
-    config: CfgNode,
-    model: nn.Module,
-    source: str,
-    checkpoint: Dict[str, Any],
-    *,
-    dataset_val,
-    loader_val,
-    eval_sizes: EvalSizes,
-    autocast,
-    precision: str,
-    info: DistInfo,
-    logger: logging.Logger,
-    output_dir: str,
-) -> int:
-    """``--eval``: validate the given checkpoint (its EMA too, when it has one) at every size,
-    and write the reports (``utils.eval_reports``) to ``<checkpoint folder>/eval/``. Never trains.
-
-    A val set with fewer classes than the model is scored on its own classes, matched by name
-    to the checkpoint's (``utils.class_subset``).
-    """
-    from data import build_loader
-
-    pairs = eval_sizes.pairs(config)
-    for img_size, _ in pairs:  # every size is checked before anything is evaluated
-        try:
-            model.cfg.check_img_size(img_size)
-        except ValueError as e:
-            raise UserError(f"cannot evaluate at {img_size} px: {e}") from None
-    num_outputs = model.get_classifier().out_features
-    subset = match_classes(
-        dataset_val.classes, present_labels(dataset_val), checkpoint.get("class_names"), num_outputs, source
-    )
-    class_names = subset.names if subset is not None else [str(c) for c in dataset_val.classes]
-    if subset is not None:
-        logger.info(
-            f"scoring {len(subset.names)} of the {num_outputs} classes of {source} (the val set's, "
-            "matched by name): logits restricted to them"
-        )
-    weights = {"model": model_state_from(checkpoint, source)}
-    if isinstance(checkpoint.get("model_ema"), dict):
-        weights["ema"] = model_state_from(checkpoint, source, prefer_ema=True)
-    folder = reports_dir(source, output_dir, logger) if info.is_primary else ""
-    kwargs = dict(
-        device=info.device,
-        autocast=autocast,
-        memory_format=memory_format_of(config),
-        logger=logger,
-        print_freq=config.PRINT_FREQ,
-        subset=subset,
-        show_progress=info.is_primary,
-    )
-    table = []
-    for img_size, crop_pct in pairs:
-        sized = config_at_size(config, img_size, crop_pct)
-        loader = loader_val if sized is config else build_loader(sized, with_train=False, device=info.device)[3]
-        logger.info(f"evaluating {source} at {img_size} px (crop {crop_pct})")
-        results, confusions = {}, {}
-        for name, state in weights.items():
-            load_model_weights(model, state, source)
-            confusion = ConfusionMatrix(len(class_names), info.device)
-            results[name] = evaluate(model, loader, name=name, confusion=confusion, **kwargs)
-            confusions[name] = confusion.compute()  # collective: every rank takes part
-        table += sizes_rows(img_size, crop_pct, results)
-        if info.is_primary:
-            path = write_eval_reports(
-                folder,
-                report_base(source, img_size),
-                summary=eval_summary(sized, checkpoint, source, dataset_val, subset, class_names, precision, info),
-                results=results,
-                confusions=confusions,
-                class_names=class_names,
-            )
-            logger.info(f"eval reports: {path} (and the per-class CSV and confusion PNG beside it)")
-    if eval_sizes.sweep:
-        logger.info(format_sizes_table(table, title=f"{source} by input size:"))
-        if info.is_primary:
-            stem = os.path.splitext(os.path.basename(source))[0]
-            logger.info(f"size table: {write_sizes_table(os.path.join(folder, f'{stem}-sizes.csv'), table)}")
-    return 0
-
-
-def eval_summary(
-    config: CfgNode,
-    checkpoint: Dict[str, Any],
-    source: str,
-    dataset_val,
-    subset: Optional[ClassSubset],
-    class_names: List[str],
-    precision: str,
-    info: DistInfo,
-) -> Dict[str, Any]:
-    """What an eval report says besides the numbers: which model, file, preprocessing and classes."""
-    epoch = checkpoint.get("epoch")
-    classes = (
-        subset.describe()
-        if subset is not None
-        else {
-            "subset": False,
-            "count": len(class_names),
-            "of": len(class_names),
-            "names": list(class_names),
-        }
-    )
-    return {
-        "model_name": model_name_of(config, checkpoint),
-        "checkpoint": os.path.abspath(source),
-        "epoch": epoch if isinstance(epoch, int) else None,
-        "img_size": int(config.DATA.IMG_SIZE),
-        "preprocessing": preprocessing_from_config(config),
-        "config_sha256": config_digest(config),
-        "val_root": os.path.abspath(str(dataset_val.root)),
-        "classes": classes,
-        "precision": precision,
-        "world_size": info.world_size,
-    }
 
 
 # ------------------------------------------------------------------------------------ training
