@@ -51,6 +51,7 @@ def run_eval(
 
     source, checkpoint = checkpoint_to_evaluate(config, output_dir, logger)
     config = with_checkpoint_preprocessing(config, checkpoint, source, logger)
+    config = with_checkpoint_classes(config, checkpoint, source, logger)
     _, dataset_val, _, loader_val, _ = build_loader(config, with_train=False, device=info.device)
     model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=memory_format_of(config))
     n_params = sum(p.numel() for p in model.parameters())
@@ -106,6 +107,25 @@ def with_checkpoint_preprocessing(
     config = config.clone()
     config.defrost()
     config.DATA.MEAN, config.DATA.STD = mean, std
+    config.freeze()
+    return config
+
+
+def with_checkpoint_classes(
+    config: CfgNode, checkpoint: Dict[str, Any], source: str, logger: logging.Logger
+) -> CfgNode:
+    """The config with MODEL.NUM_CLASSES of the checkpoint's head: the head is the checkpoint's
+    whatever the config says, and a val folder may hold fewer classes (subset evaluation)."""
+    weight = model_state_from(checkpoint, source).get("head.fc.weight")
+    if weight is None or int(weight.shape[0]) == config.MODEL.NUM_CLASSES:
+        return config
+    logger.info(
+        f"{source} has a {weight.shape[0]}-class head (MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}): "
+        "evaluating with the checkpoint's"
+    )
+    config = config.clone()
+    config.defrost()
+    config.MODEL.NUM_CLASSES = int(weight.shape[0])
     config.freeze()
     return config
 
