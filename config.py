@@ -556,6 +556,30 @@ def get_config(args: argparse.Namespace | None = None) -> CN:
     return config
 
 
+def with_values(config: CN, updates: dict) -> CN:
+    """A frozen copy of ``config`` with ``updates`` (``{"DATA.IMG_SIZE": 288, ...}``) set; ``config``
+    itself when nothing changes."""
+    if all(_get(config, key) == value for key, value in updates.items()):
+        return config
+    config = config.clone()
+    config.defrost()
+    for key, value in updates.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    config.freeze()
+    return config
+
+
+def _get(config: CN, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def config_to_dict(config: CN) -> dict:
     """The config as plain Python containers (safe for ``torch.load(weights_only=True)``)."""
 

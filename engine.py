@@ -49,15 +49,33 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+@dataclass(frozen=True)
+class Feed:
+    """How batches reach the model, chosen once per run: the device, the memory layout
+    (``CHANNELS_LAST``) and the autocast context (``AMP``)."""
+
+    device: torch.device
+    memory_format: torch.memory_format
+    autocast: Autocast
+
+    @classmethod
+    def of(cls, config: CfgNode, device: torch.device, autocast: Autocast) -> "Feed":
+        return cls(device, memory_format_of(config), autocast)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+
+    def targets(self, targets: torch.Tensor) -> torch.Tensor:
+        return targets.to(self.device, non_blocking=True)
+
+
 # ----------------------------------------------------------------------------- eval and speed
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader,
+    feed: Feed,
     *,
-    device: torch.device,
-    autocast: Autocast,
-    memory_format: torch.memory_format,
     logger: logging.Logger,
     print_freq: int = 10,
     name: str = "model",
@@ -74,15 +92,15 @@ def evaluate(
     bar on a terminal (``utils.progress``).
     """
     model.eval()
+    device = feed.device
     totals = ClassificationTotals(device)
     criterion = nn.CrossEntropyLoss(reduction="sum")
     start = time.time()
     bar = progress_bar(loader, desc=f"eval {name}", unit="batch", enabled=show_progress)
     with logs_above(bar, logger):
         for idx, (images, target) in enumerate(bar):
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            target = target.to(device, non_blocking=True)
-            with autocast():
+            images, target = feed.images(images), feed.targets(target)
+            with feed.autocast():
                 output = model(images)
             output = output.float()
             if subset is not None:
@@ -103,22 +121,13 @@ def evaluate(
 
 @torch.no_grad()
 def measure_throughput(
-    model: nn.Module,
-    loader,
-    *,
-    device: torch.device,
-    autocast: Autocast,
-    memory_format: torch.memory_format,
-    logger: logging.Logger,
-    warmup: int = 10,
-    iters: int = 30,
+    model: nn.Module, loader, feed: Feed, *, logger: logging.Logger, warmup: int = 10, iters: int = 30
 ) -> float:
     """Inference images/s on the loader's first batch, after ``warmup`` untimed passes."""
     model.eval()
-    images, _ = next(iter(loader))
-    images = images.to(device, non_blocking=True, memory_format=memory_format)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with autocast():
+    images = feed.images(next(iter(loader))[0])
+    sync = torch.cuda.synchronize if feed.device.type == "cuda" else (lambda: None)
+    with feed.autocast():
         for _ in range(warmup):
             model(images)
         sync()
@@ -171,7 +180,7 @@ class Trainer:
     ema: Optional[ModelEmaV3]
     criterion: nn.Module
     mixup_fn: Optional[Callable]
-    autocast: Autocast
+    feed: Feed
     saver: CheckpointSaver
     records: RunRecords
     class_names: List[str]
@@ -251,15 +260,9 @@ class Trainer:
 
     def validate(self, loader) -> tuple[Dict[str, float], Dict[str, float]]:
         """Metrics of the model and of its EMA (empty without EMA)."""
-        kwargs = dict(
-            device=self.info.device,
-            autocast=self.autocast,
-            logger=self.logger,
-            memory_format=memory_format_of(self.config),
-            print_freq=self.config.PRINT_FREQ,
-        )
-        metrics = evaluate(self.model, loader, name="model", **kwargs)
-        ema_metrics = evaluate(self.ema.module, loader, name="ema", **kwargs) if self.ema is not None else {}
+        kwargs = dict(logger=self.logger, print_freq=self.config.PRINT_FREQ)
+        metrics = evaluate(self.model, loader, self.feed, name="model", **kwargs)
+        ema_metrics = evaluate(self.ema.module, loader, self.feed, name="ema", **kwargs) if self.ema is not None else {}
         return metrics, ema_metrics
 
     def _signal_name(self) -> str:
@@ -288,18 +291,16 @@ class Trainer:
         if rng_state is not None:
             # Mid-epoch resume: the iterator drew its seed; now continue the saved random streams.
             restore_rng_state(rng_state, info.device)
-        fmt = memory_format_of(config)
         end = time.time()
         for idx, (samples, targets) in enumerate(iterator, start=start_batch):
-            samples = samples.to(info.device, non_blocking=True, memory_format=fmt)
-            targets = targets.to(info.device, non_blocking=True)
+            samples, targets = self.feed.images(samples), self.feed.targets(targets)
             if self.mixup_fn is not None:
                 samples, targets = self.mixup_fn(samples, targets)
             update = (idx + 1) % accum == 0 or idx + 1 == steps
             # Accumulation: skip DDP's gradient all-reduce on the micro-steps that do not update.
             no_sync = self.model_fwd.no_sync() if (info.distributed and not update) else contextlib.nullcontext()
             with no_sync:
-                with self.autocast():
+                with self.feed.autocast():
                     outputs = self.model_fwd(samples)
                     loss = self.criterion(outputs, targets)
                 self.scaler.backward(loss / accum, update=update)

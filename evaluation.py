@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from engine import evaluate, memory_format_of
+from config import with_values
+from engine import Feed, evaluate
 from utils import UserError
 from utils.checkpoint import find_resumable, load_file, load_model_weights, model_state_from
 from utils.class_subset import ClassSubset, match_classes, present_labels
@@ -37,43 +38,92 @@ from utils.metrics import ConfusionMatrix
 
 def run_eval(
     config: CfgNode,
-    *,
     info: DistInfo,
     logger: logging.Logger,
     output_dir: str,
     eval_sizes: "EvalSizes",
-    autocast,
+    feed: Feed,
     precision: str,
 ) -> int:
-    """The whole ``--eval``: choose the checkpoint, adopt its preprocessing and architecture, read
-    the val split only (a val folder alone is enough), evaluate and write the reports."""
+    """``--eval``: choose the checkpoint, adopt its preprocessing and architecture, read the val
+    split only (a val folder alone is enough), validate the checkpoint (its EMA too, when it has
+    one) at every size, and write the reports (``utils.eval_reports``) to
+    ``<checkpoint folder>/eval/``. Never trains.
+
+    A val set with fewer classes than the model is scored on its own classes, matched by name
+    to the checkpoint's (``utils.class_subset``).
+    """
     from data import build_loader
 
     source, checkpoint = checkpoint_to_evaluate(config, output_dir, logger)
     config = with_checkpoint_preprocessing(config, checkpoint, source, logger)
     config = with_checkpoint_classes(config, checkpoint, source, logger)
     _, dataset_val, _, loader_val, _ = build_loader(config, with_train=False, device=info.device)
-    model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=memory_format_of(config))
+    model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=feed.memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         f"model {model_name_of(config, checkpoint)}: {n_params / 1e6:.2f}M params, "
         f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(dataset_val.classes)} classes, "
         f"{len(dataset_val)} val images"
     )
-    return evaluate_checkpoint(
-        config,
-        model,
-        source,
-        checkpoint,
-        dataset_val=dataset_val,
-        loader_val=loader_val,
-        eval_sizes=eval_sizes,
-        autocast=autocast,
-        precision=precision,
-        info=info,
-        logger=logger,
-        output_dir=output_dir,
+    pairs = eval_sizes.pairs(config)
+    for img_size, _ in pairs:  # every size is checked before anything is evaluated
+        try:
+            model.cfg.check_img_size(img_size)
+        except ValueError as e:
+            raise UserError(f"cannot evaluate at {img_size} px: {e}") from None
+    num_outputs = model.get_classifier().out_features
+    subset = match_classes(
+        dataset_val.classes, present_labels(dataset_val), checkpoint.get("class_names"), num_outputs, source
     )
+    class_names = subset.names if subset is not None else [str(c) for c in dataset_val.classes]
+    if subset is not None:
+        logger.info(
+            f"scoring {len(subset.names)} of the {num_outputs} classes of {source} (the val set's, "
+            "matched by name): logits restricted to them"
+        )
+    weights = {"model": model_state_from(checkpoint, source)}
+    if isinstance(checkpoint.get("model_ema"), dict):
+        weights["ema"] = model_state_from(checkpoint, source, prefer_ema=True)
+    folder = reports_dir(source, output_dir, logger) if info.is_primary else ""
+    table = []
+    for img_size, crop_pct in pairs:
+        sized = with_values(config, {"DATA.IMG_SIZE": img_size, "DATA.CROP_PCT": crop_pct})
+        loader = loader_val if sized is config else build_loader(sized, with_train=False, device=info.device)[3]
+        logger.info(f"evaluating {source} at {img_size} px (crop {crop_pct})")
+        results, confusions = {}, {}
+        for name, state in weights.items():
+            load_model_weights(model, state, source)
+            confusion = ConfusionMatrix(len(class_names), info.device)
+            results[name] = evaluate(
+                model,
+                loader,
+                feed,
+                logger=logger,
+                print_freq=config.PRINT_FREQ,
+                name=name,
+                subset=subset,
+                confusion=confusion,
+                show_progress=info.is_primary,
+            )
+            confusions[name] = confusion.compute()  # collective: every rank takes part
+        table += sizes_rows(img_size, crop_pct, results)
+        if info.is_primary:
+            path = write_eval_reports(
+                folder,
+                report_base(source, img_size),
+                summary=eval_summary(sized, checkpoint, source, dataset_val, subset, class_names, precision, info),
+                results=results,
+                confusions=confusions,
+                class_names=class_names,
+            )
+            logger.info(f"eval reports: {path} (and the per-class CSV and confusion PNG beside it)")
+    if eval_sizes.sweep:
+        logger.info(format_sizes_table(table, title=f"{source} by input size:"))
+        if info.is_primary:
+            stem = os.path.splitext(os.path.basename(source))[0]
+            logger.info(f"size table: {write_sizes_table(os.path.join(folder, f'{stem}-sizes.csv'), table)}")
+    return 0
 
 
 def checkpoint_to_evaluate(config: CfgNode, output_dir: str, logger: logging.Logger) -> Tuple[str, Dict[str, Any]]:
@@ -104,11 +154,7 @@ def with_checkpoint_preprocessing(
     if (mean, std) == (list(config.DATA.MEAN), list(config.DATA.STD)):
         return config
     logger.info(f"normalising with {source}'s DATA.MEAN {mean} / DATA.STD {std}")
-    config = config.clone()
-    config.defrost()
-    config.DATA.MEAN, config.DATA.STD = mean, std
-    config.freeze()
-    return config
+    return with_values(config, {"DATA.MEAN": mean, "DATA.STD": std})
 
 
 def with_checkpoint_classes(
@@ -123,11 +169,7 @@ def with_checkpoint_classes(
         f"{source} has a {weight.shape[0]}-class head (MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}): "
         "evaluating with the checkpoint's"
     )
-    config = config.clone()
-    config.defrost()
-    config.MODEL.NUM_CLASSES = int(weight.shape[0])
-    config.freeze()
-    return config
+    return with_values(config, {"MODEL.NUM_CLASSES": int(weight.shape[0])})
 
 
 def build_model_for(config: CfgNode, checkpoint: Optional[Dict[str, Any]], logger: logging.Logger) -> nn.Module:
@@ -195,99 +237,6 @@ class EvalSizes:
         sizes = self.sizes or (config.DATA.IMG_SIZE,)
         crops = self.crop_pcts or (config.DATA.CROP_PCT,) * len(sizes)
         return list(zip(sizes, crops))
-
-
-def config_at_size(config: CfgNode, img_size: int, crop_pct: float) -> CfgNode:
-    """``config`` with ``DATA.IMG_SIZE`` and ``DATA.CROP_PCT`` set (the eval transform reads both)."""
-    if (img_size, crop_pct) == (config.DATA.IMG_SIZE, config.DATA.CROP_PCT):
-        return config
-    config = config.clone()
-    config.defrost()
-    config.DATA.IMG_SIZE, config.DATA.CROP_PCT = img_size, crop_pct
-    config.freeze()
-    return config
-
-
-def evaluate_checkpoint(
-    config: CfgNode,
-    model: nn.Module,
-    source: str,
-    checkpoint: Dict[str, Any],
-    *,
-    dataset_val,
-    loader_val,
-    eval_sizes: EvalSizes,
-    autocast,
-    precision: str,
-    info: DistInfo,
-    logger: logging.Logger,
-    output_dir: str,
-) -> int:
-    """``--eval``: validate the given checkpoint (its EMA too, when it has one) at every size,
-    and write the reports (``utils.eval_reports``) to ``<checkpoint folder>/eval/``. Never trains.
-
-    A val set with fewer classes than the model is scored on its own classes, matched by name
-    to the checkpoint's (``utils.class_subset``).
-    """
-    from data import build_loader
-
-    pairs = eval_sizes.pairs(config)
-    for img_size, _ in pairs:  # every size is checked before anything is evaluated
-        try:
-            model.cfg.check_img_size(img_size)
-        except ValueError as e:
-            raise UserError(f"cannot evaluate at {img_size} px: {e}") from None
-    num_outputs = model.get_classifier().out_features
-    subset = match_classes(
-        dataset_val.classes, present_labels(dataset_val), checkpoint.get("class_names"), num_outputs, source
-    )
-    class_names = subset.names if subset is not None else [str(c) for c in dataset_val.classes]
-    if subset is not None:
-        logger.info(
-            f"scoring {len(subset.names)} of the {num_outputs} classes of {source} (the val set's, "
-            "matched by name): logits restricted to them"
-        )
-    weights = {"model": model_state_from(checkpoint, source)}
-    if isinstance(checkpoint.get("model_ema"), dict):
-        weights["ema"] = model_state_from(checkpoint, source, prefer_ema=True)
-    folder = reports_dir(source, output_dir, logger) if info.is_primary else ""
-    kwargs = dict(
-        device=info.device,
-        autocast=autocast,
-        memory_format=memory_format_of(config),
-        logger=logger,
-        print_freq=config.PRINT_FREQ,
-        subset=subset,
-        show_progress=info.is_primary,
-    )
-    table = []
-    for img_size, crop_pct in pairs:
-        sized = config_at_size(config, img_size, crop_pct)
-        loader = loader_val if sized is config else build_loader(sized, with_train=False, device=info.device)[3]
-        logger.info(f"evaluating {source} at {img_size} px (crop {crop_pct})")
-        results, confusions = {}, {}
-        for name, state in weights.items():
-            load_model_weights(model, state, source)
-            confusion = ConfusionMatrix(len(class_names), info.device)
-            results[name] = evaluate(model, loader, name=name, confusion=confusion, **kwargs)
-            confusions[name] = confusion.compute()  # collective: every rank takes part
-        table += sizes_rows(img_size, crop_pct, results)
-        if info.is_primary:
-            path = write_eval_reports(
-                folder,
-                report_base(source, img_size),
-                summary=eval_summary(sized, checkpoint, source, dataset_val, subset, class_names, precision, info),
-                results=results,
-                confusions=confusions,
-                class_names=class_names,
-            )
-            logger.info(f"eval reports: {path} (and the per-class CSV and confusion PNG beside it)")
-    if eval_sizes.sweep:
-        logger.info(format_sizes_table(table, title=f"{source} by input size:"))
-        if info.is_primary:
-            stem = os.path.splitext(os.path.basename(source))[0]
-            logger.info(f"size table: {write_sizes_table(os.path.join(folder, f'{stem}-sizes.csv'), table)}")
-    return 0
 
 
 def eval_summary(

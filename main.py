@@ -31,7 +31,7 @@ from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 from config import config_to_dict, get_config, save_run_config
-from engine import ResumePoint, Trainer, measure_throughput, memory_format_of
+from engine import Feed, ResumePoint, Trainer, measure_throughput, memory_format_of
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
@@ -250,15 +250,7 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
     logger.info(f"mixed precision: {precision}")
 
     if mode == "eval":
-        return run_eval(
-            config,
-            info=info,
-            logger=logger,
-            output_dir=output_dir,
-            eval_sizes=eval_sizes,
-            autocast=autocast,
-            precision=precision,
-        )
+        return run_eval(config, info, logger, output_dir, eval_sizes, Feed.of(config, info.device, autocast), precision)
     dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, device=info.device)
     class_names = [str(c) for c in dataset_train.classes]
     fmt = memory_format_of(config)
@@ -270,7 +262,7 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
         f"{len(dataset_train)} train / {len(dataset_val)} val images"
     )
     if mode == "throughput":
-        measure_throughput(model, loader_val, device=info.device, autocast=autocast, memory_format=fmt, logger=logger)
+        measure_throughput(model, loader_val, Feed.of(config, info.device, autocast), logger=logger)
         return 0
     return train(
         config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast, info, logger, output_dir
@@ -372,7 +364,7 @@ def train(
             ema=ema,
             criterion=build_criterion(config, mixup_fn),
             mixup_fn=mixup_fn,
-            autocast=autocast,
+            feed=Feed.of(config, info.device, autocast),
             saver=CheckpointSaver(output_dir, config.SAVE_FREQ, config.KEEP_CHECKPOINTS),
             records=records,
             class_names=class_names,

@@ -46,16 +46,17 @@ def relabel(native_names: Sequence[str], class_map: Sequence[str] | None, source
         return np.arange(len(native_names), dtype=np.int64)
     index = {name: i for i, name in enumerate(class_map)}
     table = np.array([index.get(name, -1) for name in native_names], dtype=np.int64)
-    unmapped = [name for name, new in zip(native_names, table) if new < 0]
-    if unmapped:
-        logger.info(
-            "%s: %d class(es) not in DATA.CLASS_MAP are skipped (%s%s)",
-            source,
-            len(unmapped),
-            ", ".join(unmapped[:5]),
-            ", ..." if len(unmapped) > 5 else "",
-        )
+    log_skipped_classes(source, [name for name, new in zip(native_names, table) if new < 0])
     return table
+
+
+def log_skipped_classes(source: str, names: Sequence[str]) -> None:
+    """One log line for the classes of ``source`` that DATA.CLASS_MAP leaves out (if any)."""
+    if names:
+        more = ", ..." if len(names) > 5 else ""
+        logger.info(
+            "%s: %d class(es) not in DATA.CLASS_MAP are skipped (%s%s)", source, len(names), ", ".join(names[:5]), more
+        )
 
 
 def check_class_coverage(train, val, class_map_path: str) -> None:

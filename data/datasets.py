@@ -31,6 +31,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from utils.errors import DataError
 
+from .class_map import log_skipped_classes
+
 logger = logging.getLogger(__name__)
 
 # The key the training sampler yields: (dataset index, per-sample augmentation seed).
@@ -230,15 +232,9 @@ class ClassFolderDataset(KeyedImageDataset, ImageFolder):
         """ImageFolder's sorted class folders, or the class map (folders not in it are skipped)."""
         if self.class_map is None:
             return super().find_classes(directory)
-        unmapped = sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name not in self.class_map)
-        if unmapped:
-            logger.info(
-                "%s: %d class folder(s) not in DATA.CLASS_MAP are skipped (%s%s)",
-                directory,
-                len(unmapped),
-                ", ".join(unmapped[:5]),
-                ", ..." if len(unmapped) > 5 else "",
-            )
+        log_skipped_classes(
+            directory, sorted(e.name for e in os.scandir(directory) if e.is_dir() and e.name not in self.class_map)
+        )
         return list(self.class_map), {name: i for i, name in enumerate(self.class_map)}
 
     def _read(self, index: int) -> tuple[Image.Image, int]:

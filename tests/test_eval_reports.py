@@ -509,7 +509,7 @@ class _Terminal(io.StringIO):
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_eval_draws_a_progress_bar_only_on_a_terminal(tty, monkeypatch, evaluated, image_tree, tiny_cfg):
-    from engine import evaluate
+    from engine import Feed, evaluate
 
     checkpoint, cfg, _, _ = evaluated
     config = get_config(trainer.get_args_parser().parse_args(["--cfg", cfg, "--data-path", image_tree]))
@@ -519,10 +519,8 @@ def test_eval_draws_a_progress_bar_only_on_a_terminal(tty, monkeypatch, evaluate
     stderr = _Terminal(tty)
     monkeypatch.setattr(sys, "stderr", stderr)
     logger = logging.getLogger("test_progress")
-    kwargs = dict(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
-    metrics = evaluate(
-        model, loader, memory_format=torch.contiguous_format, logger=logger, show_progress=True, **kwargs
-    )
+    feed = Feed(torch.device("cpu"), torch.contiguous_format, lambda: torch.autocast("cpu", enabled=False))
+    metrics = evaluate(model, loader, feed, logger=logger, show_progress=True)
     assert metrics["n"] == 9
     drawn = stderr.getvalue()
     if tty:

@@ -55,13 +55,13 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:  # run as a script: make the repo's packages importable
     sys.path.insert(0, _REPO)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+import numpy as np
+import torch
+import torch.nn as nn
 
-from models.moat import MOAT, MBConvBlock, MOATBlock, create_moat, list_variants  # noqa: E402
-from tools.tf_bundle import BundleError, BundleReader  # noqa: E402
-from utils import UserError  # noqa: E402
+from models.moat import MOAT, MBConvBlock, MOATBlock, create_moat, list_variants
+from tools.tf_bundle import BundleError, BundleReader
+from utils.errors import UserError, run_tool
 
 __all__ = [
     "ConversionError",
@@ -925,12 +925,7 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code (0, or 2 for a user error)."""
     args = get_args_parser().parse_args(argv)
-    try:
-        convert(args)
-    except (UserError, BundleError) as e:
-        print(f"convert_deeplab2.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("convert_deeplab2.py", lambda: convert(args))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.inference import ModelMeta, UserError, load_model_for_inference, safetensors_metadata, save_safetensors
+from utils.errors import RunStoppedError, UserError, run_tool
+from utils.inference import ModelMeta, load_model_for_inference, safetensors_metadata, save_safetensors
 from utils.progress import progress_bar
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -60,8 +61,11 @@ DEFAULT_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 
 
-class CheckFailed(RuntimeError):
-    """An exported model disagrees with PyTorch beyond the tolerance."""
+class CheckFailed(RunStoppedError):
+    """An exported model disagrees with PyTorch beyond the tolerance (exit code 1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"check failed: {message}")
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
@@ -215,6 +219,7 @@ def export_onnx(
     if dynamo and dynamic_size:
         raise UserError("--dynamo exports a fixed image size only; add --static-size")
     example = (_example(2, img_size),)
+    names = dict(opset_version=opset, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT])
     with _quiet_tracing(), torch.no_grad():
         if dynamo:
             try:
@@ -225,11 +230,9 @@ def export_onnx(
                 model,
                 example,
                 dynamo=True,
-                opset_version=opset,
-                input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT],
                 verbose=False,
                 dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=65536)}},
+                **names,
             )
             program.save(path)
         else:
@@ -240,10 +243,8 @@ def export_onnx(
                     example,
                     path,
                     dynamo=False,
-                    opset_version=opset,
-                    input_names=[ONNX_INPUT],
-                    output_names=[ONNX_OUTPUT],
                     dynamic_axes={ONNX_INPUT: axes, ONNX_OUTPUT: {0: "batch"}},
+                    **names,
                 )
     proto = onnx.load(path)
     onnx.helper.set_model_props(proto, safetensors_metadata(meta))
@@ -349,15 +350,7 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns 0, 1 when --check fails, 2 for a user error."""
     args = get_args_parser().parse_args(argv)
-    try:
-        export(args)
-    except UserError as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
-    except CheckFailed as e:
-        print(f"export.py: check failed: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_tool("export.py", lambda: export(args))
 
 
 if __name__ == "__main__":

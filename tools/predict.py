@@ -32,7 +32,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from data.datasets import load_rgb
 from utils.amp import autocast_factory, resolve_amp_dtype
 from utils.distributed import resolve_device
-from utils.inference import UserError, build_eval_transform, load_model_for_inference
+from utils.errors import UserError, run_tool
+from utils.inference import build_eval_transform, load_model_for_inference
 from utils.progress import progress_bar
 
 
@@ -192,12 +193,7 @@ def predict(args: argparse.Namespace) -> List[Tuple[str, List[Tuple[str, float]]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code (0, or 2 for a user error)."""
     args = get_args_parser().parse_args(argv)
-    try:
-        predict(args)
-    except UserError as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_tool("predict.py", lambda: predict(args))
 
 
 if __name__ == "__main__":

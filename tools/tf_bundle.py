@@ -34,6 +34,8 @@ from typing import BinaryIO, Dict, Iterator, List, Mapping, Optional, Tuple, Uni
 
 import numpy as np
 
+from utils.errors import UserError
+
 __all__ = ["BundleEntry", "BundleError", "BundleReader", "crc32c", "masked_crc32c", "write_bundle"]
 
 _MAGIC = 0xDB4775248B80FB57  # LevelDB table magic number (little-endian fixed64)
@@ -63,8 +65,9 @@ _DTYPE_ENUM = {name: enum for enum, name in _DTYPES.items()}
 _ITEMSIZE = {"bfloat16": 2}
 
 
-class BundleError(ValueError):
-    """The checkpoint files are missing, damaged or use a feature this reader does not support."""
+class BundleError(UserError):
+    """The checkpoint files are missing, damaged or use a feature this reader does not support
+    (a user error: one line naming the file or entry, exit code 2)."""
 
 
 # ------------------------------------------------------------------------------------------ CRC32C

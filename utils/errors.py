@@ -15,7 +15,8 @@ exit with the class's ``exit_code``; anything else is a bug and keeps its traceb
 from __future__ import annotations
 
 import re
-from typing import Any
+import sys
+from typing import Any, Callable
 
 
 class MoatError(Exception):
@@ -69,3 +70,14 @@ class NonFiniteLossError(RunStoppedError):
 
 class CheckpointWriteError(RunStoppedError):
     """A checkpoint could not be written (disk full, quota); the previous files are intact."""
+
+
+def run_tool(prog: str, action: Callable[[], Any]) -> int:
+    """Run a command-line tool's ``action``; a ``MoatError`` becomes ``<prog>: error: <message>``
+    on stderr and its exit code, success 0 (what every script in tools/ returns from ``main``)."""
+    try:
+        action()
+    except MoatError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
