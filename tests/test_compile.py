@@ -81,13 +81,15 @@ def test_compiled_training_steps_give_the_eager_losses_and_gradients():
 
 @pytest.mark.slow
 def test_main_compile_trains_end_to_end_and_validates(image_tree, tiny_cfg, tmp_path):
-    from test_main import read_log, read_summary
-
+    """A 4-block architecture from YAML keeps the compile (C++ kernels on a CPU) to about a minute."""
     import main as trainer
+    from conftest import read_log, read_summary
 
-    cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "COMPILE": True})
+    arch = {"STEM_DIMS": [8, 8], "DEPTHS": [1, 1, 1, 1], "DIMS": [16, 16, 32, 32],
+            "STAGE_TYPES": ["mbconv", "mbconv", "moat", "moat"]}  # fmt: skip
+    cfg = tiny_cfg(MODEL={"NAME": "compile_probe", "MOAT": arch}, TRAIN={"EPOCHS": 1, "COMPILE": True})
     assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
-    run_dir = tmp_path / "tiny_moat_0" / "default"
+    run_dir = tmp_path / "compile_probe" / "default"
     (row,) = read_summary(run_dir)
     assert 0 < float(row["train_loss"]) < 10 and row["val_top1"] != ""
     assert "torch.compile, mode default" in read_log(run_dir)

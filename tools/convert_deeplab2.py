@@ -923,9 +923,8 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit code (0, or 2 for a user error)."""
-    args = get_args_parser().parse_args(argv)
-    return run_tool("convert_deeplab2.py", lambda: convert(args))
+    """Command-line entry point: the exit code (0, or 2 for a user error)."""
+    return run_tool("convert_deeplab2.py", lambda: convert(get_args_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.errors import RunStoppedError, UserError, run_tool
-from utils.inference import ModelMeta, load_model_for_inference, safetensors_metadata, save_safetensors
+from utils.inference import (
+    ModelMeta,
+    add_weights_choice,
+    load_model_for_inference,
+    safetensors_metadata,
+    save_safetensors,
+)
 from utils.progress import progress_bar
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -94,21 +100,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument(
         "--variant", default=None, help="expected variant; required only for files that do not name theirs"
     )
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument(
-        "--ema",
-        dest="use_ema",
-        action="store_true",
-        default=None,
-        help="export the EMA weights (error if the checkpoint has none)",
-    )
-    ema.add_argument(
-        "--no-ema",
-        dest="use_ema",
-        action="store_false",
-        default=None,
-        help="export the raw weights (default: EMA when present)",
-    )
+    add_weights_choice(parser, verb="export")
     parser.add_argument(
         "--img-size", type=int, default=None, help="trace / fixed ONNX input size (default: the training DATA.IMG_SIZE)"
     )
@@ -348,9 +340,8 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns 0, 1 when --check fails, 2 for a user error."""
-    args = get_args_parser().parse_args(argv)
-    return run_tool("export.py", lambda: export(args))
+    """Command-line entry point: the exit code (0, 1 when --check fails, 2 for a user error)."""
+    return run_tool("export.py", lambda: export(get_args_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from data.datasets import load_rgb
 from utils.amp import autocast_factory, resolve_amp_dtype
 from utils.distributed import resolve_device
 from utils.errors import UserError, run_tool
-from utils.inference import build_eval_transform, load_model_for_inference
+from utils.inference import add_weights_choice, build_eval_transform, load_model_for_inference
 from utils.progress import progress_bar
 
 
@@ -62,21 +62,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default="off",
         help="autocast precision (default off: full precision, exact scores)",
     )
-    ema = parser.add_mutually_exclusive_group()
-    ema.add_argument(
-        "--ema",
-        dest="use_ema",
-        action="store_true",
-        default=None,
-        help="use the EMA weights (error if the checkpoint has none)",
-    )
-    ema.add_argument(
-        "--no-ema",
-        dest="use_ema",
-        action="store_false",
-        default=None,
-        help="use the raw weights (default: EMA when present)",
-    )
+    add_weights_choice(parser, verb="use")
     parser.add_argument(
         "--csv", default=None, metavar="OUT", help="also write path,top1_class,top1_prob,... rows to OUT"
     )
@@ -191,9 +177,8 @@ def predict(args: argparse.Namespace) -> List[Tuple[str, List[Tuple[str, float]]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point; returns the exit code (0, or 2 for a user error)."""
-    args = get_args_parser().parse_args(argv)
-    return run_tool("predict.py", lambda: predict(args))
+    """Command-line entry point: the exit code (0, or 2 for a user error)."""
+    return run_tool("predict.py", lambda: predict(get_args_parser().parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ Every problem (missing file, wrong variant, class-count mismatch, weights of ano
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -77,6 +78,17 @@ class ModelMeta:
     source: str  # the file path
     epoch: Optional[int] = None
     model_cfg: Dict[str, Any] = field(default_factory=dict)  # the architecture, MoatCfg.to_dict()
+
+
+# --------------------------------------------------------------------------------------- command line
+def add_weights_choice(parser: "argparse.ArgumentParser", verb: str = "use") -> None:
+    """``--ema`` / ``--no-ema`` (``args.use_ema``: True, False, or None for "EMA when present"),
+    the choice every tool passes to :func:`load_model_for_inference`."""
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="use_ema", action="store_true", default=None,
+                     help=f"{verb} the EMA weights (error if the checkpoint has none)")  # fmt: skip
+    ema.add_argument("--no-ema", dest="use_ema", action="store_false", default=None,
+                     help=f"{verb} the raw weights (default: EMA when present)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ config
