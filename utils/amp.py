@@ -30,6 +30,16 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where oneDNN's bf16
+    convolutions outrun fp32 in training too."""
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.5
+    try:
+        return bool(is_amx()) if is_amx is not None else False
+    except RuntimeError:
+        return False
+
+
 def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """Config ``AMP`` -> autocast dtype (None = full precision)."""
     if amp == "off":
@@ -37,7 +47,10 @@ def resolve_amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else None
+        # AVX512-BF16 without AMX has bf16 kernels, but MOAT trains slower with them than in
+        # fp32 (its depthwise and 1x1 convolution backward passes run 2-5x slower; see
+        # docs/benchmarks.md), so 'auto' asks for AMX. --amp bf16 still forces it.
+        return torch.bfloat16 if cpu_supports_bf16() and cpu_has_amx() else None
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 
