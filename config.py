@@ -285,8 +285,8 @@ _C.TRACKING.MLFLOW_EXPERIMENT = ""
 # -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
-# Mixed precision: 'auto' (bf16 where the device supports it, else fp16 on CUDA, off on a CPU
-# without bf16), 'off', 'fp16' or 'bf16'.
+# Mixed precision: 'auto' (CUDA: bf16 where supported, else fp16; CPU: bf16 only with AMX, where it
+# trains faster than fp32, else off), 'off', 'fp16' or 'bf16'.
 _C.AMP = "auto"
 # Keep the model and its inputs in channels_last (NHWC) memory: the fast layout of oneDNN's and
 # cuDNN's convolutions; MOAT-0 trains 2.3x faster on CPU at 224 px (docs/benchmarks.md). Only the
