@@ -192,6 +192,9 @@ _C.TRAIN.COMPILE = False
 # models on GPU), 'max-autotune' (searches kernel configs: slow first steps, fastest later) or
 # 'max-autotune-no-cudagraphs'.
 _C.TRAIN.COMPILE_MODE = "default"
+# CUDA: warn about every host-device sync inside training steps (log steps and saves excepted);
+# a debugging aid, each sync stalls the host until the GPU drains.
+_C.TRAIN.SYNC_DEBUG = False
 # Also save a resumable checkpoint every N optimizer steps inside an epoch; 0 disables.
 _C.TRAIN.SAVE_STEPS = 0
 # Layer-wise learning-rate decay for fine-tuning (1.0 disables): the head gets the full LR,
@@ -328,6 +331,7 @@ _FLAG_KEYS = {
     "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
     "use_checkpoint": "TRAIN.USE_CHECKPOINT",
     "compile": "TRAIN.COMPILE",
+    "sync_debug": "TRAIN.SYNC_DEBUG",
     "channels_last": "CHANNELS_LAST",
     "amp": "AMP",
     "amp_opt_level": "AMP_OPT_LEVEL",

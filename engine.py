@@ -33,6 +33,7 @@ from utils.metrics import AverageMeter, ClassificationTotals, ConfusionMatrix
 from utils.preemption import PreemptionFlag
 from utils.progress import logs_above, progress_bar
 from utils.run_records import RunRecords
+from utils.sync_check import StepSyncCheck
 
 Autocast = Callable[[], ContextManager]
 
@@ -185,6 +186,7 @@ class Trainer:
     records: RunRecords
     class_names: List[str]
     steps_per_epoch: int
+    sync_debug: bool = False  # warn on host-device syncs inside steps (CUDA; utils/sync_check.py)
     preemption: PreemptionFlag = field(default_factory=PreemptionFlag)
     step: int = 0  # optimizer updates done (drives the schedule and EMA warmup)
     max_accuracy: float = 0.0
@@ -276,21 +278,25 @@ class Trainer:
 
         Returns True when a preemption signal stopped it (after writing a mid-epoch checkpoint).
         """
+        self._set_train_mode()
+        self.optimizer.zero_grad(set_to_none=True)
+        iterator = iter(loader)
+        if rng_state is not None:
+            # Mid-epoch resume: the iterator drew its seed; now continue the saved random streams.
+            restore_rng_state(rng_state, self.info.device)
+        with StepSyncCheck(self.sync_debug, self.info.device, self.logger) as sync_check:
+            return self._train_steps(iterator, epoch, start_batch, sync_check)
+
+    def _train_steps(self, iterator, epoch: int, start_batch: int, sync_check: StepSyncCheck) -> bool:
+        """The step loop of ``train_one_epoch``; host syncs only inside ``sync_check.paused()``."""
         config, info = self.config, self.info
         steps = self.steps_per_epoch
         accum = config.TRAIN.ACCUMULATION_STEPS
-        self._set_train_mode()
-        self.optimizer.zero_grad(set_to_none=True)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
         loss_sum = torch.zeros((), device=info.device)
         grad_norm = torch.zeros((), device=info.device)
         n_seen = 0
-
-        iterator = iter(loader)
-        if rng_state is not None:
-            # Mid-epoch resume: the iterator drew its seed; now continue the saved random streams.
-            restore_rng_state(rng_state, info.device)
         end = time.time()
         for idx, (samples, targets) in enumerate(iterator, start=start_batch):
             samples, targets = self.feed.images(samples), self.feed.targets(targets)
@@ -320,36 +326,53 @@ class Trainer:
             end = time.time()
 
             if idx % config.PRINT_FREQ == 0 or idx + 1 == steps:
-                self.check_finite(epoch)
-                loss_meter.update(loss.item())
-                norm = float(grad_norm)
-                if math.isfinite(norm):  # fp16 overflow steps (skipped by the scaler) stay out of the mean
-                    norm_meter.update(norm)
-                else:
-                    norm_meter.val = norm
-                lr = self.optimizer.param_groups[-1]["lr"]
-                eta = datetime.timedelta(seconds=int(batch_time.avg * (steps - idx - 1)))
-                self.logger.info(
-                    f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{steps}]\teta {eta} lr {lr:.6f}\t"
-                    f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\tloss {loss_meter.val:.4f} "
-                    f"({loss_meter.avg:.4f})\tgrad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
-                    f"loss_scale {self.scaler.get_scale():.1f}\tmem {memory_mb(info.device):.0f}MB"
-                )
-                self.records.add_step(self.step, loss=loss_meter.val, lr=lr, grad_norm=norm_meter.val)
+                with sync_check.paused():
+                    self._log_step(epoch, idx, loss, grad_norm, batch_time, loss_meter, norm_meter)
 
             if update:
                 stop = any_rank(self.preemption.requested, info)
                 periodic = config.TRAIN.SAVE_STEPS and self.step % config.TRAIN.SAVE_STEPS == 0
                 if stop or (periodic and idx + 1 < steps):
-                    self._fold_epoch_loss(loss_sum, n_seen)
-                    loss_sum.zero_()
-                    n_seen = 0
-                    self.save(epoch, idx + 1, epoch_complete=False)
+                    with sync_check.paused():
+                        self._fold_epoch_loss(loss_sum, n_seen)
+                        loss_sum.zero_()
+                        n_seen = 0
+                        self.save(epoch, idx + 1, epoch_complete=False)
                     if stop:
                         return True
-        self._fold_epoch_loss(loss_sum, n_seen)
-        self.check_finite(epoch)
+        with sync_check.paused():
+            self._fold_epoch_loss(loss_sum, n_seen)
+            self.check_finite(epoch)
         return False
+
+    def _log_step(
+        self,
+        epoch: int,
+        idx: int,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        batch_time: AverageMeter,
+        loss_meter: AverageMeter,
+        norm_meter: AverageMeter,
+    ) -> None:
+        """A log line (a host sync: reads the loss and gradient norm) and the step record."""
+        config, steps = self.config, self.steps_per_epoch
+        self.check_finite(epoch)
+        loss_meter.update(loss.item())
+        norm = float(grad_norm)
+        if math.isfinite(norm):  # fp16 overflow steps (skipped by the scaler) stay out of the mean
+            norm_meter.update(norm)
+        else:
+            norm_meter.val = norm
+        lr = self.optimizer.param_groups[-1]["lr"]
+        eta = datetime.timedelta(seconds=int(batch_time.avg * (steps - idx - 1)))
+        self.logger.info(
+            f"Train: [{epoch}/{config.TRAIN.EPOCHS}][{idx}/{steps}]\teta {eta} lr {lr:.6f}\t"
+            f"time {batch_time.val:.4f} ({batch_time.avg:.4f})\tloss {loss_meter.val:.4f} "
+            f"({loss_meter.avg:.4f})\tgrad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
+            f"loss_scale {self.scaler.get_scale():.1f}\tmem {memory_mb(self.info.device):.0f}MB"
+        )
+        self.records.add_step(self.step, loss=loss_meter.val, lr=lr, grad_norm=norm_meter.val)
 
     def _set_train_mode(self) -> None:
         self.model.train()

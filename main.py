@@ -94,6 +94,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (TRAIN.COMPILE)")
     p.add_argument(
+        "--sync-debug",
+        action="store_true",
+        default=None,
+        help="CUDA: warn about host-device syncs inside training steps (TRAIN.SYNC_DEBUG)",
+    )
+    p.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -369,6 +375,7 @@ def train(
             records=records,
             class_names=class_names,
             steps_per_epoch=steps_per_epoch,
+            sync_debug=config.TRAIN.SYNC_DEBUG,
         )
         start = trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH)
         # A resumed run continues the tracker runs its checkpoint names.

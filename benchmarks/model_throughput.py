@@ -12,7 +12,8 @@ Example (the CPU numbers in docs/benchmarks.md):
 Columns: img/s = batch / median step time; GMACs/img from ``FlopCounterMode`` on one forward
 (MACs = FLOPs / 2, attention counted through the math SDPA backend because the CPU flash kernel
 has no FLOP formula); GMAC/s = GMACs/img x img/s (for train rows still the *forward* MACs, so
-rows compare per forward-FLOP); peak memory: CUDA ``max_memory_allocated`` over the timed steps,
+rows compare per forward-FLOP); peak memory: CUDA ``max_memory_allocated`` over the timed steps
+less what the other rows keep resident (so each row reads as if alone on the card),
 CPU the growth of the process's peak RSS (``ru_maxrss``) over warm-up steps run in a fresh
 subprocess per row (RSS includes allocator caching, so it is an upper bound on tensor memory);
 ratio columns divide img/s by that of the ``--baseline`` row (fields the spec leaves out are
@@ -101,6 +102,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--channels-last", default="off", help="comma list of on, off")
     p.add_argument("--compile", default="off", help="comma list of on, off (torch.compile)")
     p.add_argument(
+        "--compiled-models",
+        default=None,
+        help="comma list of model or model:mode (e.g. moat_0,coatnet_0_rw_224:infer): build compiled "
+        "rows only for these (default: every row); compiling takes a minute or more per row on a GPU",
+    )
+    p.add_argument(
         "--reparam",
         default="off",
         help="comma list of on, off: inference rows after timm.utils.reparameterize_model "
@@ -176,6 +183,10 @@ def row_specs(args) -> List[RowSpec]:
             raise SystemExit("fp16 autocast is only benchmarked on cuda; use fp32 or bf16 on cpu")
         if ONOFF[rep] and mode == "train":
             continue  # a folded model cannot train
+        if ONOFF[comp] and args.compiled_models is not None:
+            wanted = _split(args.compiled_models)
+            if model not in wanted and f"{model}:{mode}" not in wanted:
+                continue
         specs.append(RowSpec(model, mode, dtype, ONOFF[cl], ONOFF[comp], ONOFF[rep]))
     return specs
 
@@ -215,7 +226,17 @@ def build_row(spec: RowSpec, args, device: torch.device) -> Row:
     row = Row(spec, step, batch=args.batch_size, stat=min if args.stat == "min" else statistics.median)
     row.model = model  # kept for the FLOP count
     row.input = x
+    row.optimizer = opt if spec.mode == "train" else None
     return row
+
+
+def persistent_bytes(row: Row) -> int:
+    """Bytes a row keeps between steps (parameters, buffers, optimizer state, its batch): with
+    every row resident on one device, a row's own peak is its step's growth plus these."""
+    tensors = list(row.model.parameters()) + list(row.model.buffers()) + [row.input]
+    if row.optimizer is not None:
+        tensors += [t for state in row.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def count_gmacs(model: nn.Module, x: torch.Tensor) -> float:
@@ -371,6 +392,7 @@ def main(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     peaks: Dict[RowSpec, int] = {}
+    own = {spec: persistent_bytes(row) for spec, row in rows.items()} if device.type == "cuda" else {}
     for rep in range(args.steps):  # round-robin: one step of every row per repeat
         if rep:
             print(
@@ -380,15 +402,18 @@ def main(args) -> None:
                 flush=True,
             )
         for row in rows.values():
+            _sync(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            _sync(device)
+                others = torch.cuda.memory_allocated(device) - own[row.spec]
             t0 = time.perf_counter()
             row.step()
             _sync(device)
             row.times.append(time.perf_counter() - t0)
             if device.type == "cuda":
-                peaks[row.spec] = max(peaks.get(row.spec, 0), torch.cuda.max_memory_allocated(device))
+                # The other rows' resident state is left out: each row's own peak.
+                peak = torch.cuda.max_memory_allocated(device) - others
+                peaks[row.spec] = max(peaks.get(row.spec, 0), peak)
     for spec, peak in peaks.items():
         rows[spec].peak_mib = peak / 2**20
 
