@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every model of the throughput table trains with MOAT-0's recipe rate, as the trainer rows do.
+DROP_PATH = "0.2"
 STEP_TIME_RE = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\].*?time [\d.]+ \(([\d.]+)\)")
 
 
@@ -211,9 +213,15 @@ class Suite:
     def run_dir(self, tag: str, model: str = "tiny_moat_0") -> str:
         return os.path.join(self.out, model, tag)
 
-    def ratio_to_model_only(self, rate: float, compiled: bool) -> str:
-        ref = self.model_only.get((self.moat, compiled))
-        return f"; {rate / ref:.2f}x the model-only train row ({ref:.0f} img/s)" if ref else ""
+    def add_model_only_ratios(self) -> None:
+        """Trainer img/s next to the throughput table's model-only train row (same model, same
+        compile setting), once both steps have run."""
+        for st in self.steps:
+            rate, ref = st.details.get("trainer_img_per_s"), None
+            if rate is not None:
+                ref = self.model_only.get((self.moat, bool(st.details["compiled"])))
+            if ref:
+                st.result += f"; {rate / ref:.2f}x the model-only train row ({ref:.0f} img/s)"
 
     # -- steps
     def environment(self, s: Step, limit: float) -> None:
@@ -254,12 +262,13 @@ class Suite:
             models, compiled, base = "tiny_moat_0,coatnet_nano_rw_224", ["--compile", "off"], "coatnet_nano_rw_224"
         else:
             models, base = "moat_0,coatnet_0_rw_224,tiny_moat_0,coatnet_nano_rw_224", "coatnet_0_rw_224"
-            compiled = ["--compile", "off,on", "--compiled-models", "moat_0,coatnet_0_rw_224:infer"]
+            wanted = "moat_0:train,tiny_moat_0:train,coatnet_0_rw_224:infer,moat_0:infer"
+            compiled = ["--compile", "off,on", "--compiled-models", wanted, "--reparam", "off,on"]
         cmd = [sys.executable, "benchmarks/model_throughput.py", "--device", self.args.device, "--models", models,
                "--modes", "train,infer", "--dtype", "fp32" if self.args.device == "cpu" else "bf16",
                "--channels-last", "on", *compiled, "--batch-size", str(2 if self.quick else self.batch),
                "--img-size", "224", "--warmup", "1" if self.quick else "3", "--steps", "1" if self.quick else "10",
-               "--json", table_json, "--memory", "off" if self.quick else "on",
+               "--json", table_json, "--memory", "off" if self.quick else "on", "--drop-path-rate", DROP_PATH,
                "--baseline", f"{base}:eager", "--baseline", "coatnet_nano_rw_224:eager"]  # fmt: skip
         proc = run(cmd, log, limit)
         self.done(s, proc.returncode == 0, "see the table above" if proc.returncode == 0 else tail(log))
@@ -306,9 +315,8 @@ class Suite:
         rate = trainer_img_per_s(log, self.batch, max(1, self.gpus))
         ok = proc.returncode == 0 and rate is not None
         if ok:
-            s.details["trainer_img_per_s"] = rate
-            result = f"{rate:.0f} img/s (batch {self.batch}, {self.args.workers} workers)"
-            self.done(s, True, result + self.ratio_to_model_only(rate, compiled))
+            s.details.update(trainer_img_per_s=rate, compiled=float(compiled))
+            self.done(s, True, f"{rate:.0f} img/s (batch {self.batch}, {self.args.workers} workers)")
         else:
             self.done(s, False, tail(log))
 
@@ -357,16 +365,16 @@ class Suite:
         cuda = self.args.device == "cuda"
         self.attempt("environment", 5, self.environment)
         self.attempt("synthetic data", 30, self.synthetic_data)
-        self.attempt("throughput table", 240 if cuda else 60, self.throughput)
-        self.attempt("profile moat_0 train", 40 if cuda else 30, lambda s, t: self.profile(s, t, compiled=False))
         self.attempt("trainer img/s (moat_0)", 45 if cuda else 60, lambda s, t: self.trainer_speed(s, t, False))
-        self.attempt("attention kernels", 60 if cuda else 30, self.attention)
         self.attempt("train --compile", 120 if cuda else 300, lambda s, t: self.trainer_speed(s, t, compiled=True))
-        self.attempt("profile moat_0 train compiled", 60 if cuda else 300, lambda s, t: self.profile(s, t, True))
         self.attempt("train bf16 (amp auto)", 40, self.train_bf16)
         self.attempt("resume to epoch 3", 25, self.resume)
         self.attempt("eval best.pth", 20, self.eval_best)
         self.attempt("train fp16 (GradScaler)", 30, self.train_fp16)
+        self.attempt("throughput table", 180 if cuda else 60, self.throughput)
+        self.attempt("profile moat_0 train", 40 if cuda else 30, lambda s, t: self.profile(s, t, compiled=False))
+        self.attempt("attention kernels", 60 if cuda else 30, self.attention)
+        self.attempt("profile moat_0 train compiled", 60 if cuda else 300, lambda s, t: self.profile(s, t, True))
 
     def print_summary(self) -> None:
         print(f"\nGPU suite summary ({time.time() - self.started:.0f} s in all; logs in {self.work})\n")
@@ -386,6 +394,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     suite = Suite(args, gpus)
     suite.run_all()
+    suite.add_model_only_ratios()
     suite.print_summary()
     if args.json:
         with open(args.json, "w") as f:

@@ -113,6 +113,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="comma list of on, off: inference rows after timm.utils.reparameterize_model "
         "(MOAT folds its BatchNorms into the convolutions); train rows stay off",
     )
+    p.add_argument(
+        "--drop-path-rate",
+        type=float,
+        default=None,
+        help="stochastic depth for every model (default: each model's own; MOAT variants carry the "
+        "official rate, timm's CoAtNets 0): set it to compare training steps like with like",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); default: torch's")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per row before timing")
@@ -181,8 +188,8 @@ def row_specs(args) -> List[RowSpec]:
     ):
         if dtype == "fp16" and args.device != "cuda":
             raise SystemExit("fp16 autocast is only benchmarked on cuda; use fp32 or bf16 on cpu")
-        if ONOFF[rep] and mode == "train":
-            continue  # a folded model cannot train
+        if ONOFF[rep] and (mode == "train" or not has_reparameterization(model)):
+            continue  # a folded model cannot train; a model without a fold would repeat its plain row
         if ONOFF[comp] and args.compiled_models is not None:
             wanted = _split(args.compiled_models)
             if model not in wanted and f"{model}:{mode}" not in wanted:
@@ -191,10 +198,18 @@ def row_specs(args) -> List[RowSpec]:
     return specs
 
 
+def has_reparameterization(name: str) -> bool:
+    """Whether ``timm.utils.reparameterize_model`` changes this model (built on the meta device)."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    return any(hasattr(m, "reparameterize") or hasattr(m, "fuse") for m in model.modules() if m is not model)
+
+
 def build_row(spec: RowSpec, args, device: torch.device) -> Row:
     """Model, optimizer and a fixed batch for one row; returns a closure running one step."""
     torch.manual_seed(0)
-    model = timm.create_model(spec.model, num_classes=1000).to(device)
+    kwargs = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
+    model = timm.create_model(spec.model, num_classes=1000, **kwargs).to(device)
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
@@ -277,6 +292,8 @@ def measure_memory_subprocess(spec: RowSpec, args) -> float:
         "--adamw",
         args.adamw,
     ]
+    if args.drop_path_rate is not None:
+        cmd += ["--drop-path-rate", str(args.drop_path_rate)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True)

@@ -33,7 +33,6 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
-from braceexpand import braceexpand
 from PIL import Image
 
 from utils.errors import DataError
@@ -159,6 +158,8 @@ def resolve_shards(spec: str, data_path: str, split: str) -> tuple[str | None, l
         return path, [], path
     if os.path.isdir(path):
         path = os.path.join(path, "*.tar")
+    from braceexpand import braceexpand  # here: folder and zip training do not need it
+
     shards = sorted({p for pattern in braceexpand(path) for p in (glob.glob(pattern) or [pattern])})
     missing = [p for p in shards if not os.path.isfile(p)]
     if missing or not shards:
