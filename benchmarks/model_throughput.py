@@ -199,8 +199,11 @@ def row_specs(args) -> List[RowSpec]:
 
 
 def has_reparameterization(name: str) -> bool:
-    """Whether ``timm.utils.reparameterize_model`` changes this model (built on the meta device)."""
-    with torch.device("meta"):
+    """Whether ``timm.utils.reparameterize_model`` changes this model."""
+    try:
+        with torch.device("meta"):  # no weights: instant
+            model = timm.create_model(name)
+    except NotImplementedError:  # some models' init reads tensor data (older timm/torch)
         model = timm.create_model(name)
     return any(hasattr(m, "reparameterize") or hasattr(m, "fuse") for m in model.modules() if m is not model)
 
