@@ -6,17 +6,17 @@ subprocess with its own time limit, so one failure is reported and the rest stil
 in order of what a short GPU lease most needs (speed first) and ``--budget`` skips those that
 would not fit; the last thing printed is one table of every step (status, seconds, result).
 
-    python benchmarks/gpu_suite.py                          # CUDA, about 8 minutes on an H100
+    python benchmarks/gpu_suite.py                          # CUDA, about 9 minutes on an H100
     python benchmarks/gpu_suite.py --budget 300 --logs $OUT # what fits in 5 minutes, logs kept
     python benchmarks/gpu_suite.py --device cpu --quick     # the same plumbing in a minute (tests)
 
-Steps: the model-only throughput table (MOAT vs CoAtNet, eager and compiled, bf16,
-channels_last), a profile of MOAT-0's training step (eager and compiled), MOAT's attention
-through each kernel (``attention_variants.py``), then ``main.py`` on a synthetic JPEG folder of
-ImageNet-sized images with the shipped default recipe: MOAT-0's trainer img/s eager and with
-``--compile`` (next to the model-only rows), bf16 by ``--amp auto`` with ``--sync-debug``,
-auto-resume, ``--eval`` of ``best.pth`` and fp16 with the GradScaler. With 2+ GPUs the bf16 run
-goes through ``torchrun`` (NCCL, SyncBatchNorm).
+Steps, in order: ``main.py`` on a synthetic folder of ImageNet-sized JPEGs with the shipped
+default recipe: MOAT-0 for an epoch with ``--amp auto`` (bf16) and ``--sync-debug`` (through
+``torchrun`` with NCCL and SyncBatchNorm on 2+ GPUs) and with ``--compile``, each giving the
+trainer's img/s; the model-only throughput table (MOAT vs CoAtNet, eager and compiled, bf16,
+channels_last, one drop-path rate for all), which the trainer's img/s are divided by;
+auto-resume to a second epoch; ``--eval`` of ``best.pth``; fp16 with the GradScaler; a profile
+of MOAT-0's training step; MOAT's attention through each kernel; the compiled profile.
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ class Suite:
         return [*prefix, *cmd, "--device", self.args.device, *extra]
 
     def run_dir(self, tag: str, model: str = "tiny_moat_0") -> str:
+        """OUTPUT/MODEL.NAME/TAG of a trainer run (the suite's config trains tiny_moat_0)."""
         return os.path.join(self.out, model, tag)
 
     def add_model_only_ratios(self) -> None:
@@ -263,11 +264,12 @@ class Suite:
         else:
             models, base = "moat_0,coatnet_0_rw_224,tiny_moat_0,coatnet_nano_rw_224", "coatnet_0_rw_224"
             wanted = "moat_0:train,tiny_moat_0:train,coatnet_0_rw_224:infer,moat_0:infer"
-            compiled = ["--compile", "off,on", "--compiled-models", wanted, "--reparam", "off,on"]
+            compiled = ["--compile", "off,on", "--compiled-models", wanted]
         cmd = [sys.executable, "benchmarks/model_throughput.py", "--device", self.args.device, "--models", models,
                "--modes", "train,infer", "--dtype", "fp32" if self.args.device == "cpu" else "bf16",
                "--channels-last", "on", *compiled, "--batch-size", str(2 if self.quick else self.batch),
-               "--img-size", "224", "--warmup", "1" if self.quick else "3", "--steps", "1" if self.quick else "10",
+               "--img-size", "224", "--warmup", "1" if self.quick else "3",
+               "--steps", "1" if self.quick else "10",
                "--json", table_json, "--memory", "off" if self.quick else "on", "--drop-path-rate", DROP_PATH,
                "--baseline", f"{base}:eager", "--baseline", "coatnet_nano_rw_224:eager"]  # fmt: skip
         proc = run(cmd, log, limit)
@@ -304,45 +306,61 @@ class Suite:
             with open(log) as f:
                 print(f.read())
 
-    def trainer_speed(self, s: Step, limit: float, compiled: bool) -> None:
-        """MOAT-0 through main.py for one epoch: the trainer's img/s (loader, device
-        normalisation and Mixup/CutMix, EMA, logging included) next to the model-only row."""
-        tag = "speed_compiled" if compiled else "speed"
-        log = self.log("trainer_" + tag)
-        extra = ["--tag", tag, "--opts", "MODEL.NAME", self.moat, "TRAIN.EPOCHS", "1", "PRINT_FREQ",
-                 "2" if self.quick else "10"] + (["TRAIN.COMPILE", "True"] if compiled else [])  # fmt: skip
-        proc = run(self.trainer(*extra), log, limit)
+    def _speed_opts(self, *opts: str) -> List[str]:
+        """One epoch of MOAT-0 (``self.moat``) with the recipe of the suite's config."""
+        return [
+            "--opts",
+            "MODEL.NAME",
+            self.moat,
+            "TRAIN.EPOCHS",
+            "1",
+            "PRINT_FREQ",
+            "2" if self.quick else "10",
+            *opts,
+        ]
+
+    def _rate(self, s: Step, log: str, compiled: bool) -> Optional[str]:
+        """The trainer's steady img/s from its log, kept for the model-only ratio."""
         rate = trainer_img_per_s(log, self.batch, max(1, self.gpus))
-        ok = proc.returncode == 0 and rate is not None
-        if ok:
-            s.details.update(trainer_img_per_s=rate, compiled=float(compiled))
-            self.done(s, True, f"{rate:.0f} img/s (batch {self.batch}, {self.args.workers} workers)")
-        else:
-            self.done(s, False, tail(log))
+        if rate is None:
+            return None
+        s.details.update(trainer_img_per_s=rate, compiled=float(compiled))
+        return f"{rate:.0f} img/s (batch {self.batch}/GPU, {self.args.workers} workers)"
 
     def train_bf16(self, s: Step, limit: float) -> None:
+        """``--amp auto`` (bf16) with ``--sync-debug``: the trainer's img/s (loader, device
+        normalisation, Mixup/CutMix, EMA and logging included) and any host sync per step."""
         log = self.log("train_bf16")
-        proc = run(self.trainer("--tag", "bf16", "--sync-debug", launcher=self.launcher), log, limit)
-        rows = summary_rows(self.run_dir("bf16"))
-        ok = proc.returncode == 0 and len(rows) == 2
+        cmd = self.trainer("--tag", "bf16", "--sync-debug", *self._speed_opts(), launcher=self.launcher)
+        proc = run(cmd, log, limit)
+        rows, rate = summary_rows(self.run_dir("bf16", self.moat)), self._rate(s, log, compiled=False)
         with open(log, errors="replace") as f:
             syncs = [line.split("sync debug: ", 1)[1].strip() for line in f if "sync debug: " in line]
+        ok = proc.returncode == 0 and len(rows) == 1 and rate is not None
         what = "DDP/NCCL + SyncBatchNorm" if self.launcher else "1 GPU" if self.gpus else "CPU"
         sync_note = f"; {syncs[-1]}" if syncs else ""
-        self.done(s, ok, f"{what}, val top-1 {rows[-1]['val_top1']}{sync_note}" if ok else tail(log))
+        self.done(s, ok, f"{what}, {rate}, val top-1 {rows[-1]['val_top1']}{sync_note}" if ok else tail(log))
+
+    def train_compiled(self, s: Step, limit: float) -> None:
+        log = self.log("train_compile")
+        proc = run(self.trainer("--tag", "compile", *self._speed_opts("TRAIN.COMPILE", "True")), log, limit)
+        rate = self._rate(s, log, compiled=True)
+        ok = proc.returncode == 0 and rate is not None
+        self.done(s, ok, rate if ok else tail(log))
 
     def resume(self, s: Step, limit: float) -> None:
         log = self.log("resume")
-        cmd = self.trainer("--tag", "bf16", "--opts", "TRAIN.EPOCHS", "3", launcher=self.launcher)
-        proc = run(cmd, log, limit)
-        rows = summary_rows(self.run_dir("bf16"))
-        ok = proc.returncode == 0 and [r["epoch"] for r in rows] == ["0", "1", "2"]
-        self.done(s, ok, "auto-resumed after epoch 1" if ok else tail(log))
+        opts = self._speed_opts()
+        opts[opts.index("TRAIN.EPOCHS") + 1] = "2"
+        proc = run(self.trainer("--tag", "bf16", *opts, launcher=self.launcher), log, limit)
+        rows = summary_rows(self.run_dir("bf16", self.moat))
+        ok = proc.returncode == 0 and [r["epoch"] for r in rows] == ["0", "1"]
+        self.done(s, ok, "auto-resumed after epoch 0" if ok else tail(log))
 
     def eval_best(self, s: Step, limit: float) -> None:
         log = self.log("eval")
-        best = os.path.join(self.run_dir("bf16"), "best.pth")
-        cmd = self.trainer("--eval", "--resume", best)
+        best = os.path.join(self.run_dir("bf16", self.moat), "best.pth")
+        cmd = self.trainer("--eval", "--resume", best, "--opts", "MODEL.NAME", self.moat)
         cmd[cmd.index("--output") + 1] = os.path.join(self.work, "eval")
         proc = run(cmd, log, limit)
         with open(log, errors="replace") as f:
@@ -365,13 +383,12 @@ class Suite:
         cuda = self.args.device == "cuda"
         self.attempt("environment", 5, self.environment)
         self.attempt("synthetic data", 30, self.synthetic_data)
-        self.attempt("trainer img/s (moat_0)", 45 if cuda else 60, lambda s, t: self.trainer_speed(s, t, False))
-        self.attempt("train --compile", 120 if cuda else 300, lambda s, t: self.trainer_speed(s, t, compiled=True))
-        self.attempt("train bf16 (amp auto)", 40, self.train_bf16)
-        self.attempt("resume to epoch 3", 25, self.resume)
+        self.attempt("train bf16 (amp auto)", 70 if cuda else 60, self.train_bf16)
+        self.attempt("train --compile", 130 if cuda else 300, self.train_compiled)
+        self.attempt("throughput table", 210 if cuda else 60, self.throughput)
+        self.attempt("resume to epoch 2", 40, self.resume)
         self.attempt("eval best.pth", 20, self.eval_best)
-        self.attempt("train fp16 (GradScaler)", 30, self.train_fp16)
-        self.attempt("throughput table", 180 if cuda else 60, self.throughput)
+        self.attempt("train fp16 (GradScaler)", 40, self.train_fp16)
         self.attempt("profile moat_0 train", 40 if cuda else 30, lambda s, t: self.profile(s, t, compiled=False))
         self.attempt("attention kernels", 60 if cuda else 30, self.attention)
         self.attempt("profile moat_0 train compiled", 60 if cuda else 300, lambda s, t: self.profile(s, t, True))

@@ -114,8 +114,8 @@ def test_gpu_suite_runs_every_step_on_the_cpu_at_toy_sizes_and_ends_with_its_sum
     compiling = ("train --compile", "profile moat_0 train compiled")
     assert all(steps[name]["status"] == "skipped" for name in compiling)
     assert all(s["status"] == "ok" for name, s in steps.items() if name not in compiling), steps
-    assert steps["resume to epoch 3"]["result"] == "auto-resumed after epoch 1"
-    assert "x the model-only train row" in steps["trainer img/s (moat_0)"]["result"]
+    assert steps["resume to epoch 2"]["result"] == "auto-resumed after epoch 0"
+    assert "x the model-only train row" in steps["train bf16 (amp auto)"]["result"]
 
 
 def test_loader_throughput_prints_a_row_per_format_and_worker_count():
