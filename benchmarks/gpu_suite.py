@@ -10,7 +10,8 @@ would not fit; the last thing printed is one table of every step (status, second
     python benchmarks/gpu_suite.py --budget 300 --logs $OUT # what fits in 5 minutes, logs kept
     python benchmarks/gpu_suite.py --device cpu --quick     # the same plumbing in a minute (tests)
 
-Steps, in order: ``main.py`` on a synthetic folder of ImageNet-sized JPEGs with the shipped
+Steps, in order: the card's copy bandwidth and matrix rate with the models' floors at them
+(``roofline.py --measure``); ``main.py`` on a synthetic folder of ImageNet-sized JPEGs with the shipped
 default recipe: MOAT-0 for an epoch with ``--amp auto`` (bf16) and ``--sync-debug`` (through
 ``torchrun`` with NCCL and SyncBatchNorm on 2+ GPUs) and with ``--compile``, each giving the
 trainer's img/s; the model-only throughput table (MOAT vs CoAtNet, eager and compiled, bf16,
@@ -243,6 +244,20 @@ class Suite:
         env += f", {os.cpu_count()} CPUs"
         self.done(s, True, env)
 
+    def roofline(self, s: Step, limit: float) -> None:
+        """The card's two ceilings, measured, and the floors of the table's models at them."""
+        log = self.log("roofline")
+        cmd = [sys.executable, "benchmarks/roofline.py", "--measure", self.args.device]
+        if self.quick:
+            cmd += ["--matmul-size", "256", "--copy-mib", "16", "--models", "tiny_moat_0", "--baseline", "tiny_moat_0"]
+        proc = run(cmd, log, limit)
+        with open(log, errors="replace") as f:
+            text = f.read()
+        measured = re.findall(r"measured on .*", text)
+        self.done(s, proc.returncode == 0 and bool(measured), measured[-1] if measured else tail(log))
+        if proc.returncode == 0:
+            print(text)
+
     def synthetic_data(self, s: Step, limit: float) -> None:
         size = (64, 48) if self.quick else (500, 375)
         classes, n_train, n_val = (3, 16, 4) if self.quick else (10, 640, 20)
@@ -382,6 +397,7 @@ class Suite:
     def run_all(self) -> None:
         cuda = self.args.device == "cuda"
         self.attempt("environment", 5, self.environment)
+        self.attempt("roofline", 20, self.roofline)
         self.attempt("synthetic data", 30, self.synthetic_data)
         self.attempt("train bf16 (amp auto)", 70 if cuda else 60, self.train_bf16)
         self.attempt("train --compile", 130 if cuda else 300, self.train_compiled)

@@ -10,16 +10,21 @@ three times the forward's bytes (forward, input gradient, weight gradient) plus 
 statistics re-read.
 
     python benchmarks/roofline.py --models moat_0,coatnet_0_rw_224,tiny_moat_0,coatnet_nano_rw_224
+    python benchmarks/roofline.py --measure cuda     # the floors at this card's measured rates
 
-Runs on the meta device: no weights, no arithmetic, seconds on any machine.
+The counts run on the meta device: no weights, no arithmetic, seconds on any machine.
+``--measure`` first times the two ceilings on a device (a 1 GiB device-to-device copy, bytes read
+plus written; an 8192^3 bf16 matrix product on random data, median of 10 after warm-up).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
-from typing import Dict, List, Optional
+import time
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +92,32 @@ def tally(name: str, batch: int, img_size: int, width: int) -> Tally:
     return mode
 
 
+def _median_seconds(fn, device: torch.device, repeats: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_ceilings(device: torch.device, copy_bytes: int = 2**30, matmul_size: int = 8192) -> Tuple[float, float]:
+    """(TB/s, TFLOP/s) on ``device``: copy bandwidth counting bytes read and written, and the
+    bf16 matrix-product rate on random data (zeros run faster than real data on some cards)."""
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy_s = _median_seconds(lambda: dst.copy_(src), device)
+    a, b = (torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16) for _ in range(2))
+    mm_s = _median_seconds(lambda: a @ b, device)
+    return 2 * copy_bytes / copy_s / 1e12, 2 * matmul_size**3 / mm_s / 1e12
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="moat_0,coatnet_0_rw_224,tiny_moat_0,coatnet_nano_rw_224")
@@ -96,12 +127,20 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--tflops", type=float, default=798.0, help="matrix throughput, TFLOP/s (H100 bf16, measured)")
     p.add_argument("--tbps", type=float, default=3.0, help="copy bandwidth, TB/s read+written (H100, measured)")
     p.add_argument("--baseline", default="coatnet_0_rw_224")
+    p.add_argument("--measure", metavar="DEVICE", help="measure --tflops and --tbps on this device first")
+    p.add_argument("--matmul-size", type=int, default=8192, help="with --measure: the square product's size")
+    p.add_argument("--copy-mib", type=int, default=1024, help="with --measure: the copied buffer's MiB")
     args = p.parse_args(argv)
+    if args.measure:
+        device = torch.device(args.measure)
+        args.tbps, args.tflops = measure_ceilings(device, args.copy_mib * 2**20, args.matmul_size)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(f"measured on {name}: copy {args.tbps:.2f} TB/s, bf16 matrix product {args.tflops:.0f} TFLOP/s")
     names = [n for n in args.models.split(",") if n]
     results = {n: tally(n, args.batch_size, args.img_size, args.bytes_per_element) for n in names}
     b = args.batch_size
     print(f"forward at {args.img_size} px, batch {b}, {args.bytes_per_element}-byte activations; "
-          f"floors at {args.tflops:g} TFLOP/s and {args.tbps:g} TB/s\n")  # fmt: skip
+          f"floors at {args.tflops:.0f} TFLOP/s and {args.tbps:.2f} TB/s\n")  # fmt: skip
     head = "| model | GFLOPs/img | MB/img (floor) | FLOP/byte | ms floor, math | ms floor, memory | bytes x baseline |"
     print(head + "\n|---|---:|---:|---:|---:|---:|---:|")
     base = results.get(args.baseline)
