@@ -12,6 +12,8 @@ the bias all needing gradients) per variant and checks each against a float32 re
 - ``cudnn``: SDPA's cuDNN backend (where this torch build accepts a float mask there);
 - ``math``: ``models.moat.explicit_attention`` (the reference path, softmax in float32);
 - ``flex``: ``torch.nn.attention.flex_attention`` compiled, the bias added by a ``score_mod``;
+- ``flex, padded bias``: the same with the bias padded to whole 128-token blocks, so the kernel's
+  padded positions index inside it;
 - ``flash, no bias``: a lower bound that ignores the bias (not MOAT's function).
 
     python benchmarks/attention_variants.py --device cuda --dtype bf16
@@ -23,15 +25,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_seconds  # noqa: E402
 from models.moat import explicit_attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,6 +80,20 @@ def variants() -> Dict[str, Callable]:
             return compiled(q, k, v, score_mod=score_mod, scale=scale)
 
         out["flex"] = flex
+
+        def flex_padded(q, k, v, bias, scale):
+            # The kernel works in blocks of 128 tokens and calls score_mod on the padded positions
+            # too: a bias padded to whole blocks keeps those reads (and gradient writes) in bounds.
+            n = bias.shape[-1]
+            pad = -(-n // 128) * 128 - n
+            padded = F.pad(bias, (0, pad, 0, pad))
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score + padded[h, q_idx, kv_idx]
+
+            return compiled(q, k, v, score_mod=score_mod, scale=scale)
+
+        out["flex, padded bias"] = flex_padded
     except ImportError:
         pass
     return out
@@ -89,22 +104,7 @@ def time_variant(fn, q, k, v, bias, scale, steps: int, device) -> float:
         out = fn(q, k, v, bias, scale)
         out.backward(torch.ones_like(out))
 
-    for _ in range(3):
-        once()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            once()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            once()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(once, device, repeats=steps)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

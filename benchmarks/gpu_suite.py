@@ -17,7 +17,8 @@ default recipe: MOAT-0 for an epoch with ``--amp auto`` (bf16) and ``--sync-debu
 trainer's img/s; the model-only throughput table (MOAT vs CoAtNet, eager and compiled, bf16,
 channels_last, one drop-path rate for all), which the trainer's img/s are divided by;
 auto-resume to a second epoch; ``--eval`` of ``best.pth``; fp16 with the GradScaler; a profile
-of MOAT-0's training step; MOAT's attention through each kernel; the compiled profile.
+of MOAT-0's training step; MOAT's attention through each kernel; the stride-2 depthwise
+convolutions with and without their pad copy; the compiled profile.
 """
 
 from __future__ import annotations
@@ -281,7 +282,7 @@ class Suite:
             wanted = "moat_0:train,tiny_moat_0:train,coatnet_0_rw_224:infer,moat_0:infer"
             compiled = ["--compile", "off,on", "--compiled-models", wanted]
         cmd = [sys.executable, "benchmarks/model_throughput.py", "--device", self.args.device, "--models", models,
-               "--modes", "train,infer", "--dtype", "fp32" if self.args.device == "cpu" else "bf16",
+               "--modes", "train,infer", "--dtype", self.dtype,
                "--channels-last", "on", *compiled, "--batch-size", str(2 if self.quick else self.batch),
                "--img-size", "224", "--warmup", "1" if self.quick else "3",
                "--steps", "1" if self.quick else "10",
@@ -297,29 +298,37 @@ class Suite:
                     if r["mode"] == "train":
                         self.model_only[(r["model"], r["compile"])] = r["img_s"]
 
-    def profile(self, s: Step, limit: float, compiled: bool) -> None:
-        log = self.log("profile_compiled" if compiled else "profile")
-        cmd = [sys.executable, "benchmarks/profile_model.py", "--model", self.moat, "--mode", "train",
-               "--device", self.args.device, "--batch-size", str(self.batch), "--img-size", str(self.img),
-               "--dtype", "fp32" if self.args.device == "cpu" else "bf16", "--steps", "1" if self.quick else "3",
-               "--rows", "25" if compiled else "20"] + (["--compile"] if compiled else [])  # fmt: skip
-        proc = run(cmd, log, limit)
-        self.done(s, proc.returncode == 0, "op table above" if proc.returncode == 0 else tail(log))
-        if proc.returncode == 0:
-            with open(log) as f:
-                print(f.read())
-
-    def attention(self, s: Step, limit: float) -> None:
-        log = self.log("attention")
-        cmd = [sys.executable, "benchmarks/attention_variants.py", "--device", self.args.device,
-               "--dtype", "fp32" if self.args.device == "cpu" else "bf16"]  # fmt: skip
-        if self.quick:
-            cmd += ["--batch-size", "2", "--steps", "1", "--shapes", "2x49", "--only", "math"]
+    def _table_step(self, s: Step, name: str, cmd: List[str], limit: float) -> None:
+        """Run a benchmark script whose output is a table, and print the table."""
+        log = self.log(name)
         proc = run(cmd, log, limit)
         self.done(s, proc.returncode == 0, "table above" if proc.returncode == 0 else tail(log))
         if proc.returncode == 0:
             with open(log) as f:
                 print(f.read())
+
+    @property
+    def dtype(self) -> str:
+        return "fp32" if self.args.device == "cpu" else "bf16"
+
+    def profile(self, s: Step, limit: float, compiled: bool) -> None:
+        cmd = [sys.executable, "benchmarks/profile_model.py", "--model", self.moat, "--mode", "train",
+               "--device", self.args.device, "--batch-size", str(self.batch), "--img-size", str(self.img),
+               "--dtype", self.dtype, "--steps", "1" if self.quick else "3",
+               "--rows", "25" if compiled else "20"] + (["--compile"] if compiled else [])  # fmt: skip
+        self._table_step(s, "profile_compiled" if compiled else "profile", cmd, limit)
+
+    def attention(self, s: Step, limit: float) -> None:
+        cmd = [sys.executable, "benchmarks/attention_variants.py", "--device", self.args.device, "--dtype", self.dtype]
+        if self.quick:
+            cmd += ["--batch-size", "2", "--steps", "1", "--shapes", "2x49", "--only", "math"]
+        self._table_step(s, "attention", cmd, limit)
+
+    def depthwise(self, s: Step, limit: float) -> None:
+        cmd = [sys.executable, "benchmarks/depthwise_variants.py", "--device", self.args.device, "--dtype", self.dtype]
+        if self.quick:
+            cmd += ["--batch-size", "2", "--steps", "1", "--shapes", "8x14", "--no-compile"]
+        self._table_step(s, "depthwise", cmd, limit)
 
     def _speed_opts(self, *opts: str) -> List[str]:
         """One epoch of MOAT-0 (``self.moat``) with the recipe of the suite's config."""
@@ -407,6 +416,7 @@ class Suite:
         self.attempt("train fp16 (GradScaler)", 40, self.train_fp16)
         self.attempt("profile moat_0 train", 40 if cuda else 30, lambda s, t: self.profile(s, t, compiled=False))
         self.attempt("attention kernels", 60 if cuda else 30, self.attention)
+        self.attempt("depthwise pad variants", 60 if cuda else 30, self.depthwise)
         self.attempt("profile moat_0 train compiled", 60 if cuda else 300, lambda s, t: self.profile(s, t, True))
 
     def print_summary(self) -> None:

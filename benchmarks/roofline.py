@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -34,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm
 
 import models  # noqa: F401 (registers the MOAT variants with timm)
+from benchmarks.timing import median_seconds
 
 
 def _numel(t: Optional[torch.Tensor]) -> int:
@@ -92,29 +91,14 @@ def tally(name: str, batch: int, img_size: int, width: int) -> Tally:
     return mode
 
 
-def _median_seconds(fn, device: torch.device, repeats: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure_ceilings(device: torch.device, copy_bytes: int = 2**30, matmul_size: int = 8192) -> Tuple[float, float]:
     """(TB/s, TFLOP/s) on ``device``: copy bandwidth counting bytes read and written, and the
     bf16 matrix-product rate on random data (zeros run faster than real data on some cards)."""
     src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    copy_s = _median_seconds(lambda: dst.copy_(src), device)
+    copy_s = median_seconds(lambda: dst.copy_(src), device)
     a, b = (torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16) for _ in range(2))
-    mm_s = _median_seconds(lambda: a @ b, device)
+    mm_s = median_seconds(lambda: a @ b, device)
     return 2 * copy_bytes / copy_s / 1e12, 2 * matmul_size**3 / mm_s / 1e12
 
 
