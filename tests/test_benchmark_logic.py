@@ -1,12 +1,13 @@
 """Fast checks of what the benchmark scripts compute besides timings: the roofline's FLOP and
-byte counts, the throughput table's row selection, and how the GPU suite reads trainer logs."""
+byte counts, the throughput table's row selection, how the GPU suite reads trainer logs, and that
+the pad-free depthwise variant computes the model's function."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from benchmarks import gpu_suite, model_throughput, roofline
+from benchmarks import depthwise_variants, gpu_suite, model_throughput, roofline
 
 
 def test_roofline_counts_a_convolution_by_hand():
@@ -63,3 +64,18 @@ def test_roofline_table_puts_the_baseline_at_one(capsys):
     roofline.main(["--models", "tiny_moat_0,coatnet_nano_rw_224", "--baseline", "coatnet_nano_rw_224"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| coatnet_nano_rw_224 | 4")]
     assert rows and rows[0].endswith("| 1.00 |")
+
+
+def test_zero_bordered_4x4_kernel_is_tf_same_stride_2_with_its_gradients():
+    torch.manual_seed(0)
+    for size in (6, 14):
+        x = torch.randn(2, 5, size, size, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+        grads = []
+        for fn in (depthwise_variants.pad_then_conv, depthwise_variants.conv4x4):
+            x.grad = w.grad = None
+            out = fn(x, w)
+            out.backward(torch.ones_like(out))
+            grads.append((out.detach(), x.grad.clone(), w.grad.clone()))
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
