@@ -613,6 +613,7 @@ _LAUNCH_KEYS = {
     "DEVICE",
     "OUTPUT",
     "TAG",
+    "TRAIN.SYNC_DEBUG",  # a debugging aid: warnings only
     # Where a run is logged to does not change what it trains.
     "TRACKING.WANDB",
     "TRACKING.WANDB_PROJECT",

@@ -125,8 +125,12 @@ def test_a_saved_config_of_an_older_version_with_launch_keys_still_loads(tmp_pat
 def test_config_differences_name_the_changed_keys_and_ignore_launch_keys():
     from config import config_differences
 
-    old = {"TRAIN": {"BASE_LR": 0.1, "AUTO_RESUME": True}, "LOCAL_RANK": 0, "DATA": {"MEAN": [1, 2]}}
-    new = {"TRAIN": {"BASE_LR": 0.2, "AUTO_RESUME": False}, "DATA": {"MEAN": (1, 2)}}
+    old = {
+        "TRAIN": {"BASE_LR": 0.1, "AUTO_RESUME": True, "SYNC_DEBUG": True},
+        "LOCAL_RANK": 0,
+        "DATA": {"MEAN": [1, 2]},
+    }
+    new = {"TRAIN": {"BASE_LR": 0.2, "AUTO_RESUME": False, "SYNC_DEBUG": False}, "DATA": {"MEAN": (1, 2)}}
     assert config_differences(old, new) == ["TRAIN.BASE_LR: 0.1 -> 0.2"]
 
 
