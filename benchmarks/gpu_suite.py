@@ -217,8 +217,8 @@ class Suite:
         return os.path.join(self.out, model, tag)
 
     def add_model_only_ratios(self) -> None:
-        """Trainer img/s next to the throughput table's model-only train row (same model, same
-        compile setting), once both steps have run."""
+        """Trainer img/s per GPU next to the throughput table's model-only train row (same model,
+        same compile setting), once both steps have run."""
         for st in self.steps:
             rate, ref = st.details.get("trainer_img_per_s"), None
             if rate is not None:
@@ -343,13 +343,15 @@ class Suite:
             *opts,
         ]
 
-    def _rate(self, s: Step, log: str, compiled: bool) -> Optional[str]:
-        """The trainer's steady img/s from its log, kept for the model-only ratio."""
-        rate = trainer_img_per_s(log, self.batch, max(1, self.gpus))
+    def _rate(self, s: Step, log: str, compiled: bool, world: int = 1) -> Optional[str]:
+        """The trainer's steady img/s (all ``world`` processes) from its log; per GPU it is
+        kept for the model-only ratio."""
+        rate = trainer_img_per_s(log, self.batch, world)
         if rate is None:
             return None
-        s.details.update(trainer_img_per_s=rate, compiled=float(compiled))
-        return f"{rate:.0f} img/s (batch {self.batch}/GPU, {self.args.workers} workers)"
+        s.details.update(trainer_img_per_s=rate / world, compiled=float(compiled))
+        per_gpu = f", {rate / world:.0f} per GPU" if world > 1 else ""
+        return f"{rate:.0f} img/s{per_gpu} (batch {self.batch}/GPU, {self.args.workers} workers)"
 
     def train_bf16(self, s: Step, limit: float) -> None:
         """``--amp auto`` (bf16) with ``--sync-debug``: the trainer's img/s (loader, device
@@ -357,7 +359,8 @@ class Suite:
         log = self.log("train_bf16")
         cmd = self.trainer("--tag", "bf16", "--sync-debug", *self._speed_opts(), launcher=self.launcher)
         proc = run(cmd, log, limit)
-        rows, rate = summary_rows(self.run_dir("bf16", self.moat)), self._rate(s, log, compiled=False)
+        world = self.gpus if self.launcher else 1
+        rows, rate = summary_rows(self.run_dir("bf16", self.moat)), self._rate(s, log, compiled=False, world=world)
         with open(log, errors="replace") as f:
             syncs = [line.split("sync debug: ", 1)[1].strip() for line in f if "sync debug: " in line]
         ok = proc.returncode == 0 and len(rows) == 1 and rate is not None
