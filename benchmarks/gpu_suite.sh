@@ -3,12 +3,13 @@
 # installs the pure-Python requirements carried as wheels in .whl/ (if any), then runs
 # benchmarks/gpu_suite.py and prints its summary table last. Extra arguments go to gpu_suite.py.
 #
-#   bash benchmarks/gpu_suite.sh                 # CUDA, ~8 minutes on one H100
+#   bash benchmarks/gpu_suite.sh                 # CUDA, ~9 minutes on one H100
+#   bash benchmarks/gpu_suite.sh --budget 470    # what fits in 8 minutes
 #   bash benchmarks/gpu_suite.sh --skip "train --compile"
 #
 # Carrying the wheels (on a machine with network, in the repository root):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl yacs==0.1.8
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl yacs==0.1.8 braceexpand==0.1.7
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
