@@ -13,11 +13,12 @@ a :class:`~models.config.MoatCfg`; every registered variant is one
 fields (``timm.create_model('moat_0', depths=(2, 3, 5, 2))``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.fx copies forward's annotations into the code
+# it generates, and TorchScript cannot read them back as strings (fx + script).
+import contextlib
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,13 @@ from timm.layers import (
     get_act_layer,
     get_norm_layer,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    register_model,
+    register_notrace_function,
+    register_notrace_module,
+)
 from timm.models._features import feature_take_indices
 
 # timm.utils, not timm.models: the latter re-exports it only in some releases (not 1.0.29).
@@ -41,7 +48,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import FIELD_NAMES, MOAT_CFGS, MoatCfg, resolve_cfg
 
-__all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "create_moat", "list_variants"]
+__all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "checkpoint_filter_fn", "create_moat", "list_variants"]
 
 # Official defaults of the building blocks when used on their own (a MOAT passes its config's).
 _BATCH_NORM = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)  # Keras BatchNormalization(0.99, 1e-3)
@@ -91,6 +98,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+@register_notrace_module  # torch.fx: the padding depends on the input size (a leaf, like timm's AvgPool2dSame)
 class AvgPool2dTFSame(nn.Module):
     """Average pool with TensorFlow 'SAME' padding that excludes padded cells from the mean.
 
@@ -105,22 +113,22 @@ class AvgPool2dTFSame(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad = _tf_same_pad(x.shape[-2:], self.pool_size, self.stride)
-        if not any(pad):
+        pad = _tf_same_pad([x.shape[-2], x.shape[-1]], self.pool_size, self.stride)
+        if sum(pad) == 0:
             return F.avg_pool2d(x, self.pool_size, self.stride)
         summed = F.avg_pool2d(F.pad(x, pad), self.pool_size, self.stride, divisor_override=1)
-        ones = torch.ones((1, 1) + tuple(x.shape[-2:]), dtype=x.dtype, device=x.device)
+        ones = torch.ones([1, 1, x.shape[-2], x.shape[-1]], dtype=x.dtype, device=x.device)
         counts = F.avg_pool2d(F.pad(ones, pad), self.pool_size, self.stride, divisor_override=1)
         return summed / counts
 
 
-def _tf_same_pad(size: Sequence[int], kernel: int, stride: int) -> Tuple[int, int, int, int]:
-    """F.pad amounts (left, right, top, bottom) of TensorFlow 'SAME' padding."""
-    pads = []
-    for s in (size[1], size[0]):
-        total = max((math.ceil(s / stride) - 1) * stride + kernel - s, 0)
+def _tf_same_pad(size: List[int], kernel: int, stride: int) -> List[int]:
+    """F.pad amounts [left, right, top, bottom] of TensorFlow 'SAME' padding for ``size`` [H, W]."""
+    pads: List[int] = []
+    for s in [size[1], size[0]]:
+        total = max((-(-s // stride) - 1) * stride + kernel - s, 0)  # -(-s // stride): ceil(s / stride)
         pads += [total // 2, total - total // 2]
-    return tuple(pads)
+    return pads
 
 
 def _require_eval(*norms: nn.BatchNorm2d) -> None:
@@ -273,6 +281,7 @@ class MBConvBlock(nn.Module):
         self.pre_norm, self.norm1, self.norm2 = nn.Identity(), nn.Identity(), nn.Identity()
 
 
+@register_notrace_module  # torch.fx: the window size and the caches depend on the input (a leaf module)
 class RelativePositionBias(nn.Module):
     """Learned relative-position bias with a fixed-size table resized to any attention window.
 
@@ -285,8 +294,11 @@ class RelativePositionBias(nn.Module):
     Caching: the gather index is built once per window size. The gathered bias itself is cached
     when no gradient is needed (eval, ``torch.no_grad``) and re-used until the table changes
     (tracked through its in-place version counter, which optimizer steps and ``load_state_dict``
-    bump); in training it is recomputed so gradients reach the table.
+    bump); in training it is recomputed so gradients reach the table. TorchScript compiles the
+    uncached path (same values), as the caches are Python dicts.
     """
+
+    __jit_ignored_attributes__ = ["_index_cache", "_bias_cache"]
 
     def __init__(self, num_heads: int, native_window: int) -> None:
         super().__init__()
@@ -300,44 +312,34 @@ class RelativePositionBias(nn.Module):
     @staticmethod
     def build_index(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
         """``[h*w, h*w]`` flat indices into a ``[2h-1, 2w-1]`` table (query rows, key columns)."""
-        i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        i, j = i.flatten(), j.flatten()
-        rel_h = i[None, :] - i[:, None] + h - 1  # key row - query row
-        rel_w = j[None, :] - j[:, None] + w - 1  # key col - query col
-        return rel_h * (2 * w - 1) + rel_w
+        return _relative_index(h, w, device)
 
+    @torch.jit.unused
     def _index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         """``[h*w, padded(h*w)]`` gather index: ``build_index`` plus columns that point one past
         the table (a zero appended in ``compute``), so each bias row is a multiple of
         ``BIAS_ALIGNMENT`` long (unpadded under ``torch.jit.trace``, for exports)."""
         if torch.jit.is_tracing():  # exports: no padding, whose width would freeze at the traced size
-            return self.build_index(h, w, device)
-        if _is_tracing():  # keep scripting/compiling from seeing new tensor attributes
-            return self._padded_index(h, w, device)
+            return _relative_index(h, w, device)
+        if torch.compiler.is_compiling():  # keep compiling from seeing new tensor attributes
+            return _padded_index(h, w, device)
         key = (h, w, device)
         index = self._index_cache.get(key)
         if index is None:
-            index = self._padded_index(h, w, device)
+            index = _padded_index(h, w, device)
             self._index_cache[key] = index
-        return index
-
-    def _padded_index(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        n = h * w
-        zero_slot = (2 * h - 1) * (2 * w - 1)
-        index = torch.full((n, _aligned(n)), zero_slot, dtype=torch.long, device=device)
-        index[:, :n] = self.build_index(h, w, device)
         return index
 
     def resized_table(self, h: int, w: int) -> torch.Tensor:
         """The table resized to ``[heads, 2h-1, 2w-1]`` (the table itself at the native size)."""
         table = self.relative_position_bias_table
-        size = (2 * h - 1, 2 * w - 1)
         # A trace (TorchScript, ONNX) must keep the resize even at the native size, where it is
         # the identity, or the exported graph would only be valid at that size.
-        if tuple(table.shape[-2:]) == size and not torch.jit.is_tracing():
+        if table.shape[-2] == 2 * h - 1 and table.shape[-1] == 2 * w - 1 and not torch.jit.is_tracing():
             return table
         # antialias=False matches TF2's tf.image.resize(method='bilinear') default.
-        return F.interpolate(table.float()[None], size=size, mode="bilinear", align_corners=False)[0]
+        size = (2 * h - 1, 2 * w - 1)
+        return F.interpolate(table.float().unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
 
     def compute(self, h: int, w: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Bias ``[heads, h*w, h*w]`` for an ``h x w`` window, always recomputed.
@@ -348,22 +350,35 @@ class RelativePositionBias(nn.Module):
         the padded copy out in a way the CUDA backward rejects.
         """
         table = self.resized_table(h, w)
-        index = self._index(h, w, table.device)
+        if torch.jit.is_scripting():
+            index = _padded_index(h, w, table.device)
+        else:
+            index = self._index(h, w, table.device)
         n = h * w
         # index_select (backward: index_add_) rather than advanced indexing (backward: a sorting
         # index_put_ with accumulate): same values, a cheaper gradient in training. The appended
         # zero fills the padding columns.
-        flat = F.pad(table.flatten(1), (0, 1))
+        flat = F.pad(table.flatten(1), [0, 1])
         bias = flat.index_select(1, index.flatten()).view(-1, n, index.shape[1])
         if dtype is not None:
             bias = bias.to(dtype)  # before slicing: a copy of the sliced view would lose the layout
-        return bias[..., :n]
+        return bias[:, :, :n]
 
     def forward(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.compute(h, w, dtype)
+        else:
+            return self._cached(h, w, dtype)
+
+    @torch.jit.unused
+    def _cached(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor:
         table = self.relative_position_bias_table
         # Inference tensors (a model built under torch.inference_mode) have no version counter.
         cacheable = (
-            not (torch.is_grad_enabled() and table.requires_grad) and not _is_tracing() and not table.is_inference()
+            not (torch.is_grad_enabled() and table.requires_grad)
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+            and not table.is_inference()
         )
         if not cacheable:
             return self.compute(h, w, dtype)
@@ -389,12 +404,26 @@ class RelativePositionBias(nn.Module):
 BIAS_ALIGNMENT = 8
 
 
-def _aligned(n: int) -> int:
-    return -(-n // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
+def _aligned(n: int, alignment: int = BIAS_ALIGNMENT) -> int:
+    return -(-n // alignment) * alignment
 
 
-def _is_tracing() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+def _relative_index(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``[h*w, h*w]`` flat indices into a ``[2h-1, 2w-1]`` table (query rows, key columns)."""
+    i, j = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    i, j = i.flatten(), j.flatten()
+    rel_h = i[None, :] - i[:, None] + h - 1  # key row - query row
+    rel_w = j[None, :] - j[:, None] + w - 1  # key col - query col
+    return rel_h * (2 * w - 1) + rel_w
+
+
+def _padded_index(h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """``_relative_index`` with extra columns pointing at the zero appended after the table."""
+    n = h * w
+    zero_slot = (2 * h - 1) * (2 * w - 1)
+    index = torch.full((n, _aligned(n)), zero_slot, dtype=torch.long, device=device)
+    index[:, :n] = _relative_index(h, w, device)
+    return index
 
 
 class Attention(nn.Module):
@@ -402,11 +431,9 @@ class Attention(nn.Module):
 
     q, k, v (one fused projection, each ``dim`` wide: ``dim / head_dim`` heads of ``head_dim``
     channels, with bias), scale ``head_dim^-0.5``, optional relative bias as an additive float
-    mask, output projection with bias. ``fused_attn`` selects
+    mask, output projection with bias. ``fused_attn`` (default True) selects
     ``F.scaled_dot_product_attention``; the explicit path (softmax in float32) is the reference.
     """
-
-    fused_attn: bool = True
 
     def __init__(
         self,
@@ -421,6 +448,7 @@ class Attention(nn.Module):
             raise ValueError(f"attention channels {dim} are not divisible by the head dim {head_dim}")
         if window_size is not None and window_size <= 0:
             raise ValueError(f"window_size must be a positive int or None (global), got {window_size}")
+        self.fused_attn = True
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
@@ -431,16 +459,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        if self.window_size is None:
-            wh, ww = H, W
-        else:
-            wh = ww = self.window_size
-            if H % wh or W % ww:
-                raise ValueError(
-                    f"attention window {self.window_size} does not divide the {H}x{W} feature map; "
-                    f"pick a window that divides it or use global attention (window 0)"
-                )
-        x = _window_partition(x, wh, ww)  # [B * nW, wh * ww, C]
+        wh, ww = window_dims(H, W, self.window_size)
+        x = window_partition(x, wh, ww)  # [B * nW, wh * ww, C]
         Bw, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.rel_pos(wh, ww, q.dtype) if self.rel_pos is not None else None
@@ -452,7 +472,7 @@ class Attention(nn.Module):
         else:
             x = explicit_attention(q, k, v, bias, self.scale)
         x = self.proj(x.transpose(1, 2).reshape(Bw, N, C))
-        return _window_reverse(x, wh, ww, B, H, W)
+        return window_reverse(x, wh, ww, B, H, W)
 
 
 def explicit_attention(
@@ -466,19 +486,37 @@ def explicit_attention(
     return attn @ v
 
 
-def _window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+# The window helpers branch on the input size: torch.fx records each as one call
+# (register_notrace_function), so a traced graph stays valid at every input size. Their names
+# are public because torch.fx wraps no function whose name starts with an underscore.
+@register_notrace_function
+def window_dims(H: int, W: int, window_size: Optional[int]) -> Tuple[int, int]:
+    """The attention window for an ``H x W`` map: the whole map under global attention."""
+    if window_size is None:
+        return H, W
+    if H % window_size != 0 or W % window_size != 0:
+        raise ValueError(
+            f"attention window {window_size} does not divide the {H}x{W} feature map; "
+            f"pick a window that divides it or use global attention (window 0)"
+        )
+    return window_size, window_size
+
+
+@register_notrace_function
+def window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
     """``[B, H, W, C]`` -> ``[B * nW, wh * ww, C]`` (a plain flatten under global attention)."""
     B, H, W, C = x.shape
-    if (wh, ww) == (H, W):
+    if wh == H and ww == W:
         return x.reshape(B, H * W, C)
     x = x.view(B, H // wh, wh, W // ww, ww, C).transpose(2, 3)
     return x.reshape(-1, wh * ww, C)
 
 
-def _window_reverse(x: torch.Tensor, wh: int, ww: int, B: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of ``_window_partition``: back to ``[B, H, W, C]``."""
+@register_notrace_function
+def window_reverse(x: torch.Tensor, wh: int, ww: int, B: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of ``window_partition``: back to ``[B, H, W, C]``."""
     C = x.shape[-1]
-    if (wh, ww) == (H, W):
+    if wh == H and ww == W:
         return x.reshape(B, H, W, C)
     x = x.view(B, H // wh, W // ww, wh, ww, C).transpose(2, 3)
     return x.reshape(B, H, W, C)
@@ -557,6 +595,8 @@ class MOAT(nn.Module):
         in_chans: input channels.
         drop_rate: dropout before the classifier.
         global_pool: 'avg' (the official head) or '' (no pooling).
+        device, dtype: where and in which dtype to create the parameters (``device='meta'``
+            allocates nothing), as every timm model takes them.
         **kwargs: :class:`~models.config.MoatCfg` fields that override ``cfg`` (``depths=``,
             ``dims=``, ``window_size=``, ``pool_size=``, ``bn_momentum=``, ``drop_path_rate=``,
             ...). ``drop_path_rate=None`` keeps the config's rate. ``window_size`` takes None / 0
@@ -571,17 +611,29 @@ class MOAT(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
-        **kwargs,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         if "drop_path_rate" in kwargs and kwargs["drop_path_rate"] is None:
             del kwargs["drop_path_rate"]
         unknown = sorted(set(kwargs) - set(FIELD_NAMES))
-        if unknown:
-            raise ValueError(f"unknown MOAT arguments: {unknown}")
+        if unknown:  # a TypeError, as for any Python callable given a keyword it does not take
+            raise TypeError(f"unknown MOAT arguments: {unknown}; accepted: MoatCfg fields and {_MOAT_ARGS}")
         cfg = cfg.replace(**kwargs)
+        # The device as a context (torch >= 2.0) creates every parameter there directly, through
+        # timm's layers too, whatever their version; the dtype is applied once at the end.
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self._build(cfg, num_classes, in_chans, drop_rate, global_pool)
+        if dtype is not None:
+            self.to(dtype=dtype)
+
+    def _build(self, cfg: MoatCfg, num_classes: int, in_chans: int, drop_rate: float, global_pool: str) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.total_stride = cfg.total_stride
         self.drop_rate = drop_rate
         self.window_size = cfg.stage_windows
         self.num_features = cfg.dims[-1]
@@ -659,6 +711,9 @@ class MOAT(nn.Module):
         )
         # Dense-task features are the stage outputs after the activation (official endpoints).
         self.feature_act = act_layer()
+        # Applied to forward_features' output: the identity, until pruning for backbone use drops
+        # the head's norm; then forward_features ends at the (activated) tap, as features_only.
+        self.final_act = nn.Identity()
         self.apply(_init_weights)
         for m in self.modules():
             if isinstance(m, RelativePositionBias):
@@ -709,23 +764,13 @@ class MOAT(nn.Module):
         if isinstance(self.head.fc, nn.Linear):
             _init_weights(self.head.fc)
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return
-        if x.ndim != 4:
-            raise ValueError(f"MOAT expects a [B, C, H, W] input, got shape {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        stride = self.cfg.total_stride
-        if H % stride or W % stride:
-            raise ValueError(f"input size {H}x{W} is not divisible by {stride} (this MOAT's output stride)")
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C_in, H, W]`` -> last stage map ``[B, C, H/stride, W/stride]``."""
-        self._check_input(x)
+        check_input(x, self.total_stride)
         x = self.stem(x)
         for stage in self.stages:
             x = stage(x)
-        return x
+        return self.final_act(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -757,7 +802,7 @@ class MOAT(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take_indices, max_index = _take_indices(len(self.stages), indices)
-        self._check_input(x)
+        check_input(x, self.total_stride)
         intermediates = []
         x = self.stem(x)
         stages = self.stages[: max_index + 1] if stop_early else self.stages
@@ -767,7 +812,7 @@ class MOAT(nn.Module):
                 intermediates.append(self.feature_act(x))
         if intermediates_only:
             return intermediates
-        return x, intermediates
+        return self.final_act(x), intermediates
 
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
@@ -778,11 +823,32 @@ class MOAT(nn.Module):
         take_indices, max_index = _take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_head:
-            self.reset_classifier(0, "")
+            # reset_other: the head's norm and hidden layer go too (they fit the last stage only).
+            self.num_classes = 0
+            self.head.reset(0, "", reset_other=True)
             self.num_features = self.head_hidden_size = self.cfg.dims[max_index]
         if prune_head or prune_norm:
             self.head.norm = nn.Identity()
+            # forward_features now ends at the last tap, activated as forward_intermediates gives it.
+            self.final_act = act_layer_class(self.cfg.act_layer)().train(self.training)
         return take_indices
+
+
+_MOAT_ARGS = "num_classes, in_chans, drop_rate, global_pool, device, dtype"
+
+
+# torch.fx records the check as one call (it branches on the input shape); TorchScript compiles it.
+@register_notrace_function
+def check_input(x: torch.Tensor, stride: int) -> None:
+    """One-line errors for inputs the model cannot take (skipped while tracing or compiling)."""
+    if not torch.jit.is_scripting():
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return
+    if x.ndim != 4:
+        raise ValueError(f"MOAT expects a [B, C, H, W] input, got shape {list(x.shape)}")
+    H, W = x.shape[-2], x.shape[-1]
+    if H % stride != 0 or W % stride != 0:
+        raise ValueError(f"input size {H}x{W} is not divisible by {stride} (this MOAT's output stride)")
 
 
 def _take_indices(num_stages: int, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
@@ -812,9 +878,85 @@ def _cfg(img_size: int = 224, stride: int = 32, **kwargs) -> dict:
     }
 
 
+# The authors' released ImageNet checkpoints (deeplab2 g3doc/projects/
+# moat_imagenet_pretrained_checkpoints.md), one per architecture with and without position
+# embedding: file stem, training data, input size. tools/convert_deeplab2.py converts them.
+DEEPLAB2_RELEASE_URL = "https://storage.googleapis.com/gresearch/tf-deeplab/checkpoint/"
+_RELEASES: Dict[str, Tuple[str, str, int]] = {
+    "moat_0": ("moat0", "1k", 224),
+    "moat_1": ("moat1", "1k", 224),
+    "moat_2": ("moat2", "22k_and_1k", 384),
+    "moat_3": ("moat3", "22k_and_1k", 512),
+    "moat_4": ("moat4", "22k_and_1k", 512),
+    "tiny_moat_0": ("tiny_moat0", "1k", 256),
+    "tiny_moat_1": ("tiny_moat1", "1k", 256),
+    "tiny_moat_2": ("tiny_moat2", "1k", 256),
+    "tiny_moat_3": ("tiny_moat3", "1k", 256),
+}
+
+
+def release_url(name: str) -> str:
+    """URL of the deeplab2 release that variant ``name`` converts from."""
+    pe = not name.endswith("_no_pe")
+    stem, data, size = _RELEASES[name if pe else name[: -len("_no_pe")]]
+    return f"{DEEPLAB2_RELEASE_URL}{stem}_imagenet_{data}_{size}_{'w' if pe else 'wo'}_position_embedding.tar.gz"
+
+
+def _variant_cfg(name: str) -> dict:
+    _, data, size = _RELEASES[name[: -len("_no_pe")] if name.endswith("_no_pe") else name]
+    return _cfg(
+        DEFAULT_IMG_SIZE[name],
+        origin_url=release_url(name),
+        paper_ids="arXiv:2210.01820",
+        paper_name="MOAT: Alternating Mobile Convolution and Attention Brings Strong Vision Models",
+        notes=(
+            f"No PyTorch weights are published: tools/convert_deeplab2.py converts the authors' release at "
+            f"origin_url (ImageNet-{data.replace('_and_', ' + ')}, {size} px) to a file or a timm hub folder.",
+        ),
+    )
+
+
+# A small custom architecture for tests, as timm registers ``test_*`` models: one stem conv,
+# windowed and global attention, a 5x5 depthwise kernel, the padded 3x3 shortcut pool, a stride-1
+# last stage, a hidden head layer. Not a variant (``list_variants()`` leaves it out).
+TEST_CFG = MoatCfg(
+    stem_dims=(16,),
+    depths=(1, 1, 2, 1),
+    dims=(16, 32, 48, 64),
+    stage_types=("mbconv", "moat", "moat", "moat"),
+    strides=(2, 2, 2, 1),
+    kernel_size=5,
+    pool_size=3,
+    head_dim=16,
+    window_size=(4, None, None),
+    pos_embed_size=(4, 7, 7),
+    head_hidden_size=32,
+)
+
 # timm picks these up at registration (module-level ``default_cfgs``). No weights are published
-# for PyTorch: ``pretrained=True`` needs ``pretrained_cfg_overlay=dict(file=...)``.
-default_cfgs = generate_default_cfgs({name: _cfg(DEFAULT_IMG_SIZE[name]) for name in MOAT_CFGS})
+# for PyTorch: ``pretrained=True`` needs ``pretrained_cfg_overlay=dict(file=...)`` or a hub folder
+# (``models.hub``) through ``local-dir:`` / ``hf-hub:``.
+default_cfgs = generate_default_cfgs(
+    {**{name: _variant_cfg(name) for name in MOAT_CFGS}, "test_moat": _cfg(224, TEST_CFG.total_stride)}
+)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model weights in what timm's pretrained loader read: a state dict as is, or a whole
+    trainer checkpoint (given as ``pretrained_cfg_overlay=dict(state_dict=...)``, which timm does
+    not unwrap) by its ``model_ema`` weights, else ``model``; DDP / compile prefixes dropped.
+    Files are unwrapped by timm itself (``model_ema``, then ``model``)."""
+    for key in ("model_ema", "model", "state_dict"):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+            break
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = v
+    return out
 
 
 def create_moat(name: str, pretrained: bool = False, cfg: Optional[MoatCfg] = None, **kwargs) -> MOAT:
@@ -829,6 +971,8 @@ def create_moat(name: str, pretrained: bool = False, cfg: Optional[MoatCfg] = No
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in FIELD_NAMES}
     if "drop_path_rate" in overrides and overrides["drop_path_rate"] is None:
         del overrides["drop_path_rate"]  # None: the variant's rate
+    if name == "test_moat" and cfg is None:
+        cfg = TEST_CFG
     cfg = resolve_cfg(name, overrides, base=cfg)
     if name not in default_cfgs:  # spare timm's "no pretrained configuration" warning
         size = math.ceil(224 / cfg.total_stride) * cfg.total_stride
@@ -838,6 +982,7 @@ def create_moat(name: str, pretrained: bool = False, cfg: Optional[MoatCfg] = No
         name,
         pretrained,
         cfg=cfg,
+        pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=tuple(range(cfg.num_stages))),
         **kwargs,
     )
@@ -931,3 +1076,9 @@ def tiny_moat_2_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
 @register_model
 def tiny_moat_3_no_pe(pretrained: bool = False, **kwargs) -> MOAT:
     return create_moat("tiny_moat_3_no_pe", pretrained, **kwargs)
+
+
+@register_model
+def test_moat(pretrained: bool = False, **kwargs) -> MOAT:
+    """``TEST_CFG``: a small custom MOAT that timm's model tests run in seconds."""
+    return create_moat("test_moat", pretrained, **kwargs)

@@ -579,7 +579,8 @@ def test_invalid_architectures_are_one_line_errors_naming_the_field(overrides, f
 
 
 def test_unknown_field_and_unknown_argument_are_rejected():
-    with pytest.raises(ValueError, match="unknown MOAT arguments: \\['depth'\\]"):
+    # An unknown keyword is a TypeError, as for any Python callable (timm's model contract).
+    with pytest.raises(TypeError, match="unknown MOAT arguments: \\['depth'\\]"):
         timm.create_model("tiny_moat_0", depth=(1, 1, 1, 1))
     with pytest.raises(ValueError, match="unknown MOAT config field"):
         MOAT_CFGS["tiny_moat_0"].replace(depth=(1, 1, 1, 1))

@@ -1,0 +1,184 @@
+"""timm's own model test suite passes on MOAT: ``tests/test_models.py`` of the installed timm's
+source distribution, run unchanged on the MOAT models with timm's filters, sizes and limits.
+
+The file is fetched from the package registry (``pip download timm==<installed> --no-binary
+:all:``) into a cache folder at test time; this repository holds none of timm's test code. The
+one edit is the opt-in a pull request adding a model to timm makes: ``'moat'`` appended to
+``FEAT_INTER_FILTERS`` (the model modules whose ``forward_intermediates`` timm tests).
+``tests/timm_models_plugin.py`` registers MOAT before collection and keeps only the MOAT tests.
+
+The fast tier runs two models (``tiny_moat_0`` and ``test_moat``, a small custom MoatCfg with
+windowed attention, a padded shortcut pool and a stride-1 stage); the slow tier every variant.
+
+No registry (offline): the tests skip and say why, except where ``CI`` is set (CI runs set
+``CI=true``): there an unreachable registry fails, so a green CI always ran timm's tests.
+``MOAT_TIMM_TESTS_CACHE`` overrides the cache folder (default ``~/.cache/moat/timm-tests``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+from typing import Dict, List, Tuple
+
+import pytest
+import timm
+
+from models import list_variants
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST_MODELS = ("tiny_moat_0", "test_moat")
+ALL_MODELS = tuple(list_variants()) + ("test_moat",)
+# Tests every MOAT model must have run and passed (those this timm version defines): a model
+# that silently fell out of timm's parametrisation would otherwise pass by running nothing.
+CORE_TESTS = (
+    "test_model_forward",
+    "test_model_backward",
+    "test_model_default_cfgs",
+    "test_model_forward_torchscript",
+    "test_model_forward_features",
+    "test_model_forward_intermediates",
+    "test_model_forward_intermediates_features",
+    "test_model_forward_fx",
+    "test_model_backward_fx",
+    "test_model_forward_fx_torchscript",
+    "test_prune_intermediate_layers_contract",
+)
+OPT_IN = "FEAT_INTER_FILTERS += ['moat']  # the opt-in of a model added to timm (MOAT test run)\n"
+
+
+class FetchError(RuntimeError):
+    """The registry could not be reached or gave no usable source distribution."""
+
+
+def cache_dir() -> str:
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moat", "timm-tests")
+    return os.environ.get("MOAT_TIMM_TESTS_CACHE") or default
+
+
+def opt_in_moat(source: str) -> str:
+    """``source`` (timm's test_models.py) with :data:`OPT_IN` right after ``FEAT_INTER_FILTERS``."""
+    lines = source.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith("FEAT_INTER_FILTERS = [")), None)
+    if start is None:
+        raise ValueError("timm's test_models.py has no FEAT_INTER_FILTERS = [...] list to opt MOAT into")
+    end = next(i for i in range(start, len(lines)) if lines[i].rstrip().endswith("]"))
+    return "".join(lines[: end + 1] + [OPT_IN] + lines[end + 1 :])
+
+
+def fetch_timm_tests(version: str, cache: str) -> str:
+    """Path of timm ``version``'s tests/test_models.py (opted in), fetched once into ``cache``.
+
+    Only ``tests/`` is unpacked (no ``timm/`` beside it), so the tests import the installed timm.
+    """
+    dest = os.path.join(cache, f"timm-{version}")
+    target = os.path.join(dest, "tests", "test_models.py")
+    if os.path.isfile(target):
+        return target
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", f"timm=={version}", "--no-binary", ":all:", "--no-deps"]
+        cmd += ["--disable-pip-version-check", "--quiet", "--dest", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise FetchError(f"pip download timm=={version} did not finish in 300 s") from None
+        if proc.returncode:
+            lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+            raise FetchError(f"pip download timm=={version} failed: {lines[-1]}")
+        sdists = [f for f in os.listdir(tmp) if f.endswith(".tar.gz")]
+        if len(sdists) != 1:
+            raise FetchError(f"pip download timm=={version} gave {os.listdir(tmp)}, not one .tar.gz")
+        staging = os.path.join(tmp, "unpacked")
+        wanted = ("tests/__init__.py", "tests/conftest.py", "tests/test_models.py")
+        with tarfile.open(os.path.join(tmp, sdists[0])) as tar:
+            for member in tar.getmembers():
+                relative = member.name.split("/", 1)[-1]
+                if member.isfile() and relative in wanted:
+                    path = os.path.join(staging, relative)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with tar.extractfile(member) as src, open(path, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        test_file = os.path.join(staging, "tests", "test_models.py")
+        if not os.path.isfile(test_file):
+            raise FetchError(f"timm {version}'s source distribution has no tests/test_models.py")
+        with open(test_file, encoding="utf-8") as f:
+            patched = opt_in_moat(f.read())
+        with open(test_file, "w", encoding="utf-8") as f:
+            f.write(patched)
+        if not os.path.isdir(dest):  # another run may have finished first
+            os.replace(staging, dest)
+    return target
+
+
+@pytest.fixture(scope="module")
+def timm_test_file() -> str:
+    try:
+        return fetch_timm_tests(timm.__version__, cache_dir())
+    except FetchError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run timm's model tests: {e}")
+        pytest.skip(f"timm's test_models.py not available (set CI=1 to make this a failure): {e}")
+
+
+def run_timm_tests(test_file: str, model_names, workdir: str) -> Tuple[Dict[Tuple[str, str], str], str]:
+    """Run ``test_file`` on ``model_names``: ``({(test, model[.tag]): outcome}, pytest's output)``."""
+    report = os.path.join(workdir, "report.xml")
+    env = dict(os.environ, MOAT_TIMM_TEST_MODELS=",".join(model_names))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "pytest", test_file, "-p", "timm_models_plugin", "-p", "no:cacheprovider"]
+    cmd += ["-q", "-rfEs", "--rootdir", os.path.dirname(os.path.dirname(test_file)), f"--junitxml={report}"]
+    cmd += ["-W", "ignore::pytest.PytestUnknownMarkWarning"]  # timm's markers live in its pyproject.toml
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+    output = proc.stdout + proc.stderr
+    if not os.path.isfile(report):
+        raise AssertionError(f"timm's tests did not run (exit {proc.returncode}):\n{output[-4000:]}")
+    outcomes = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        match = re.fullmatch(r"(\w+)\[(.+)\]", case.get("name", ""))
+        names = [p for p in match.group(2).split("-") if not p.isdigit()] if match else []
+        if len(names) != 1:  # ids are model name and batch size, in either order
+            continue
+        failed = case.find("failure") is not None or case.find("error") is not None
+        outcome = "failed" if failed else "skipped" if case.find("skipped") is not None else "passed"
+        outcomes[(match.group(1), names[0])] = outcome
+    return outcomes, output
+
+
+def check_all_passed(test_file: str, model_names, workdir: str) -> None:
+    outcomes, output = run_timm_tests(test_file, model_names, workdir)
+    with open(test_file, encoding="utf-8") as f:
+        defined = set(re.findall(r"^\s*def (test_\w+)\(", f.read(), flags=re.M))
+    problems: List[str] = []
+    for model in model_names:
+        ran = {(test, m): outcome for (test, m), outcome in outcomes.items() if m.split(".")[0] == model}
+        problems += [f"{test}[{m}] {outcome}" for (test, m), outcome in sorted(ran.items()) if outcome != "passed"]
+        ran_tests = {test for test, _ in ran}
+        problems += [f"{test}[{model}] did not run" for test in CORE_TESTS if test in defined and test not in ran_tests]
+    assert not problems, "timm's test_models.py on MOAT:\n" + "\n".join(problems) + "\n\n" + output[-6000:]
+
+
+def test_opt_in_goes_right_after_the_feat_inter_filters_list():
+    source = "A = 1\nFEAT_INTER_FILTERS = [\n    'vit', 'resnet',\n]\nB = 2\n"
+    patched = opt_in_moat(source)
+    assert patched == "A = 1\nFEAT_INTER_FILTERS = [\n    'vit', 'resnet',\n]\n" + OPT_IN + "B = 2\n"
+    namespace: dict = {}
+    exec(patched, namespace)
+    assert namespace["FEAT_INTER_FILTERS"] == ["vit", "resnet", "moat"]
+    with pytest.raises(ValueError, match="FEAT_INTER_FILTERS"):
+        opt_in_moat("A = 1\n")
+
+
+def test_timm_model_tests_pass_on_tiny_moat_and_a_custom_moat(timm_test_file, tmp_path):
+    check_all_passed(timm_test_file, FAST_MODELS, str(tmp_path))
+
+
+@pytest.mark.slow
+def test_timm_model_tests_pass_on_every_moat_variant(timm_test_file, tmp_path):
+    check_all_passed(timm_test_file, ALL_MODELS, str(tmp_path))
