@@ -36,7 +36,9 @@ def hub_architecture(name: str, cfg: MoatCfg) -> Tuple[str, Dict[str, Any]]:
     """``(architecture, model_args)`` that rebuild ``cfg`` through ``timm.create_model``: ``name``
     when it is registered, else ``moat_0``; ``model_args`` holds every field that differs from
     that architecture's (training-only ``drop_path_rate`` left out)."""
-    base = _registered_cfg(name)
+    from timm.models import is_model
+
+    base = _registered_cfg(name) if is_model(name) else None
     if base is None:
         name, base = "moat_0", MOAT_CFGS["moat_0"]
     ours, theirs = cfg.to_dict(), base.to_dict()
@@ -91,7 +93,7 @@ def save_timm_folder(
     if origin_url:
         pretrained_cfg["origin_url"] = origin_url
     # save_for_hf records model.pretrained_cfg (timm 1.0.9 takes no other way to pass it).
-    saved = model.pretrained_cfg
+    saved = model.__dict__.get("pretrained_cfg")
     model.pretrained_cfg = pretrained_cfg
     try:
         save_for_hf(
@@ -102,5 +104,8 @@ def save_timm_folder(
             safe_serialization=True,
         )
     finally:
-        model.pretrained_cfg = saved
+        if saved is None:
+            del model.pretrained_cfg
+        else:
+            model.pretrained_cfg = saved
     return os.fspath(folder)

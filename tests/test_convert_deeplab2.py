@@ -211,6 +211,30 @@ def test_cli_writes_a_trainer_checkpoint_with_the_release_config_and_a_record(co
     assert f"wrote {tmp_path / 'o2.pth'}" in out
 
 
+def test_cli_writes_a_timm_folder_with_the_release_url_and_preprocessing(registered, tmp_path, capsys, monkeypatch):
+    import json
+
+    import timm
+
+    release = convert.Release("fixture_imagenet_1k_224_w_position_embedding.tar.gz", 224, 2, 1.0, "ImageNet-1K")
+    monkeypatch.setitem(convert.RELEASES, VARIANT, release)
+    folder = tmp_path / "hub"
+    code, out, err = run([PREFIX, "--model", VARIANT, "--timm-folder", folder, "--crop-pct", "1.0"], capsys)
+    assert code == 0, err
+    assert f"wrote {folder}" in out and not (tmp_path / "fixture.pth").exists()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "moat_0"  # not registered with timm: moat_0 + the differing fields
+    assert config["label_names"] == [f"class_{i}" for i in range(10)]
+    cfg = config["pretrained_cfg"]
+    assert cfg["origin_url"] == convert.RELEASE_URL + release.file
+    assert cfg["input_size"] == [3, 224, 224] and cfg["mean"] == [0.5] * 3 and cfg["std"] == [0.5] * 3
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", lambda repo_id, filename, **kw: str(folder / filename))
+    model = timm.create_model("hf-hub:someone/fixture", pretrained=True)
+    assert rel(logits(model), expected("logits_ema_224")) < 1e-4
+    code, _, err = run([PREFIX, "--model", VARIANT], capsys)
+    assert code == 2 and "--output FILE and/or --timm-folder DIR" in error_line(err)
+
+
 def test_cli_reports_the_weights_used_and_that_bn_statistics_were_found(registered, tmp_path, capsys):
     code, _, err = run([PREFIX, "--model", VARIANT, "--output", tmp_path / "c.pth"], capsys)
     assert code == 0

@@ -107,6 +107,37 @@ def test_onnx_matches_pytorch_with_dynamic_batch_and_image_size(exported):
     assert export.check_export(model, "onnx", paths["onnx"], cases) < 1e-3
 
 
+def test_timm_folder_loads_in_timm_with_the_checkpoint_classes_and_preprocessing(exported, tmp_path, monkeypatch):
+    import os
+
+    import timm
+
+    checkpoint, _ = exported
+    folder = str(tmp_path / "hub")
+    assert export.main([checkpoint, "--format", "timm-folder", "-o", folder, "--check"]) == 0
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    assert config["architecture"] == VARIANT and config["label_names"] == CLASS_NAMES
+    cfg = config["pretrained_cfg"]
+    assert cfg["input_size"] == [3, IMG_SIZE, IMG_SIZE] and cfg["num_classes"] == len(CLASS_NAMES)
+    assert (cfg["crop_pct"], cfg["interpolation"], cfg["mean"], cfg["std"]) == (
+        CROP_PCT,
+        INTERPOLATION,
+        [*MEAN],
+        [*STD],
+    )
+    # As pushed to the Hub: hf-hub: (served from the folder) rebuilds the model with the EMA weights.
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", lambda repo_id, filename, **kw: f"{folder}/{filename}")
+    loaded = timm.create_model("hf-hub:someone/tiny_moat_0-colours", pretrained=True).eval()
+    x = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reference_model(checkpoint)(x), rtol=0, atol=0)
+    assert export.output_paths("out/m", ["safetensors", "timm-folder"]) == {
+        "safetensors": "out/m.safetensors",
+        "timm-folder": "out/m-timm",
+    }
+
+
 def test_windowed_attention_gets_a_fixed_onnx_size():
     assert export.supports_dynamic_size(create_moat(VARIANT, num_classes=3))
     assert not export.supports_dynamic_size(create_moat(VARIANT, num_classes=3, window_size=(2, 0)))

@@ -756,3 +756,92 @@ def test_reparameterize_folds_every_batchnorm_and_keeps_the_output(channels_last
 def test_reparameterize_refuses_a_model_in_training_mode():
     with pytest.raises(RuntimeError, match="model.eval"):
         tiny().reparameterize()
+
+
+# ------------------------------------------------------- TorchScript, torch.fx, timm's contract
+def _test_moat() -> nn.Module:
+    """timm's test_moat: windowed + global attention, padded 3x3 shortcut pool, 5x5 depthwise."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_moat", num_classes=7)
+    _randomize_batchnorm_statistics(model)
+    return model.eval()
+
+
+def _fx_tracer_kwargs() -> dict:
+    from timm.models import get_notrace_functions, get_notrace_modules
+
+    return dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions())
+
+
+def test_torch_jit_script_gives_the_eager_output_at_any_size():
+    model = _test_moat()
+    with torch.no_grad():
+        scripted = torch.jit.script(model)
+        for shape in ((2, 3, 64, 64), (1, 3, 96, 128)):  # the scripted relative bias resizes too
+            x = torch.randn(shape)
+            torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="not divisible by 16"):
+        scripted(torch.randn(1, 3, 72, 64))
+
+
+def test_create_feature_extractor_returns_a_stage_at_any_size_and_trains():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _test_moat()
+    extractor = create_feature_extractor(
+        model, return_nodes={"stages.2": "stage3", "stages.3": "stage4"}, tracer_kwargs=_fx_tracer_kwargs()
+    )
+    seen = {}
+    model.stages[2].register_forward_hook(lambda m, i, o: seen.setdefault("stage3", o))
+    for shape in ((1, 3, 64, 64), (2, 3, 96, 128)):  # one graph serves every size (leaf helpers)
+        seen.clear()
+        x = torch.randn(shape)
+        with torch.no_grad():
+            feats = extractor(x)
+            model(x)
+        torch.testing.assert_close(feats["stage3"], seen["stage3"], rtol=0, atol=0)
+        assert feats["stage4"].shape == (shape[0], 64, shape[2] // 16, shape[3] // 16)
+    extractor.train()
+    sum(f.mean() for f in extractor(torch.randn(2, 3, 64, 64)).values()).backward()
+    assert model.stem.conv1.weight.grad is None  # the extractor holds its own copy
+    assert all(p.grad is not None for n, p in extractor.named_parameters() if not n.startswith("head"))
+
+
+def test_features_only_by_fx_are_the_stage_outputs_the_getter_activates():
+    torch.manual_seed(0)
+    by_fx = timm.create_model("test_moat", features_only=True, feature_cls="fx").eval()
+    by_getter = timm.create_model("test_moat", features_only=True).eval()
+    by_getter.load_state_dict(by_fx.state_dict())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        fx_feats, getter_feats = by_fx(x), by_getter(x)
+    assert [f.shape[1] for f in fx_feats] == [16, 32, 48, 64]
+    for fx_feat, getter_feat in zip(fx_feats, getter_feats):  # the getter adds the official GELU
+        torch.testing.assert_close(F.gelu(fx_feat), getter_feat, rtol=0, atol=0)
+
+
+def test_pruned_forward_features_end_at_the_activated_tap():
+    model = _test_moat()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        taps = model.forward_intermediates(x, intermediates_only=True)
+        kept = copy.deepcopy(model)
+        kept.prune_intermediate_layers([3], prune_head=False)
+        torch.testing.assert_close(kept(x), expected, rtol=0, atol=0)
+        for i in range(4):
+            for prune_head, prune_norm in ((True, False), (False, True), (True, True)):
+                pruned = copy.deepcopy(model)
+                pruned.prune_intermediate_layers([i], prune_head=prune_head, prune_norm=prune_norm)
+                torch.testing.assert_close(pruned.forward_features(x), taps[i], rtol=0, atol=0)
+    assert isinstance(model.final_act, nn.Identity)  # the unpruned model's features are the raw stage
+
+
+def test_device_and_dtype_keywords_create_the_model_there_and_in_chans_is_recorded():
+    model = timm.create_model("moat_4", device="meta", dtype=torch.bfloat16, in_chans=1)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert all(t.device.type == "meta" for t in tensors)
+    assert {t.dtype for t in tensors if t.is_floating_point()} == {torch.bfloat16}
+    assert model.in_chans == 1 and model.stem.conv1.in_channels == 1
+    out = model.forward_features(torch.randn(1, 1, 224, 224, device="meta", dtype=torch.bfloat16))
+    assert out.shape == (1, 2048, 7, 7) and out.dtype == torch.bfloat16

@@ -3,6 +3,8 @@
     python tools/convert_deeplab2.py moat0_imagenet_1k_224_w_position_embedding.tar.gz --model moat_0 \
         --output moat0_official.pth
     python tools/convert_deeplab2.py ckpt/model.ckpt --model tiny_moat_2_no_pe --raw --output tiny2.safetensors
+    python tools/convert_deeplab2.py moat2_imagenet_22k_and_1k_384_w_position_embedding.tar.gz --model moat_2 \
+        --timm-folder hub/moat_2.deeplab2_in22k_ft_in1k_384
 
 CHECKPOINT is a release ``.tar.gz`` as downloaded (unpacked into a temporary folder), a folder
 holding one checkpoint, or a checkpoint prefix (``path/model.ckpt`` of ``model.ckpt.index`` and
@@ -14,6 +16,9 @@ The output is a trainer checkpoint (``torch.load(weights_only=True)``: ``model``
 ``.safetensors`` (or ``--safetensors``, next to the ``.pth``) is the format of ``tools/export.py``.
 The saved config carries the release's input size and normalisation (option 1: ImageNet mean/std;
 option 2: mean 127.5, std 127.5 on 0..255 pixels, i.e. 0.5/0.5 in the trainer's 0..1 convention).
+``--timm-folder DIR`` (with or instead of ``--output``) writes timm's hub layout (``models/hub.py``:
+``config.json`` with that preprocessing, the class names and the release URL, ``model.safetensors``)
+for ``timm.create_model('local-dir:DIR', pretrained=True)`` or, pushed, ``hf-hub:``.
 
 Mapping (``deeplab2_rules``), read off our model's modules, so any MOAT built from MBConv and
 MOAT blocks maps: stem ``conv_0``/``norm_0``/``conv_1``; block ``block_SS_BB`` (stage, index)
@@ -699,7 +704,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="release .tar.gz, a folder with one checkpoint, or a checkpoint prefix")
     parser.add_argument("--model", required=True, help="our variant name (see the README's official weights table)")
-    parser.add_argument("--output", required=True, help="output file: .pth (trainer checkpoint) or .safetensors")
+    parser.add_argument("--output", help="output file: .pth (trainer checkpoint) or .safetensors")
+    parser.add_argument(
+        "--timm-folder", metavar="DIR", help="also (or only) write a timm hub folder: config.json + model.safetensors"
+    )
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument(
         "--ema",
@@ -795,7 +803,11 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
     option = args.normalization or (release.normalization if release else 1)
     class_names = _read_class_names(args.class_names) if args.class_names else None
     output = args.output
-    if output.endswith(".safetensors"):
+    if output is None and not args.timm_folder:
+        raise ConversionError("nothing to write: give --output FILE and/or --timm-folder DIR")
+    if output is None:
+        outputs = {}
+    elif output.endswith(".safetensors"):
         outputs = {"safetensors": output}
     else:
         outputs = {"pth": output}
@@ -914,6 +926,12 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
             extra_metadata={"moat.converted_from": json.dumps(converted_from, sort_keys=True)},
         )
         written["safetensors"] = outputs["safetensors"]
+    if args.timm_folder:
+        from models.hub import save_timm_folder
+
+        preprocessing = preprocessing_from_config(config_from_dict(config_tree))
+        origin = RELEASE_URL + release.file if release else None
+        written["timm-folder"] = save_timm_folder(model, args.timm_folder, class_names, preprocessing, origin)
     for path in written.values():
         print(
             f"wrote {path} ({args.model}, {what} weights, {num_classes} classes, {img_size} px, "

@@ -1,11 +1,18 @@
-"""Export a trained MOAT to safetensors, TorchScript and/or ONNX.
+"""Export a trained MOAT to safetensors, TorchScript, ONNX and/or a timm hub folder.
 
     python tools/export.py output/tiny_moat_0/default/best.pth --format safetensors onnx torchscript --check
     python tools/export.py best.pth --format onnx --no-ema --img-size 384 -o exports/moat_0_384
+    python tools/export.py best.pth --format timm-folder -o exports/tiny_moat_0_hf
 
-Outputs ``<output>.safetensors``, ``<output>.torchscript.pt`` and ``<output>.onnx``; the default
-``<output>`` is the checkpoint's path without extension plus ``-ema`` or ``-raw`` (which weights
-went in). Weights: EMA when the checkpoint has them, unless ``--no-ema``.
+Outputs ``<output>.safetensors``, ``<output>.torchscript.pt``, ``<output>.onnx`` and the folder
+``<output>-timm`` (``<output>`` itself when it is the only format); the default ``<output>`` is
+the checkpoint's path without extension plus ``-ema`` or ``-raw`` (which weights went in).
+Weights: EMA when the checkpoint has them, unless ``--no-ema``.
+
+* timm-folder: ``config.json`` + ``model.safetensors`` as ``timm.models.save_for_hf`` writes
+  them (``models/hub.py``), with the class names and preprocessing in the ``pretrained_cfg``:
+  ``timm.create_model('local-dir:FOLDER', pretrained=True)`` loads it, and so does
+  ``hf-hub:USER/REPO`` once pushed (``hf upload USER/REPO FOLDER .``).
 
 * safetensors: weights only, plus metadata (variant, class names JSON, preprocessing JSON:
   img_size, crop_pct, interpolation, mean, std, crop; model args) that ``utils.inference``,
@@ -61,8 +68,8 @@ from utils.inference import (
 )
 from utils.progress import progress_bar
 
-FORMATS = ("safetensors", "torchscript", "onnx")
-EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
+FORMATS = ("safetensors", "torchscript", "onnx", "timm-folder")
+EXTENSIONS = {"safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx", "timm-folder": "-timm"}
 DEFAULT_OPSET = 18
 ONNX_INPUT, ONNX_OUTPUT = "input", "logits"
 
@@ -120,8 +127,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def output_paths(base: str, formats: Sequence[str]) -> Dict[str, str]:
-    """``{format: base + extension}`` (a base that already ends in its one format's extension stays)."""
-    if len(formats) == 1 and base.endswith(EXTENSIONS[formats[0]]):
+    """``{format: base + extension}`` (a base that already ends in its one format's extension
+    stays, and so does the base of a timm folder written alone)."""
+    if len(formats) == 1 and (base.endswith(EXTENSIONS[formats[0]]) or formats[0] == "timm-folder"):
         return {formats[0]: base}
     return {fmt: base + EXTENSIONS[fmt] for fmt in formats}
 
@@ -313,6 +321,10 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
         bar.set_description(f"export {fmt}")
         if fmt == "safetensors":
             save_safetensors(model, meta, path)
+        elif fmt == "timm-folder":
+            from models.hub import save_timm_folder
+
+            save_timm_folder(model, path, meta.class_names, meta.preprocessing)
         elif fmt == "torchscript":
             export_torchscript(model, meta, path, img_size)
         else:
@@ -320,10 +332,15 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
         # Printed through the bar, so on a terminal the lines stay above it.
         wrote = f"wrote {fmt}: {path} ({meta.variant}, {meta.weights} weights, {meta.num_classes} classes)"
         bar.write(wrote, file=sys.stdout)
-        if args.check and fmt == "safetensors":
-            reloaded, _ = load_model_for_inference(path)
-            ref, new = model.state_dict(), reloaded.state_dict()
-            if any(not torch.equal(ref[k], new[k]) for k in ref):
+        if args.check and fmt in ("safetensors", "timm-folder"):
+            if fmt == "safetensors":
+                new = load_model_for_inference(path)[0].state_dict()
+            else:
+                from safetensors.torch import load_file
+
+                new = load_file(os.path.join(path, "model.safetensors"))
+            ref = model.state_dict()
+            if set(new) != set(ref) or any(not torch.equal(ref[k], new[k]) for k in ref):
                 raise CheckFailed(f"{path}: reloaded weights differ from the exported model")
             bar.write("  check: reloaded weights equal", file=sys.stdout)
         elif args.check:
