@@ -129,32 +129,64 @@ def timm_test_file() -> str:
         pytest.fail(f"{e}; set MOAT_ALLOW_OFFLINE_SKIP=1 to skip timm's model tests without network")
 
 
-def run_timm_tests(test_file: str, model_names, workdir: str) -> Tuple[Dict[Tuple[str, str], str], str]:
-    """Run ``test_file`` on ``model_names``: ``({(test, model[.tag]): outcome}, pytest's output)``."""
-    report = os.path.join(workdir, "report.xml")
-    env = dict(os.environ, MOAT_TIMM_TEST_MODELS=",".join(model_names))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH")) if p)
+def split_by_cost(model_names, jobs: int) -> List[List[str]]:
+    """``model_names`` in ``jobs`` groups of about equal cost (blocks x width^2: the big variants
+    take minutes, the tiny ones seconds). The first group runs the costliest model first, the
+    others run theirs last, so the biggest models (and their memory) do not meet at the start."""
+    from models import MOAT_CFGS
+    from models.moat import TEST_CFG
+
+    def cost(name: str) -> int:
+        cfg = MOAT_CFGS.get(name, TEST_CFG)
+        return sum(d * w * w for d, w in zip(cfg.depths, cfg.dims))
+
+    groups: List[List[str]] = [[] for _ in range(max(1, min(jobs, len(model_names))))]
+    loads = [0] * len(groups)
+    for name in sorted(model_names, key=cost, reverse=True):
+        i = loads.index(min(loads))
+        groups[i].append(name)
+        loads[i] += cost(name)
+    return [g if i == 0 else g[::-1] for i, g in enumerate(groups)]
+
+
+def run_timm_tests(test_file: str, model_names, workdir: str, jobs: int = 1) -> Tuple[Dict[Tuple[str, str], str], str]:
+    """Run ``test_file`` on ``model_names`` in ``jobs`` concurrent pytest processes (one thread
+    each, as the suite sets ``OMP_NUM_THREADS``): ``({(test, model[.tag]): outcome}, output)``."""
     cmd = [sys.executable, "-m", "pytest", test_file, "-p", "timm_models_plugin", "-p", "no:cacheprovider"]
-    cmd += ["-q", "-rfEs", "--rootdir", os.path.dirname(os.path.dirname(test_file)), f"--junitxml={report}"]
+    cmd += ["-q", "-rfEs", "--rootdir", os.path.dirname(os.path.dirname(test_file))]
     cmd += ["-W", "ignore::pytest.PytestUnknownMarkWarning"]  # timm's markers live in its pyproject.toml
-    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
-    output = proc.stdout + proc.stderr
-    if not os.path.isfile(report):
-        raise AssertionError(f"timm's tests did not run (exit {proc.returncode}):\n{output[-4000:]}")
-    outcomes = {}
-    for case in ET.parse(report).getroot().iter("testcase"):
-        match = re.fullmatch(r"(\w+)\[(.+)\]", case.get("name", ""))
-        names = [p for p in match.group(2).split("-") if not p.isdigit()] if match else []
-        if len(names) != 1:  # ids are model name and batch size, in either order
-            continue
-        failed = case.find("failure") is not None or case.find("error") is not None
-        outcome = "failed" if failed else "skipped" if case.find("skipped") is not None else "passed"
-        outcomes[(match.group(1), names[0])] = outcome
+    runs = []
+    for i, group in enumerate(split_by_cost(list(model_names), jobs)):
+        report = os.path.join(workdir, f"report{i}.xml")
+        env = dict(os.environ, MOAT_TIMM_TEST_MODELS=",".join(group))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH")) if p)
+        log = open(os.path.join(workdir, f"output{i}.txt"), "w+")
+        proc = subprocess.Popen(
+            cmd + [f"--junitxml={report}"], cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        runs.append((proc, report, log))
+    outcomes, output = {}, ""
+    for proc, report, log in runs:
+        code = proc.wait()
+        log.seek(0)
+        text = log.read()
+        log.close()
+        output += text
+        if not os.path.isfile(report):
+            raise AssertionError(f"timm's tests did not run (exit {code}):\n{text[-4000:]}")
+        for case in ET.parse(report).getroot().iter("testcase"):
+            match = re.fullmatch(r"(\w+)\[(.+)\]", case.get("name", ""))
+            names = [p for p in match.group(2).split("-") if not p.isdigit()] if match else []
+            if len(names) != 1:  # ids are model name and batch size, in either order
+                continue
+            failed = case.find("failure") is not None or case.find("error") is not None
+            outcome = "failed" if failed else "skipped" if case.find("skipped") is not None else "passed"
+            outcomes[(match.group(1), names[0])] = outcome
     return outcomes, output
 
 
-def check_all_passed(test_file: str, model_names, workdir: str) -> None:
-    outcomes, output = run_timm_tests(test_file, model_names, workdir)
+def check_all_passed(test_file: str, model_names, workdir: str, jobs: int = 1) -> None:
+    outcomes, output = run_timm_tests(test_file, model_names, workdir, jobs)
     with open(test_file, encoding="utf-8") as f:
         defined = set(re.findall(r"^\s*def (test_\w+)\(", f.read(), flags=re.M))
     problems: List[str] = []
@@ -194,4 +226,12 @@ def test_timm_model_tests_pass_on_tiny_moat_and_a_custom_moat(timm_test_file, tm
 
 @pytest.mark.slow
 def test_timm_model_tests_pass_on_every_moat_variant(timm_test_file, tmp_path):
-    check_all_passed(timm_test_file, ALL_MODELS, str(tmp_path))
+    # Two single-threaded processes: ~10 CPU minutes, half that on a 2-core CI machine.
+    check_all_passed(timm_test_file, ALL_MODELS, str(tmp_path), jobs=min(2, os.cpu_count() or 1))
+
+
+def test_models_are_split_into_groups_of_similar_cost_biggest_apart():
+    groups = split_by_cost(ALL_MODELS, 2)
+    assert sorted(groups[0] + groups[1]) == sorted(ALL_MODELS)
+    assert groups[0][0] in ("moat_4", "moat_4_no_pe") and groups[1][-1] in ("moat_4", "moat_4_no_pe")
+    assert split_by_cost(["tiny_moat_0"], 2) == [["tiny_moat_0"]]
