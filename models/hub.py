@@ -59,7 +59,15 @@ def save_timm_folder(
     pixels) and ``crop`` (False: the whole image squashed to ``img_size``), as the trainer's eval
     transform uses them. Raises ValueError naming the key for values that do not fit the model.
     """
-    from timm.models import save_for_hf
+    import huggingface_hub
+    import timm
+    from timm.models._hub import has_hf_hub, save_for_hf  # timm.models re-exports it only in newer releases
+
+    if not has_hf_hub():
+        raise RuntimeError(
+            f"timm {timm.__version__} cannot use huggingface_hub {huggingface_hub.__version__} "
+            "(timm releases before huggingface_hub 1.0 need huggingface_hub<1.0)"
+        )
 
     missing = [k for k in PREPROCESSING_KEYS if k not in preprocessing]
     if missing:

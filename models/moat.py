@@ -823,10 +823,14 @@ class MOAT(nn.Module):
         take_indices, max_index = _take_indices(len(self.stages), indices)
         self.stages = self.stages[: max_index + 1]
         if prune_head:
-            # reset_other: the head's norm and hidden layer go too (they fit the last stage only).
-            self.num_classes = 0
-            self.head.reset(0, "", reset_other=True)
-            self.num_features = self.head_hidden_size = self.cfg.dims[max_index]
+            # The head's norm and hidden layer fit the last stage only: they go, and the head takes
+            # the tap's width, so a later reset_classifier sizes a classifier for the tap. (timm's
+            # reset(..., reset_other=True) without in_features, spelt out for timm 1.0.9 too.)
+            width = self.cfg.dims[max_index]
+            self.head.norm, self.head.pre_logits = nn.Identity(), nn.Identity()
+            self.head.hidden_size, self.head.in_features, self.head.num_features = None, width, width
+            self.reset_classifier(0, "")
+            self.num_features = self.head_hidden_size = width
         if prune_head or prune_norm:
             self.head.norm = nn.Identity()
             # forward_features now ends at the last tap, activated as forward_intermediates gives it.

@@ -836,6 +836,14 @@ def test_pruned_forward_features_end_at_the_activated_tap():
                 pruned.prune_intermediate_layers([i], prune_head=prune_head, prune_norm=prune_norm)
                 torch.testing.assert_close(pruned.forward_features(x), taps[i], rtol=0, atol=0)
     assert isinstance(model.final_act, nn.Identity)  # the unpruned model's features are the raw stage
+    # A classifier put back on a pruned model reads the tap (the hidden layer went with the head).
+    pruned = copy.deepcopy(model)
+    pruned.prune_intermediate_layers([1])
+    pruned.reset_classifier(5, "avg")
+    with torch.no_grad():
+        logits = pruned(x)
+        torch.testing.assert_close(logits, pruned.head.fc(taps[1].mean((2, 3))))
+    assert logits.shape == (2, 5) and pruned.num_features == pruned.head_hidden_size == 32
 
 
 def test_device_and_dtype_keywords_create_the_model_there_and_in_chans_is_recorded():

@@ -51,7 +51,7 @@ def check_loaded(model, loaded) -> None:
     assert loaded.cfg == model.cfg.replace(drop_path_rate=loaded.cfg.drop_path_rate)
     assert loaded.pretrained_cfg["label_names"] == CLASS_NAMES
     data = timm.data.resolve_data_config(model=loaded)
-    assert data["input_size"] == (3, 96, 96) and data["crop_pct"] == 0.9 and data["interpolation"] == "bilinear"
+    assert tuple(data["input_size"]) == (3, 96, 96) and data["crop_pct"] == 0.9 and data["interpolation"] == "bilinear"
     assert list(data["mean"]) == PREPROCESSING["mean"] and list(data["std"]) == PREPROCESSING["std"]
 
 
