@@ -126,6 +126,10 @@ def test_pretrained_overlay_file_loads_a_trainer_checkpoint_ema_first(tmp_path):
         "tiny_moat_0", pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=path, num_classes=3)
     )
     assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
+    # timm's load_checkpoint (and create_model's checkpoint_path) read it the same way.
+    model = timm.create_model("tiny_moat_0", num_classes=3)
+    timm.models.load_checkpoint(model, path)
+    assert all(torch.equal(model.state_dict()[k], ema[k]) for k in ema)
     # A converted checkpoint holds only ``model``.
     torch.save({"model": raw, "model_name": "tiny_moat_0", "converted_from": {"weights": "ema"}}, path)
     model = timm.create_model(
