@@ -129,34 +129,30 @@ def timm_test_file() -> str:
         pytest.fail(f"{e}; set MOAT_ALLOW_OFFLINE_SKIP=1 to skip timm's model tests without network")
 
 
-def split_by_cost(model_names, jobs: int) -> List[List[str]]:
-    """``model_names`` in ``jobs`` groups of about equal cost (blocks x width^2: the big variants
-    take minutes, the tiny ones seconds). The first group runs the costliest model first, the
-    others run theirs last, so the biggest models (and their memory) do not meet at the start."""
-    from models import MOAT_CFGS
-    from models.moat import TEST_CFG
-
-    def cost(name: str) -> int:
-        cfg = MOAT_CFGS.get(name, TEST_CFG)
-        return sum(d * w * w for d, w in zip(cfg.depths, cfg.dims))
-
-    groups: List[List[str]] = [[] for _ in range(max(1, min(jobs, len(model_names))))]
-    loads = [0] * len(groups)
-    for name in sorted(model_names, key=cost, reverse=True):
-        i = loads.index(min(loads))
-        groups[i].append(name)
-        loads[i] += cost(name)
-    return [g if i == 0 else g[::-1] for i, g in enumerate(groups)]
+BIG_PARAMS = 100_000_000
 
 
-def run_timm_tests(test_file: str, model_names, workdir: str, jobs: int = 1) -> Tuple[Dict[Tuple[str, str], str], str]:
-    """Run ``test_file`` on ``model_names`` in ``jobs`` concurrent pytest processes (one thread
-    each, as the suite sets ``OMP_NUM_THREADS``): ``({(test, model[.tag]): outcome}, output)``."""
+def split_by_size(model_names) -> List[List[str]]:
+    """Models of more than ``BIG_PARAMS`` parameters (moat_3, moat_4: two thirds of the CPU time;
+    timm's pruning test holds several copies of moat_4, gigabytes each) in one group, run one after
+    another, the others in a second group beside it: never two big models in memory at once."""
+    from models import create_moat
+
+    def params(name: str) -> int:
+        return sum(p.numel() for p in create_moat(name, device="meta").parameters())
+
+    big = [n for n in model_names if params(n) > BIG_PARAMS]
+    return [g for g in (big, [n for n in model_names if n not in big]) if g]
+
+
+def run_timm_tests(test_file: str, groups, workdir: str) -> Tuple[Dict[Tuple[str, str], str], str]:
+    """Run ``test_file`` on each group of model names in its own pytest process, concurrently (one
+    thread each, as the suite sets ``OMP_NUM_THREADS``): ``({(test, model[.tag]): outcome}, output)``."""
     cmd = [sys.executable, "-m", "pytest", test_file, "-p", "timm_models_plugin", "-p", "no:cacheprovider"]
     cmd += ["-q", "-rfEs", "--rootdir", os.path.dirname(os.path.dirname(test_file))]
     cmd += ["-W", "ignore::pytest.PytestUnknownMarkWarning"]  # timm's markers live in its pyproject.toml
     runs = []
-    for i, group in enumerate(split_by_cost(list(model_names), jobs)):
+    for i, group in enumerate(groups):
         report = os.path.join(workdir, f"report{i}.xml")
         env = dict(os.environ, MOAT_TIMM_TEST_MODELS=",".join(group))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, os.path.join(REPO, "tests"), env.get("PYTHONPATH")) if p)
@@ -185,8 +181,9 @@ def run_timm_tests(test_file: str, model_names, workdir: str, jobs: int = 1) -> 
     return outcomes, output
 
 
-def check_all_passed(test_file: str, model_names, workdir: str, jobs: int = 1) -> None:
-    outcomes, output = run_timm_tests(test_file, model_names, workdir, jobs)
+def check_all_passed(test_file: str, groups, workdir: str) -> None:
+    outcomes, output = run_timm_tests(test_file, groups, workdir)
+    model_names = [name for group in groups for name in group]
     with open(test_file, encoding="utf-8") as f:
         defined = set(re.findall(r"^\s*def (test_\w+)\(", f.read(), flags=re.M))
     problems: List[str] = []
@@ -221,17 +218,17 @@ def test_the_cache_is_used_and_an_unreachable_registry_is_a_fetch_error(tmp_path
 
 
 def test_timm_model_tests_pass_on_tiny_moat_and_a_custom_moat(timm_test_file, tmp_path):
-    check_all_passed(timm_test_file, FAST_MODELS, str(tmp_path))
+    check_all_passed(timm_test_file, [list(FAST_MODELS)], str(tmp_path))
 
 
 @pytest.mark.slow
 def test_timm_model_tests_pass_on_every_moat_variant(timm_test_file, tmp_path):
-    # Two single-threaded processes: ~10 CPU minutes, half that on a 2-core CI machine.
-    check_all_passed(timm_test_file, ALL_MODELS, str(tmp_path), jobs=min(2, os.cpu_count() or 1))
+    # About 10 CPU minutes, two thirds of them in the big group: ~7 minutes on 2 idle cores.
+    check_all_passed(timm_test_file, split_by_size(ALL_MODELS), str(tmp_path))
 
 
-def test_models_are_split_into_groups_of_similar_cost_biggest_apart():
-    groups = split_by_cost(ALL_MODELS, 2)
-    assert sorted(groups[0] + groups[1]) == sorted(ALL_MODELS)
-    assert groups[0][0] in ("moat_4", "moat_4_no_pe") and groups[1][-1] in ("moat_4", "moat_4_no_pe")
-    assert split_by_cost(["tiny_moat_0"], 2) == [["tiny_moat_0"]]
+def test_big_models_are_grouped_apart_from_the_others():
+    big, small = split_by_size(ALL_MODELS)
+    assert sorted(big) == ["moat_3", "moat_3_no_pe", "moat_4", "moat_4_no_pe"]
+    assert sorted(big + small) == sorted(ALL_MODELS)
+    assert split_by_size(["tiny_moat_0", "test_moat"]) == [["tiny_moat_0", "test_moat"]]
