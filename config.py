@@ -655,20 +655,27 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def save_run_config(config: CN, output_dir: str) -> list:
-    """Write ``output_dir/config.yaml`` (atomically); returns how the config that was there
-    differs from this one (``config_differences``), empty for a new folder or the same run.
+RUN_CONFIG = "config.yaml"
+
+
+def run_config_changes(config: CN, output_dir: str) -> list:
+    """How the config of the run already in ``output_dir`` (its ``config.yaml``) differs from
+    ``config`` (``config_differences``); empty for a new folder or the same run.
 
     Keys the earlier run's code did not have yet count as their defaults, not as changes.
     """
-    path = os.path.join(output_dir, "config.yaml")
-    changed = []
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = yaml.safe_load(f) or {}
-        changed = config_differences(_deep_merge(config_to_dict(get_config()), old), config_to_dict(config))
+    path = os.path.join(output_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        old = yaml.safe_load(f) or {}
+    return config_differences(_deep_merge(config_to_dict(get_config()), old), config_to_dict(config))
+
+
+def save_run_config(config: CN, output_dir: str) -> None:
+    """Write ``output_dir/config.yaml`` atomically: the config the run's checkpoints were made with."""
+    path = os.path.join(output_dir, RUN_CONFIG)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(config.dump())
     os.replace(tmp, path)
-    return changed

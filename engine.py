@@ -23,7 +23,9 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from config import config_to_dict
+from config import config_to_dict, save_run_config
+from data.build import part_cache_resume_note
+from data.samplers import BatchLayout, continue_epoch_at
 from utils import NonFiniteLossError, UserError
 from utils.amp import NativeScaler
 from utils.checkpoint import CheckpointSaver, capture_rng_state, load_model_weights, model_state_from, restore_rng_state
@@ -197,6 +199,15 @@ class Trainer:
     def best_by(self) -> str:
         """Whose top-1 chooses best.pth: the EMA's (TRAIN.EMA.SELECT_BEST) or the model's."""
         return "ema" if (self.config.TRAIN.EMA.SELECT_BEST and self.ema is not None) else "model"
+
+    @property
+    def layout(self) -> BatchLayout:
+        """This run's batch layout: per-process batch, processes, accumulation steps."""
+        return BatchLayout(self.config.DATA.BATCH_SIZE, self.info.world_size, self.config.TRAIN.ACCUMULATION_STEPS)
+
+    @property
+    def updates_per_epoch(self) -> int:
+        return math.ceil(self.steps_per_epoch / self.config.TRAIN.ACCUMULATION_STEPS)
 
     # -- the epoch loop ------------------------------------------------------------------------
     def fit(self, loader_train, loader_val, start: ResumePoint) -> int:
@@ -409,6 +420,9 @@ class Trainer:
         containers so ``torch.load(weights_only=True)`` loads it. Collective: every rank must
         call it (the RNG states of all ranks are gathered)."""
         rng = gather_to_primary(capture_rng_state(self.info.device), self.info)
+        # The epoch's train loss so far, summed over the ranks (rank 0 continues it on resume).
+        epoch_loss = all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64, device=self.info.device))
+        layout = self.layout
         return {
             "model": self.model.state_dict(),
             **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}),
@@ -418,7 +432,7 @@ class Trainer:
             "epoch": epoch,
             "batches_done": batches_done,
             "epoch_complete": epoch_complete,
-            "epoch_loss": list(self.epoch_loss),
+            "epoch_loss": epoch_loss.tolist(),
             "step": self.step,
             "max_accuracy": self.max_accuracy,
             "config": config_to_dict(self.config),
@@ -427,13 +441,17 @@ class Trainer:
             # The architecture as data: inference tools rebuild custom architectures from it.
             "model_cfg": self.model.cfg.to_dict(),
             "world_size": self.info.world_size,
-            # The data order is a function of these (the sampler permutes by SEED + epoch); a
-            # mid-epoch resume skips batches_done x batch_size samples of this rank's order.
+            # The data order is a function of SEED and the epoch (the sampler permutes by SEED +
+            # epoch); the run has consumed the first samples_done samples of the epoch's global
+            # order, which any batch layout whose samples per update divide it continues exactly.
             "data_order": {
                 "seed": self.config.SEED,
                 "epoch": epoch,
                 "batches_done": batches_done,
-                "batch_size": self.config.DATA.BATCH_SIZE,
+                "batch_size": layout.batch_size,
+                "world_size": layout.world_size,
+                "accumulation_steps": layout.accumulation_steps,
+                "samples_done": batches_done * layout.global_batch,
             },
             "rng_state": rng,
             "torch_version": str(torch.__version__),
@@ -446,6 +464,9 @@ class Trainer:
         state = self.state_dict(epoch, batches_done, epoch_complete)
         if self.info.is_primary:
             paths = self.saver.save(state, epoch, epoch_complete, is_best)
+            # config.yaml describes the checkpoints: a changed config replaces it only once it has
+            # one (a run that diverged before saving leaves the folder's config as it was).
+            save_run_config(self.config, self.saver.output_dir)
             self.logger.info(
                 f"saved {', '.join(os.path.basename(p) for p in paths)} "
                 f"(epoch {epoch}, batch {batches_done}, step {self.step})"
@@ -474,22 +495,10 @@ class Trainer:
             else:
                 self.logger.warning(f"{path} holds no EMA weights: the EMA restarts from the model")
                 self.ema.module.load_state_dict(self.model.state_dict())
-        self.step = int(checkpoint.get("step", 0))
         self.max_accuracy = float(checkpoint.get("max_accuracy", 0.0))
-        self.epoch_loss = list(checkpoint.get("epoch_loss", [0.0, 0.0]))
-        # The schedule follows the current config (so EPOCHS can be extended); say so if it moved.
-        saved_schedule = checkpoint.get("lr_scheduler")
-        if saved_schedule and saved_schedule != self.lr_scheduler.state_dict():
-            self.logger.warning(
-                f"{path}: the LR schedule differs from the checkpoint's (config changed); following the current config"
-            )
-        self.lr_scheduler.step_update(self.step)
-
-        epoch = int(checkpoint["epoch"])
-        if checkpoint.get("epoch_complete", True):
-            start = ResumePoint(epoch + 1)
-        else:
-            start = ResumePoint(epoch, int(checkpoint.get("batches_done", self.steps_per_epoch)))
+        # Rank 0 carries the epoch's loss so far (summed over the ranks that wrote it).
+        self.epoch_loss = list(checkpoint.get("epoch_loss", [0.0, 0.0])) if self.info.is_primary else [0.0, 0.0]
+        start, self.step = self._position_after(path, checkpoint)
         rng_states = checkpoint.get("rng_state") or []
         if len(rng_states) == self.info.world_size:
             start.rng_state = rng_states[self.info.rank]
@@ -504,6 +513,49 @@ class Trainer:
             f"max accuracy {self.max_accuracy:.2f}"
         )
         return start
+
+    def _position_after(self, path: str, checkpoint: Dict[str, Any]) -> tuple[ResumePoint, int]:
+        """Where the run continues after ``checkpoint`` and its optimizer-update count, in this run's
+        batch layout. A mid-epoch checkpoint continues at the exact next sample of the epoch's
+        order, also under another batch size, process count or accumulation (``continue_epoch_at``);
+        a layout that cannot is refused in one line. A changed layout maps the LR schedule by the
+        position in training (epoch and samples), and says so."""
+        saved, now = saved_layout(checkpoint), self.layout
+        epoch = int(checkpoint["epoch"])
+        note = part_cache_resume_note(self.config, checkpoint, now.world_size)  # refuses what it cannot continue
+        if note:
+            self.logger.warning(note)
+        if checkpoint.get("epoch_complete", True):
+            start, updates_done = ResumePoint(epoch + 1), 0
+        else:
+            samples = int(checkpoint.get("batches_done", self.steps_per_epoch)) * saved.global_batch
+            batch = continue_epoch_at(samples, now)
+            if batch is None:
+                raise UserError(
+                    f"{path} stopped inside epoch {epoch} after {samples} samples ({saved.describe()}); "
+                    f"this run's {now.describe()} takes {now.samples_per_update} samples per update, which do not "
+                    f"divide {samples}, so it cannot continue at the next sample: {_continuing_layouts(samples, now)}"
+                )
+            start, updates_done = ResumePoint(epoch, batch), batch // now.accumulation_steps
+        step = int(checkpoint.get("step", 0))
+        # The schedule follows the current config (so EPOCHS can be extended); say so if it moved.
+        saved_schedule = checkpoint.get("lr_scheduler")
+        if saved != now:
+            step = start.epoch * self.updates_per_epoch + updates_done
+            total = self.config.TRAIN.EPOCHS * self.updates_per_epoch
+            self.logger.warning(
+                f"{path} was written with {saved.describe()}, this run has {now.describe()}: "
+                f"{now.samples_per_update} samples per update instead of {saved.samples_per_update}, "
+                f"{self.updates_per_epoch} updates per epoch; the LR (scaled by the total batch) and the "
+                f"schedule continue at update {step} of {total}, the same point of training "
+                f"(epoch {start.epoch}, {start.batch * now.global_batch} samples in)"
+            )
+        elif saved_schedule and saved_schedule != self.lr_scheduler.state_dict():
+            self.logger.warning(
+                f"{path}: the LR schedule differs from the checkpoint's (config changed); following the current config"
+            )
+        self.lr_scheduler.step_update(step)
+        return start, step
 
     # -- divergence ----------------------------------------------------------------------------
     def record_finite(self, loss: torch.Tensor, idx: int, grad_norm: Optional[torch.Tensor] = None) -> None:
@@ -526,3 +578,27 @@ class Trainer:
                 "stopped without saving, the last good checkpoint is intact: lower TRAIN.BASE_LR, "
                 "raise TRAIN.WARMUP_EPOCHS or check TRAIN.CLIP_GRAD / AMP"
             )
+
+
+def saved_layout(checkpoint: Dict[str, Any]) -> BatchLayout:
+    """The batch layout a checkpoint was written with (older files: from its config and world size)."""
+    order = checkpoint.get("data_order") or {}
+    config = checkpoint.get("config") or {}
+    return BatchLayout(
+        int(order.get("batch_size", config.get("DATA", {}).get("BATCH_SIZE", 1))),
+        int(order.get("world_size", checkpoint.get("world_size", 1))),
+        int(order.get("accumulation_steps", config.get("TRAIN", {}).get("ACCUMULATION_STEPS", 1))),
+    )
+
+
+def _continuing_layouts(samples: int, now: BatchLayout) -> str:
+    """What to do when ``now`` cannot continue an epoch after ``samples``: batch sizes that can."""
+    fits = [
+        b
+        for b in range(1, 2 * now.batch_size + 1)
+        if continue_epoch_at(samples, BatchLayout(b, now.world_size, now.accumulation_steps)) is not None
+    ]
+    layout = f"with {now.world_size} process(es) and {now.accumulation_steps} accumulation"
+    if fits:
+        return f"use --batch-size {' or '.join(map(str, fits[-3:]))} {layout}, or the checkpoint's layout"
+    return "resume with the checkpoint's layout to finish this epoch (any layout continues from an epoch's end)"

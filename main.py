@@ -30,17 +30,25 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from config import config_to_dict, get_config, save_run_config
+from config import RUN_CONFIG, config_to_dict, get_config, run_config_changes, save_run_config
 from engine import Feed, ResumePoint, Trainer, measure_throughput, memory_format_of
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, scaled_lrs
-from utils import MoatError, UserError
+from utils import MoatError, PeerFailedError, UserError
 from utils.amp import apex_available, autocast_factory, build_scaler, resolve_amp_dtype
-from utils.checkpoint import CheckpointSaver, find_resumable, load_file, load_model_weights, model_state_from
-from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown
-from utils.run_lock import RunFolderLock
+from utils.checkpoint import (
+    BEST,
+    LAST,
+    CheckpointSaver,
+    find_resumable,
+    load_file,
+    load_model_weights,
+    model_state_from,
+)
+from utils.distributed import DistInfo, broadcast_object, init_distributed, is_peer_failure, on_every_rank, teardown
+from utils.run_folder import LOCK_NAME, RunFolderLock, prepare_run_folder, remove_interrupted_saves
 from utils.run_records import RunRecords
 from utils.trackers import build_trackers
 
@@ -173,26 +181,44 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.cache_mode and config.DATA.FORMAT != "zip":
             raise UserError(f"--cache-mode applies to zipped data (--zip), not DATA.FORMAT '{config.DATA.FORMAT}'")
         return run(config, mode, local_rank, eval_sizes=sizes)
+    except PeerFailedError as e:  # the process that failed printed why
+        return e.exit_code
     except MoatError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
 
 
 def run(config: CfgNode, mode: str = "train", local_rank: int = 0, eval_sizes: Optional[EvalSizes] = None) -> int:
-    """Join the process group, do the work (``mode`` in ``MODES``), always leave the group again."""
+    """Join the process group, do the work (``mode`` in ``MODES``), always leave the group again.
+
+    Under ``torchrun`` a process whose collective fails because another process died leaves
+    quietly (``PeerFailedError``): the one that failed reports why, as the last line."""
     info = init_distributed(config.DEVICE, local_rank)
     clean = False
     try:
         output_dir = output_dir_of(config)
-        os.makedirs(output_dir, exist_ok=True)
-        # A training run owns its folder until it ends; --eval and --throughput only read from it.
+        # Every rank writes its log there; a training run also owns it until it ends.
+        on_every_rank(lambda: prepare_run_folder(output_dir, run_files(mode, info.rank)), info)
         with lock_run_folder(output_dir, info) if mode == "train" else contextlib.nullcontext():
             code = _run_in_folder(config, mode, info, output_dir, eval_sizes or EvalSizes())
         clean = True
         return code
+    except RuntimeError as e:
+        if info.distributed and is_peer_failure(e):
+            logging.getLogger(f"moat.rank{info.rank}").error(f"stopped: a collective failed ({str(e)[:300]})")
+            raise PeerFailedError() from e
+        raise
     finally:
         close_logger()
         teardown(info, clean=clean)
+
+
+def run_files(mode: str, rank: int) -> List[str]:
+    """Names a run of ``mode`` writes in its folder: each must not be taken by a folder."""
+    files = [f"log_rank{rank}.txt"]
+    if mode == "train" and rank == 0:
+        files += [RUN_CONFIG, "summary.csv", "curves.png", LOCK_NAME, LAST, BEST]
+    return files
 
 
 def output_dir_of(config: CfgNode) -> str:
@@ -207,18 +233,9 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def lock_run_folder(output_dir: str, info: DistInfo) -> Iterator[None]:
-    """Hold the folder's lock (taken by rank 0); every rank raises the same UserError when
-    another run holds it."""
+    """Hold the folder's lock (taken by rank 0; every rank stops when another run holds it)."""
     lock = RunFolderLock(output_dir)
-    error = None
-    if info.is_primary:
-        try:
-            lock.acquire()
-        except UserError as e:
-            error = str(e)
-    error = broadcast_object(error, info)
-    if error:
-        raise UserError(error)
+    on_every_rank(lambda: lock.acquire() if info.is_primary else None, info)
     try:
         yield
     finally:
@@ -231,13 +248,18 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
 
     logger = create_logger(output_dir, info.rank)
     if mode == "train" and info.is_primary:
-        changed = save_run_config(config, output_dir)
+        removed, size = remove_interrupted_saves(output_dir)  # this run holds the folder's lock
+        if removed:
+            logger.info(f"removed {removed} temporary file(s) of interrupted saves ({size / 2**20:,.1f} MiB)")
+        changed = run_config_changes(config, output_dir)
         if changed:
             logger.warning(
                 f"{output_dir} holds a run with a different config ({'; '.join(changed)}); "
                 "resuming from it mixes two experiments: use another --tag or --output "
-                "to start fresh"
+                "to start fresh (config.yaml keeps the earlier config until this run saves a checkpoint)"
             )
+        else:
+            save_run_config(config, output_dir)
     logger.info(
         f"device {info.device}, world size {info.world_size}, rank {info.rank}, "
         f"threads {torch.get_num_threads()}, output {output_dir}"
@@ -332,11 +354,6 @@ def train(
 
     # Weights: an explicit --resume wins, then auto-resume from the output folder, then --pretrained.
     resume = choose_resume(config, output_dir, info, logger)
-    from data import part_cache_resume_note
-
-    note = part_cache_resume_note(config, resume[1], info.world_size) if resume is not None else None
-    if note:
-        logger.warning(note)
     if resume is None and config.MODEL.PRETRAINED:
         load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
     ema = None
@@ -377,7 +394,11 @@ def train(
             steps_per_epoch=steps_per_epoch,
             sync_debug=config.TRAIN.SYNC_DEBUG,
         )
-        start = trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH)
+        # Every rank restores the same file: a refusal (a layout that cannot continue the epoch)
+        # is reported once.
+        start = on_every_rank(
+            lambda: trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH), info
+        )
         # A resumed run continues the tracker runs its checkpoint names.
         records.start_trackers(resume[1].get("tracker_run_ids") if resume is not None else None)
         return trainer.fit(loader_train, loader_val, start)

@@ -9,9 +9,12 @@ Reproducibility (what makes a resumed run bit-identical):
   (SEED, epoch, dataset index) (see ``samplers.sample_seeds``), inside ``__getitem__``, and the
   caller's RNG states are restored afterwards. Hence a sample's crop/RandAugment/erasing does not
   depend on NUM_WORKERS, on which worker loads it, or on the world size, and a run resumed
-  mid-epoch sees the same augmented tensors for its remaining batches. Worker seeds do not matter,
-  so no ``worker_init_fn`` is needed; the loaders get their own ``torch.Generator`` so creating
-  an iterator does not draw from the main process's global torch RNG.
+  mid-epoch sees the same augmented tensors for its remaining batches. Worker seeds do not matter;
+  the loaders get their own ``torch.Generator`` so creating an iterator does not draw from the
+  main process's global torch RNG.
+* Preemption: the loaders' workers ignore SIGTERM/SIGINT (``utils.preemption``), which
+  ``torchrun`` and SLURM deliver to them too; the trainer handles the signal, saves and stops
+  them.
 * Mixup/CutMix runs in the main process and draws from the global ``numpy.random`` (timm's
   ``Mixup``); data loading leaves that stream untouched, so seeding or checkpointing numpy's
   global state in the trainer is all that is needed.
@@ -40,6 +43,7 @@ reads the exact val set, unpadded, split over ranks by ``ShardedEvalSampler``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
@@ -51,7 +55,8 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
-from utils.errors import ConfigError
+from utils.errors import ConfigError, UserError
+from utils.preemption import leave_stop_signals_to_trainer, stop_signals_blocked
 
 from .class_map import check_class_coverage, read_class_map
 from .datasets import ClassFolderDataset, DataError, KeyedImageDataset, check_same_classes
@@ -73,12 +78,29 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
+class TrainerDataLoader(DataLoader):
+    """torch's ``DataLoader`` whose workers leave SIGTERM/SIGINT to the trainer: they start with
+    the signals blocked, then ignore SIGINT and any SIGTERM not sent by the trainer
+    (``utils.preemption``), so a preemption signal sent to the whole process group or to every
+    process cannot kill them before the trainer saves."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["worker_init_fn"] = functools.partial(leave_stop_signals_to_trainer, trainer_pid=os.getpid())
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        with stop_signals_blocked():  # workers are forked here (once, with persistent workers)
+            return super().__iter__()
+
+
 def build_dataset(
     is_train: bool,
     config: CfgNode,
     native_classes: list[str] | None = None,
     allow_fewer_classes: bool = False,
     uint8: bool = False,
+    check_count: bool = True,
 ) -> KeyedImageDataset:
     """The train or val split of ``DATA.DATA_PATH`` in ``DATA.FORMAT``, with its transform.
 
@@ -89,7 +111,8 @@ def build_dataset(
     val split (Swin's val maps have no class folders to read names from). ``allow_fewer_classes``
     accepts up to ``MODEL.NUM_CLASSES`` classes: evaluation may score a subset of the model's
     classes (ImageNet-A/-R style), matched to them by name by the caller. ``uint8``: images
-    stay uint8 (``build_transform``), for normalisation on the device.
+    stay uint8 (``build_transform``), for normalisation on the device. ``check_count`` False
+    leaves the class-count check (``check_class_count``) to the caller.
     """
     data = config.DATA
     if not data.DATA_PATH:
@@ -139,11 +162,21 @@ def build_dataset(
             skip_bad_images=data.SKIP_BAD_IMAGES,
             class_map=class_map,
         )
-    if class_map is not None:
-        return dataset
+    if check_count:
+        check_class_count(dataset, config, allow_fewer=allow_fewer_classes)
+    return dataset
+
+
+def check_class_count(dataset: KeyedImageDataset, config: CfgNode, allow_fewer: bool = False) -> None:
+    """The dataset's classes against ``MODEL.NUM_CLASSES`` (and 1000 for ``DATA.DATASET
+    'imagenet'``); a class map was checked against the count already. ``allow_fewer`` accepts up
+    to ``MODEL.NUM_CLASSES`` (subset evaluation)."""
+    data = config.DATA
+    if data.CLASS_MAP:
+        return
     found = len(dataset.classes)
-    if allow_fewer_classes and found <= config.MODEL.NUM_CLASSES:
-        return dataset
+    if allow_fewer and found <= config.MODEL.NUM_CLASSES:
+        return
     what = "class folders" if data.FORMAT == "folder" else "classes"
     if data.DATASET == "imagenet" and found != IMAGENET_NUM_CLASSES:
         raise DataError(
@@ -156,26 +189,26 @@ def build_dataset(
             f"found {found} {what} in {dataset.root}, but MODEL.NUM_CLASSES is "
             f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {found}"
         )
-    return dataset
 
 
 def part_cache_resume_note(config: CfgNode, checkpoint: dict, world_size: int) -> str | None:
-    """What a resume changes in the data, when it cannot continue exactly: a ``CACHE_MODE part``
-    checkpoint written by another number of processes (every rank's subset depends on it)."""
+    """What a resume changes in the data when it cannot continue exactly: a ``CACHE_MODE part``
+    checkpoint written by another number of processes (every rank's subset depends on it). From
+    an epoch's end that is a note for the log; mid-epoch the epoch's order cannot be continued,
+    so the resume is refused (``UserError`` naming both process counts)."""
     saved = checkpoint.get("world_size")
     if config.DATA.FORMAT != "zip" or config.DATA.CACHE_MODE != "part" or saved in (None, world_size):
         return None
-    note = (
+    if not checkpoint.get("epoch_complete", True):
+        raise UserError(
+            f"DATA.CACHE_MODE part: the checkpoint stopped inside epoch {checkpoint.get('epoch')} with {saved} "
+            f"process(es) and this run has {world_size}; each rank's part of the images depends on the number of "
+            f"processes, so the epoch cannot continue exactly: finish it with {saved} process(es)"
+        )
+    return (
         f"DATA.CACHE_MODE part: the checkpoint was written by {saved} process(es), this run has {world_size}, "
         "so every rank trains on another part of the train images"
     )
-    if not checkpoint.get("epoch_complete", True):
-        batches = int(checkpoint.get("batches_done", 0))
-        note += (
-            f"; the rest of epoch {checkpoint.get('epoch')} skips the first {batches * config.DATA.BATCH_SIZE} "
-            "samples of each rank's new order, so some images of this epoch repeat and others are not seen"
-        )
-    return note
 
 
 def build_mixup(config: CfgNode) -> Mixup | None:
@@ -219,13 +252,16 @@ def build_loader(
     """
     world_size, rank = _world()
     uint8 = normalize_on_device(config, device)
-    dataset_train = build_dataset(True, config, uint8=uint8) if with_train else None
+    # Training: the two splits are compared before either is counted, so a class folder that
+    # only one split has is named as such rather than as a wrong MODEL.NUM_CLASSES.
+    dataset_train = build_dataset(True, config, uint8=uint8, check_count=False) if with_train else None
     dataset_val = build_dataset(
         False,
         config,
         native_classes=getattr(dataset_train, "native_classes", None),
         allow_fewer_classes=not with_train,
         uint8=uint8,
+        check_count=not with_train,
     )
     sampler_train = None
     if dataset_train is not None:
@@ -233,6 +269,7 @@ def build_loader(
             check_class_coverage(dataset_train, dataset_val, config.DATA.CLASS_MAP)
         else:
             check_same_classes(dataset_train, dataset_val)
+        check_class_count(dataset_train, config)
         if config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE == "part":
             subset = rank_subset(len(dataset_train), world_size, rank)
             per_rank = math.ceil(len(dataset_train) / world_size)
@@ -263,14 +300,14 @@ def build_loader(
             common["multiprocessing_context"] = "fork"
     data_loader_train = None
     if dataset_train is not None:
-        data_loader_train = DataLoader(
+        data_loader_train = TrainerDataLoader(
             dataset_train,
             sampler=sampler_train,
             drop_last=True,
             generator=torch.Generator().manual_seed(config.SEED + rank),
             **common,
         )
-    data_loader_val = DataLoader(
+    data_loader_val = TrainerDataLoader(
         dataset_val,
         sampler=sampler_val,
         shuffle=False,

@@ -32,11 +32,12 @@ CLASSES = ["red", "green", "blue"]
 COLORS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
 
 # Tiny but complete: RandAugment, random erasing, Mixup/CutMix and EMA stay on (the defaults),
-# so the bit-exact resume tests exercise every random stream. 8 train images per class at batch 4
-# give 6 steps per epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
+# so the bit-exact resume tests exercise every random stream, and loader workers are on (persistent,
+# as by default), so signals and kills meet the processes a real run has. 8 train images per class
+# at batch 4 give 6 steps per epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
 TINY_CONFIG = {
     "BASE": [os.path.join(REPO, "configs", "tiny_moat_0.yaml")],
-    "DATA": {"IMG_SIZE": 32, "NUM_WORKERS": 0, "DATASET": "imagefolder", "BATCH_SIZE": 4, "PIN_MEMORY": False},
+    "DATA": {"IMG_SIZE": 32, "NUM_WORKERS": 2, "DATASET": "imagefolder", "BATCH_SIZE": 4, "PIN_MEMORY": False},
     "MODEL": {"NUM_CLASSES": 3},
     # BASE_LR is per 512 images: 0.1 x 4 / 512 = 7.8e-4 at batch 4.
     "TRAIN": {"EPOCHS": 2, "WARMUP_EPOCHS": 1, "BASE_LR": 0.1, "MIN_LR": 1e-3, "WARMUP_LR": 1e-4},

@@ -340,7 +340,7 @@ def test_second_run_on_a_busy_folder_stops_naming_the_holder_and_a_killed_holder
         [
             sys.executable,
             "-c",
-            "import sys, time; from utils.run_lock import RunFolderLock; "
+            "import sys, time; from utils.run_folder import RunFolderLock; "
             "RunFolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
             run_dir,
         ],

@@ -29,7 +29,7 @@ from data.samplers import RankSubsetSampler, rank_subset
 from test_crash_safety import _start, _wait_for_log, assert_same_training_state
 from tools.make_shards import index_only, make_shards
 from tools.make_zip_dataset import make_zip_dataset
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError, DataError, UserError
 
 RUN = ("tiny_moat_0", "default")
 FORMATS = {  # name -> (DATA.FORMAT, extra config keys)
@@ -133,14 +133,14 @@ def test_part_mode_ranks_sample_disjoint_fixed_subsets_in_equal_numbers_resumabl
     assert sum(len(o) for o in orders) == num_items  # disjoint
 
 
-def test_resuming_zip_part_on_another_world_size_says_what_is_repeated_or_skipped(zip_data):
+def test_resuming_zip_part_on_another_world_size_notes_it_and_refuses_mid_epoch(zip_data):
     config = make_config(zip_data, "zip", CACHE_MODE="part")
     mid_epoch = {"world_size": 2, "epoch": 3, "epoch_complete": False, "batches_done": 5}
     assert part_cache_resume_note(config, mid_epoch, 2) is None  # same world size: exact
-    note = part_cache_resume_note(config, mid_epoch, 1)
-    assert "written by 2 process(es), this run has 1" in note
-    assert "the rest of epoch 3 skips the first 20 samples of each rank's new order" in note
-    assert "skips" not in part_cache_resume_note(config, {**mid_epoch, "epoch_complete": True}, 1)
+    with pytest.raises(UserError, match=r"inside epoch 3 with 2 process\(es\) and this run has 1.*finish it with 2"):
+        part_cache_resume_note(config, mid_epoch, 1)
+    note = part_cache_resume_note(config, {**mid_epoch, "epoch_complete": True}, 1)
+    assert "written by 2 process(es), this run has 1" in note and "another part" in note
     assert part_cache_resume_note(make_config(zip_data, "zip", CACHE_MODE="full"), mid_epoch, 1) is None
 
 

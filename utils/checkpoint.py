@@ -45,13 +45,15 @@ def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``.
 
     A crash at any point leaves either the old file or the new one, never a torn file. A write
-    that fails (disk full, quota, file size limit) removes the temp file and raises
-    ``CheckpointWriteError`` saying how many bytes were needed and how many are free, instead of
+    that fails (disk full, quota, file size limit, a read-only file system, ``path`` taken by a
+    folder) removes the temp file and raises ``CheckpointWriteError`` naming the path and the
+    cause (for lack of space: how many bytes were needed and how many are free), instead of
     torch's ``inline_container.cc`` traceback.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
@@ -61,20 +63,22 @@ def atomic_save(obj: Any, path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         os_error = _os_error_in(e)
-        if os_error is not None:
-            raise CheckpointWriteError(
-                f"could not write {path}: {os.strerror(os_error.errno)}; it needs about "
-                f"{_megabytes(tensor_bytes(obj))}, {_megabytes(shutil.disk_usage(directory).free)} "
-                f"free in {directory}"
-            ) from e
-        raise
+        if os_error is None:
+            raise
+        cause = os.strerror(os_error.errno)
+        if os_error.errno in _SPACE_ERRNOS:
+            cause += (
+                f"; it needs about {_megabytes(tensor_bytes(obj))}, "
+                f"{_megabytes(shutil.disk_usage(directory).free)} free in {directory}"
+            )
+        raise CheckpointWriteError(f"could not write {path}: {cause}") from e
     _fsync_dir(directory)
 
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _os_error_in(e: BaseException) -> Optional[OSError]:
@@ -83,7 +87,7 @@ def _os_error_in(e: BaseException) -> Optional[OSError]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        if isinstance(e, OSError) and e.errno is not None:
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -114,20 +118,24 @@ def _megabytes(n: int) -> str:
 
 
 def atomic_link(src: str, dst: str) -> None:
-    """Make ``dst`` a hard link to ``src`` (a copy where links are unsupported), atomically."""
+    """Make ``dst`` a hard link to ``src`` (a copy where links are unsupported), atomically; a
+    failure is a ``CheckpointWriteError`` naming ``dst`` (``src`` is intact)."""
     directory = os.path.dirname(os.path.abspath(dst))
     tmp = os.path.join(directory, f".{os.path.basename(dst)}.{os.getpid()}.tmp")
-    if os.path.exists(tmp):
-        os.unlink(tmp)
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:
+        if os.path.isfile(tmp):
+            os.unlink(tmp)
+        raise CheckpointWriteError(f"could not write {dst}: {e.strerror}") from e
     _fsync_dir(directory)
 
 
@@ -144,13 +152,16 @@ class CheckpointSaver:
     def save(self, state: Dict[str, Any], epoch: int, epoch_done: bool, is_best: bool) -> List[str]:
         """Write ``state``; returns the paths written. A failed write names the newest intact
         checkpoint in the error (the files already there are untouched)."""
-        last = os.path.join(self.output_dir, LAST)
         try:
-            atomic_save(state, last)
+            return self._save(state, epoch, epoch_done, is_best)
         except CheckpointWriteError as e:
             found = resume_candidates(self.output_dir)
             intact = f"the newest intact checkpoint is {found[0]}" if found else "no checkpoint was written yet"
             raise CheckpointWriteError(f"{e}; {intact}") from e.__cause__
+
+    def _save(self, state: Dict[str, Any], epoch: int, epoch_done: bool, is_best: bool) -> List[str]:
+        last = os.path.join(self.output_dir, LAST)
+        atomic_save(state, last)
         written = [last]
         if epoch_done and is_best:
             atomic_link(last, os.path.join(self.output_dir, BEST))
@@ -188,6 +199,10 @@ def load_file(path: str) -> Dict[str, Any]:
             return load_safetensors(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    head = _file_head(path)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (older: a pickle)
+        looks = "an empty file" if not head else f"a file beginning {head[:16]!r}"
+        raise UserError(f"{path}: not a PyTorch checkpoint ({looks}; a checkpoint is a zip archive)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -210,9 +225,19 @@ def load_file(path: str) -> Dict[str, Any]:
     return obj
 
 
+def _file_head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
+    """The first line of ``e``'s message, with its type when the message alone says little
+    (``KeyError(101)`` from the unpickler reads "101")."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+    return text if len(text) > 24 else f"{type(e).__name__}: {text}"
 
 
 def model_state_from(obj: Dict[str, Any], path: str, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
