@@ -534,7 +534,8 @@ class Trainer:
                 raise UserError(
                     f"{path} stopped inside epoch {epoch} after {samples} samples ({saved.describe()}); "
                     f"this run's {now.describe()} takes {now.samples_per_update} samples per update, which do not "
-                    f"divide {samples}, so it cannot continue at the next sample: {_continuing_layouts(samples, now)}"
+                    f"divide {samples}, so it cannot continue at the next sample: "
+                    + _continuing_layouts(samples, now, even=self.mixup_fn is not None)
                 )
             start, updates_done = ResumePoint(epoch, batch), batch // now.accumulation_steps
         step = int(checkpoint.get("step", 0))
@@ -591,11 +592,12 @@ def saved_layout(checkpoint: Dict[str, Any]) -> BatchLayout:
     )
 
 
-def _continuing_layouts(samples: int, now: BatchLayout) -> str:
-    """What to do when ``now`` cannot continue an epoch after ``samples``: batch sizes that can."""
+def _continuing_layouts(samples: int, now: BatchLayout, even: bool) -> str:
+    """What to do when ``now`` cannot continue an epoch after ``samples``: batch sizes that can
+    (``even`` ones only while Mixup/CutMix needs them)."""
     fits = [
         b
-        for b in range(1, 2 * now.batch_size + 1)
+        for b in range(2 if even else 1, 2 * now.batch_size + 1, 2 if even else 1)
         if continue_epoch_at(samples, BatchLayout(b, now.world_size, now.accumulation_steps)) is not None
     ]
     layout = f"with {now.world_size} process(es) and {now.accumulation_steps} accumulation"

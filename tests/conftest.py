@@ -187,3 +187,57 @@ def ddp_reference(tmp_path_factory, image_tree, tiny_cfg, run_cli):
     proc = run_cli(args + ["--output", out], launcher=["--nproc_per_node=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cfg, args, os.path.join(out, "tiny_moat_0", "default")
+
+
+# ------------------------------------------------------------------------------- launching ranks
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args, world_size: int = 2, **popen) -> list:
+    """``world_size`` ``main.py`` processes set up as ``torchrun`` sets up its workers (rank
+    variables in the environment, each in a session and process group of its own), without the
+    agent in between, so a test can signal each process and read each exit status."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = cli_env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "main.py", *map(str, args)],
+                cwd=REPO,
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                **popen,
+            )
+        )
+    return procs
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid`` (a trainer and its loader workers)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry))
+    return members

@@ -283,39 +283,6 @@ def test_output_folder_with_another_config_warns_naming_the_keys(reference_run, 
     assert "holds a run with a different config" in log and "TRAIN.WEIGHT_DECAY: 0.05 -> 0.1" in log
 
 
-@pytest.mark.slow
-def test_sigterm_under_torchrun_stops_every_rank_and_resumes_bit_identically(ddp_reference, run_cli, tmp_path):
-    _, args, reference_dir = ddp_reference
-    args = args + ["--output", tmp_path]
-    run_dir = os.path.join(tmp_path, *RUN)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.Popen(
-        [*launcher, "main.py", *map(str, args)],
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for rank in (0, 1):  # both ranks handle SIGTERM from here on
-        _wait_for_log(proc, os.path.join(run_dir, f"log_rank{rank}.txt"), "start training")
-    proc.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
-    proc.communicate(timeout=120)
-    for rank in (0, 1):
-        assert "stopped by SIGTERM" in read_log(run_dir, rank)
-    stopped = load_checkpoint(os.path.join(run_dir, "last.pth"))
-    # Accumulation 2 over 3 micro-batches: updates after micro-batches 2 and 3 of each epoch; the
-    # ranks agree on one of them (normally the first) and rank 0 saves both ranks' RNG states.
-    assert stopped["step"] < 4 and stopped["batches_done"] in (2, 3) and len(stopped["rng_state"]) == 2
-
-    resumed = run_cli(args, launcher=["--nproc_per_node=2"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = load_checkpoint(os.path.join(run_dir, "last.pth")), load_checkpoint(os.path.join(reference_dir, "last.pth"))
-    assert a["step"] == b["step"] == 4
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-
-
 def test_auto_resume_skips_a_truncated_last_checkpoint_and_uses_the_newest_good_one(
     reference_run, image_tree, tiny_cfg, tmp_path
 ):
