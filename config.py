@@ -388,11 +388,7 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
     for flag, key in _FLAG_KEYS.items():
         value = getattr(args, flag, None)
         if value is not None:  # unset flags (all default to None) leave the config alone
-            *parents, leaf = key.split(".")
-            target = config
-            for part in parents:
-                target = target[part]
-            target[leaf] = value
+            set_key(config, key, value)
 
     validate_config(config)
     config.freeze()
@@ -563,25 +559,53 @@ def get_config(args: argparse.Namespace | None = None) -> CN:
 def with_values(config: CN, updates: dict) -> CN:
     """A frozen copy of ``config`` with ``updates`` (``{"DATA.IMG_SIZE": 288, ...}``) set; ``config``
     itself when nothing changes."""
-    if all(_get(config, key) == value for key, value in updates.items()):
+    if all(get_key(config, key) == value for key, value in updates.items()):
         return config
     config = config.clone()
     config.defrost()
     for key, value in updates.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_key(config, key, value)
     config.freeze()
     return config
 
 
-def _get(config: CN, key: str):
+def get_key(config: CN, key: str) -> Any:
+    """The value of dotted ``key`` (``"TRAIN.EMA.DECAY"``); ``KeyError`` naming it when absent."""
     node = config
     for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            raise KeyError(key)
         node = node[part]
     return node
+
+
+def set_key(config: CN, key: str, value: Any) -> None:
+    """Set dotted ``key`` of a defrosted ``config``."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def config_from_dict(*trees: dict) -> CN:
+    """A frozen config: today's defaults overlaid with each of ``trees`` in turn (``config_to_dict``
+    trees, e.g. what a checkpoint saved). Keys the defaults no longer know are skipped, not
+    rejected: an old checkpoint stays loadable after the config grows or loses a key."""
+    config = _C.clone()
+    for tree in trees:
+        for key, value in _flatten(tree).items():
+            try:
+                default = get_key(config, key)
+            except KeyError:
+                continue
+            if isinstance(default, CN):
+                continue
+            if isinstance(default, (list, tuple)) and isinstance(value, (list, tuple)):
+                value = type(default)(value)
+            set_key(config, key, value)
+    config.freeze()
+    return config
 
 
 def config_to_dict(config: CN) -> dict:
@@ -647,14 +671,6 @@ def config_differences(old: dict, new: dict, ignore=_LAUNCH_KEYS) -> list:
     ]
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _deep_merge(out[key], value) if nested else value
-    return out
-
-
 RUN_CONFIG = "config.yaml"
 
 
@@ -669,7 +685,7 @@ def run_config_changes(config: CN, output_dir: str) -> list:
         return []
     with open(path) as f:
         old = yaml.safe_load(f) or {}
-    return config_differences(_deep_merge(config_to_dict(get_config()), old), config_to_dict(config))
+    return config_differences(config_to_dict(config_from_dict(old)), config_to_dict(config))
 
 
 def save_run_config(config: CN, output_dir: str) -> None:

@@ -23,18 +23,19 @@ import torch.nn as nn
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from config import config_to_dict, save_run_config
+from checkpoints import CheckpointRecord, Position, training_checkpoint
+from config import save_run_config
 from data.build import part_cache_resume_note
 from data.samplers import BatchLayout, continue_epoch_at
+from reports.run_records import RunRecords
 from utils import NonFiniteLossError, UserError
 from utils.amp import NativeScaler
-from utils.checkpoint import CheckpointSaver, capture_rng_state, load_model_weights, model_state_from, restore_rng_state
+from utils.checkpoint_io import BEST, CheckpointSaver, capture_rng_state, load_model_weights, restore_rng_state
 from utils.class_subset import ClassSubset
 from utils.distributed import DistInfo, all_reduce_sum, any_rank, gather_to_primary
 from utils.metrics import AverageMeter, ClassificationTotals, ConfusionMatrix
 from utils.preemption import PreemptionFlag
 from utils.progress import logs_above, progress_bar
-from utils.run_records import RunRecords
 from utils.sync_check import StepSyncCheck
 
 Autocast = Callable[[], ContextManager]
@@ -143,9 +144,8 @@ def measure_throughput(
     return rate
 
 
-def check_class_names(checkpoint: Dict[str, Any], classes: List[str], source: str, logger: logging.Logger) -> None:
-    """Warn when ``source`` was trained on other class names than the current dataset's."""
-    saved = checkpoint.get("class_names")
+def check_class_names(saved: Optional[List[str]], classes: List[str], source: str, logger: logging.Logger) -> None:
+    """Warn when ``source`` was trained on other class names (``saved``) than the current dataset's."""
     if saved and list(saved) != [str(c) for c in classes]:
         logger.warning(
             f"{source} was trained on other class names than this dataset's "
@@ -164,9 +164,20 @@ class ResumePoint:
     rng_state: Optional[Dict[str, Any]] = None
 
 
+@dataclass
+class Progress:
+    """A run's progress: what a checkpoint saves of the trainer beyond its collaborators' own
+    state dicts, and what ``Trainer.restore`` sets."""
+
+    step: int = 0  # optimizer updates done (drives the schedule and EMA warmup)
+    max_accuracy: float = 0.0
+    epoch_loss: List[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count of the epoch so far
+
+
 @dataclass(kw_only=True)
 class Trainer:
-    """One training run: everything a step touches, plus the run's progress.
+    """One training run: the collaborators a step uses, handed over by keyword, and the run's
+    ``progress``.
 
     ``model`` is the unwrapped module (what is saved, validated and EMA-tracked); ``model_fwd``
     the DDP and/or compiled wrapper used for training forwards.
@@ -188,11 +199,8 @@ class Trainer:
     records: RunRecords
     class_names: List[str]
     steps_per_epoch: int
-    sync_debug: bool = False  # warn on host-device syncs inside steps (CUDA; utils/sync_check.py)
+    progress: Progress = field(default_factory=Progress)
     preemption: PreemptionFlag = field(default_factory=PreemptionFlag)
-    step: int = 0  # optimizer updates done (drives the schedule and EMA warmup)
-    max_accuracy: float = 0.0
-    epoch_loss: List[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count (for resume)
     _bad_at: Optional[torch.Tensor] = None  # first micro-step index with a non-finite loss, or -1
 
     @property
@@ -250,7 +258,7 @@ class Trainer:
                 )
             sampler.set_start_index(start.batch * self.config.DATA.BATCH_SIZE)
         else:
-            self.epoch_loss = [0.0, 0.0]
+            self.progress.epoch_loss = [0.0, 0.0]
         if self.train_one_epoch(loader_train, epoch, start.batch, start.rng_state):
             self.logger.info(f"stopped by {self._signal_name()}: checkpoint written, the next start resumes from it")
             return False
@@ -258,9 +266,10 @@ class Trainer:
         metrics, ema_metrics = self.validate(loader_val)
         acc1 = (ema_metrics if self.best_by == "ema" else metrics)["acc1"]
         # The first finished epoch always writes best.pth, even at 0% accuracy.
-        is_best = acc1 > self.max_accuracy or not os.path.exists(os.path.join(self.saver.output_dir, "best.pth"))
-        self.max_accuracy = max(self.max_accuracy, acc1)
-        self.logger.info(f"max accuracy ({self.best_by}): {self.max_accuracy:.2f}%")
+        best_missing = not os.path.exists(os.path.join(self.saver.output_dir, BEST))
+        is_best = acc1 > self.progress.max_accuracy or best_missing
+        self.progress.max_accuracy = max(self.progress.max_accuracy, acc1)
+        self.logger.info(f"max accuracy ({self.best_by}): {self.progress.max_accuracy:.2f}%")
         self.records.add_epoch(self._epoch_row(epoch, metrics, ema_metrics, time.time() - epoch_start))
         self.save(epoch, self.steps_per_epoch, epoch_complete=True, is_best=is_best)
         if any_rank(self.preemption.requested, self.info) and epoch + 1 < self.config.TRAIN.EPOCHS:
@@ -295,7 +304,7 @@ class Trainer:
         if rng_state is not None:
             # Mid-epoch resume: the iterator drew its seed; now continue the saved random streams.
             restore_rng_state(rng_state, self.info.device)
-        with StepSyncCheck(self.sync_debug, self.info.device, self.logger) as sync_check:
+        with StepSyncCheck(self.config.TRAIN.SYNC_DEBUG, self.info.device, self.logger) as sync_check:
             return self._train_steps(iterator, epoch, start_batch, sync_check)
 
     def _train_steps(self, iterator, epoch: int, start_batch: int, sync_check: StepSyncCheck) -> bool:
@@ -328,10 +337,10 @@ class Trainer:
                 # makes the scaler skip this step, which is normal).
                 grad_norm = self.scaler.step(self.optimizer, trainable, config.TRAIN.CLIP_GRAD)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.lr_scheduler.step_update(self.step)
+                self.progress.step += 1
+                self.lr_scheduler.step_update(self.progress.step)
                 if self.ema is not None:
-                    self.ema.update(self.model, step=self.step)
+                    self.ema.update(self.model, step=self.progress.step)
             self.record_finite(loss, idx, None if self.scaler.enabled or not update else grad_norm)
             batch_time.update(time.time() - end)
             end = time.time()
@@ -342,7 +351,7 @@ class Trainer:
 
             if update:
                 stop = any_rank(self.preemption.requested, info)
-                periodic = config.TRAIN.SAVE_STEPS and self.step % config.TRAIN.SAVE_STEPS == 0
+                periodic = config.TRAIN.SAVE_STEPS and self.progress.step % config.TRAIN.SAVE_STEPS == 0
                 if stop or (periodic and idx + 1 < steps):
                     with sync_check.paused():
                         self._fold_epoch_loss(loss_sum, n_seen)
@@ -383,7 +392,7 @@ class Trainer:
             f"({loss_meter.avg:.4f})\tgrad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
             f"loss_scale {self.scaler.get_scale():.1f}\tmem {memory_mb(self.info.device):.0f}MB"
         )
-        self.records.add_step(self.step, loss=loss_meter.val, lr=lr, grad_norm=norm_meter.val)
+        self.records.add_step(self.progress.step, loss=loss_meter.val, lr=lr, grad_norm=norm_meter.val)
 
     def _set_train_mode(self) -> None:
         self.model.train()
@@ -392,14 +401,18 @@ class Trainer:
             self.model.get_classifier().train()
 
     def _fold_epoch_loss(self, loss_sum: torch.Tensor, n: int) -> None:
-        self.epoch_loss[0] += float(loss_sum)
-        self.epoch_loss[1] += n
+        self.progress.epoch_loss[0] += float(loss_sum)
+        self.progress.epoch_loss[1] += n
+
+    def _epoch_loss_over_ranks(self) -> torch.Tensor:
+        """[sum, count] of the epoch's train loss so far, over every rank (collective)."""
+        return all_reduce_sum(torch.tensor(self.progress.epoch_loss, dtype=torch.float64, device=self.info.device))
 
     def _epoch_row(
         self, epoch: int, metrics: Dict[str, float], ema_metrics: Dict[str, float], seconds: float
     ) -> Dict[str, Any]:
         """The epoch's summary.csv row (collective: the train loss is summed over ranks)."""
-        totals = all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64, device=self.info.device))
+        totals = self._epoch_loss_over_ranks()
         loss_sum, count = totals.tolist()
         return {
             "epoch": epoch,
@@ -410,54 +423,41 @@ class Trainer:
             "val_top5": round(metrics["acc5"], 4),
             "ema_top1": round(ema_metrics["acc1"], 4) if ema_metrics else "",
             "ema_top5": round(ema_metrics["acc5"], 4) if ema_metrics else "",
-            "max_accuracy": round(self.max_accuracy, 4),
+            "max_accuracy": round(self.progress.max_accuracy, 4),
             "epoch_time_s": round(seconds, 2),
         }
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def position(self, epoch: int, batches_done: int, epoch_complete: bool) -> Position:
+        return Position(
+            epoch, epoch_complete, batches_done * self.layout.global_batch, self.progress.step, batches_done
+        )
+
     def state_dict(self, epoch: int, batches_done: int, epoch_complete: bool) -> Dict[str, Any]:
-        """The checkpoint: everything that decides the future of the run, as tensors and plain
-        containers so ``torch.load(weights_only=True)`` loads it. Collective: every rank must
-        call it (the RNG states of all ranks are gathered)."""
+        """The checkpoint (``checkpoints.training_checkpoint``): everything that decides the
+        future of the run. Collective: every rank must call it (the RNG states of all ranks are
+        gathered, the epoch's loss so far summed)."""
         rng = gather_to_primary(capture_rng_state(self.info.device), self.info)
-        # The epoch's train loss so far, summed over the ranks (rank 0 continues it on resume).
-        epoch_loss = all_reduce_sum(torch.tensor(self.epoch_loss, dtype=torch.float64, device=self.info.device))
-        layout = self.layout
-        return {
-            "model": self.model.state_dict(),
-            **({"model_ema": self.ema.module.state_dict()} if self.ema is not None else {}),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "epoch": epoch,
-            "batches_done": batches_done,
-            "epoch_complete": epoch_complete,
-            "epoch_loss": epoch_loss.tolist(),
-            "step": self.step,
-            "max_accuracy": self.max_accuracy,
-            "config": config_to_dict(self.config),
-            "class_names": list(self.class_names),
-            "model_name": self.config.MODEL.NAME,
-            # The architecture as data: inference tools rebuild custom architectures from it.
-            "model_cfg": self.model.cfg.to_dict(),
-            "world_size": self.info.world_size,
-            # The data order is a function of SEED and the epoch (the sampler permutes by SEED +
-            # epoch); the run has consumed the first samples_done samples of the epoch's global
-            # order, which any batch layout whose samples per update divide it continues exactly.
-            "data_order": {
-                "seed": self.config.SEED,
-                "epoch": epoch,
-                "batches_done": batches_done,
-                "batch_size": layout.batch_size,
-                "world_size": layout.world_size,
-                "accumulation_steps": layout.accumulation_steps,
-                "samples_done": batches_done * layout.global_batch,
+        # Rank 0 continues the epoch's loss on resume, so it saves the sum over the ranks.
+        epoch_loss = self._epoch_loss_over_ranks()
+        return training_checkpoint(
+            model=self.model,
+            ema=self.ema.module if self.ema is not None else None,
+            training_state={
+                "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "epoch_loss": epoch_loss.tolist(),
+                "max_accuracy": self.progress.max_accuracy,
+                "rng_state": rng,
+                # Experiment-tracker runs (name -> run id): a resumed run logs to the same runs.
+                "tracker_run_ids": dict(self.records.tracker_run_ids),
             },
-            "rng_state": rng,
-            "torch_version": str(torch.__version__),
-            # Experiment-tracker runs (name -> run id): a resumed run logs to the same runs.
-            "tracker_run_ids": dict(self.records.tracker_run_ids),
-        }
+            config=self.config,
+            class_names=self.class_names,
+            position=self.position(epoch, batches_done, epoch_complete),
+            layout=self.layout,
+        )
 
     def save(self, epoch: int, batches_done: int, epoch_complete: bool, is_best: bool = False) -> None:
         self.check_finite(epoch)  # never overwrite a good checkpoint with diverged weights
@@ -469,37 +469,40 @@ class Trainer:
             save_run_config(self.config, self.saver.output_dir)
             self.logger.info(
                 f"saved {', '.join(os.path.basename(p) for p in paths)} "
-                f"(epoch {epoch}, batch {batches_done}, step {self.step})"
+                f"(epoch {epoch}, batch {batches_done}, step {self.progress.step})"
             )
 
-    def restore(self, path: str, checkpoint: Dict[str, Any]) -> ResumePoint:
+    def restore(self, record: CheckpointRecord) -> ResumePoint:
         """Load a training checkpoint into this trainer; returns where the run continues."""
-        missing = [k for k in ("model", "optimizer", "epoch") if k not in checkpoint]
-        if missing:
+        path = record.path
+        if not record.resumable:
             raise UserError(
-                f"{path}: not a resumable training checkpoint (missing {', '.join(missing)}); "
+                f"{path}: not a resumable training checkpoint (no optimizer state or epoch); "
                 "use --pretrained to start from its weights"
             )
-        load_model_weights(self.model, model_state_from(checkpoint, path), path)
-        check_class_names(checkpoint, self.class_names, path, self.logger)
+        state = record.training
+        load_model_weights(self.model, record.state_dicts["model"], path)
+        check_class_names(record.class_names, self.class_names, path, self.logger)
         try:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise UserError(
                 f"{path}: optimizer state does not fit (another optimizer or frozen layers?): {e}"
             ) from None
-        self.scaler.load_state_dict(checkpoint.get("scaler") or {})
+        self.scaler.load_state_dict(state.get("scaler") or {})
         if self.ema is not None:
-            if isinstance(checkpoint.get("model_ema"), dict):
-                load_model_weights(self.ema.module, checkpoint["model_ema"], path + " (model_ema)")
+            if record.has_ema:
+                load_model_weights(self.ema.module, record.state_dicts["ema"], path + " (model_ema)")
             else:
                 self.logger.warning(f"{path} holds no EMA weights: the EMA restarts from the model")
                 self.ema.module.load_state_dict(self.model.state_dict())
-        self.max_accuracy = float(checkpoint.get("max_accuracy", 0.0))
-        # Rank 0 carries the epoch's loss so far (summed over the ranks that wrote it).
-        self.epoch_loss = list(checkpoint.get("epoch_loss", [0.0, 0.0])) if self.info.is_primary else [0.0, 0.0]
-        start, self.step = self._position_after(path, checkpoint)
-        rng_states = checkpoint.get("rng_state") or []
+        self.progress = Progress(
+            max_accuracy=float(state.get("max_accuracy", 0.0)),
+            # Rank 0 carries the epoch's loss so far (summed over the ranks that wrote it).
+            epoch_loss=list(state.get("epoch_loss", [0.0, 0.0])) if self.info.is_primary else [0.0, 0.0],
+        )
+        start, self.progress.step = self._position_after(record)
+        rng_states = state.get("rng_state") or []
         if len(rng_states) == self.info.world_size:
             start.rng_state = rng_states[self.info.rank]
         else:
@@ -509,38 +512,38 @@ class Trainer:
                 "run is not bit-identical to an uninterrupted one"
             )
         self.logger.info(
-            f"resumed {path}: epoch {start.epoch}, batch {start.batch}, step {self.step}, "
-            f"max accuracy {self.max_accuracy:.2f}"
+            f"resumed {path}: epoch {start.epoch}, batch {start.batch}, step {self.progress.step}, "
+            f"max accuracy {self.progress.max_accuracy:.2f}"
         )
         return start
 
-    def _position_after(self, path: str, checkpoint: Dict[str, Any]) -> tuple[ResumePoint, int]:
-        """Where the run continues after ``checkpoint`` and its optimizer-update count, in this run's
+    def _position_after(self, record: CheckpointRecord) -> tuple[ResumePoint, int]:
+        """Where the run continues after ``record`` and its optimizer-update count, in this run's
         batch layout. A mid-epoch checkpoint continues at the exact next sample of the epoch's
         order, also under another batch size, process count or accumulation (``continue_epoch_at``);
         a layout that cannot is refused in one line. A changed layout maps the LR schedule by the
         position in training (epoch and samples), and says so."""
-        saved, now = saved_layout(checkpoint), self.layout
-        epoch = int(checkpoint["epoch"])
-        note = part_cache_resume_note(self.config, checkpoint, now.world_size)  # refuses what it cannot continue
+        path, position = record.path, record.position
+        saved, now = saved_layout(record), self.layout
+        note = part_cache_resume_note(self.config, saved.world_size, now.world_size, position)  # may refuse
         if note:
             self.logger.warning(note)
-        if checkpoint.get("epoch_complete", True):
-            start, updates_done = ResumePoint(epoch + 1), 0
+        if position.epoch_complete:
+            start, updates_done = ResumePoint(position.epoch + 1), 0
         else:
-            samples = int(checkpoint.get("batches_done", self.steps_per_epoch)) * saved.global_batch
+            samples = position.samples_done
             batch = continue_epoch_at(samples, now)
             if batch is None:
                 raise UserError(
-                    f"{path} stopped inside epoch {epoch} after {samples} samples ({saved.describe()}); "
+                    f"{path} stopped inside epoch {position.epoch} after {samples} samples ({saved.describe()}); "
                     f"this run's {now.describe()} takes {now.samples_per_update} samples per update, which do not "
                     f"divide {samples}, so it cannot continue at the next sample: "
                     + _continuing_layouts(samples, now, even=self.mixup_fn is not None)
                 )
-            start, updates_done = ResumePoint(epoch, batch), batch // now.accumulation_steps
-        step = int(checkpoint.get("step", 0))
+            start, updates_done = ResumePoint(position.epoch, batch), batch // now.accumulation_steps
+        step = position.step
         # The schedule follows the current config (so EPOCHS can be extended); say so if it moved.
-        saved_schedule = checkpoint.get("lr_scheduler")
+        saved_schedule = record.training.get("lr_scheduler")
         if saved != now:
             step = start.epoch * self.updates_per_epoch + updates_done
             total = self.config.TRAIN.EPOCHS * self.updates_per_epoch
@@ -575,20 +578,22 @@ class Trainer:
         if any_rank(bad_at >= 0, self.info):
             where = f"step {bad_at}" if bad_at >= 0 else "a step on another rank"
             raise NonFiniteLossError(
-                f"non-finite loss or gradient at epoch {epoch}, {where} (global update {self.step}); "
+                f"non-finite loss or gradient at epoch {epoch}, {where} (global update {self.progress.step}); "
                 "stopped without saving, the last good checkpoint is intact: lower TRAIN.BASE_LR, "
                 "raise TRAIN.WARMUP_EPOCHS or check TRAIN.CLIP_GRAD / AMP"
             )
 
 
-def saved_layout(checkpoint: Dict[str, Any]) -> BatchLayout:
-    """The batch layout a checkpoint was written with (older files: from its config and world size)."""
-    order = checkpoint.get("data_order") or {}
-    config = checkpoint.get("config") or {}
+def saved_layout(record: CheckpointRecord) -> BatchLayout:
+    """The batch layout a training checkpoint was written with (older files: from its config and
+    world size)."""
+    state = record.training or {}
+    order = state.get("data_order") or {}
+    config = record.config
     return BatchLayout(
-        int(order.get("batch_size", config.get("DATA", {}).get("BATCH_SIZE", 1))),
-        int(order.get("world_size", checkpoint.get("world_size", 1))),
-        int(order.get("accumulation_steps", config.get("TRAIN", {}).get("ACCUMULATION_STEPS", 1))),
+        int(order.get("batch_size", config.DATA.BATCH_SIZE if config is not None else 1)),
+        int(order.get("world_size", state.get("world_size", 1))),
+        int(order.get("accumulation_steps", config.TRAIN.ACCUMULATION_STEPS if config is not None else 1)),
     )
 
 

@@ -21,7 +21,7 @@ import math
 import os
 import random
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -30,27 +30,20 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
+from checkpoints import CheckpointRecord, read_checkpoint, scan_run_folder, supersede_later_checkpoints
 from config import RUN_CONFIG, config_to_dict, get_config, run_config_changes, save_run_config
 from engine import Feed, ResumePoint, Trainer, measure_throughput, memory_format_of
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer, scaled_lrs
+from reports.run_records import RunRecords
+from reports.trackers import build_trackers
 from utils import MoatError, PeerFailedError, UserError
 from utils.amp import apex_available, autocast_factory, build_scaler, resolve_amp_dtype
-from utils.checkpoint import (
-    BEST,
-    LAST,
-    CheckpointSaver,
-    find_resumable,
-    load_file,
-    load_model_weights,
-    model_state_from,
-)
+from utils.checkpoint_io import BEST, LAST, CheckpointSaver, load_model_weights
 from utils.distributed import DistInfo, broadcast_object, init_distributed, is_peer_failure, on_every_rank, teardown
 from utils.run_folder import LOCK_NAME, RunFolderLock, prepare_run_folder, remove_interrupted_saves
-from utils.run_records import RunRecords
-from utils.trackers import build_trackers
 
 MODES = ("train", "eval", "throughput")
 
@@ -392,15 +385,14 @@ def train(
             records=records,
             class_names=class_names,
             steps_per_epoch=steps_per_epoch,
-            sync_debug=config.TRAIN.SYNC_DEBUG,
         )
         # Every rank restores the same file: a refusal (a layout that cannot continue the epoch)
         # is reported once.
         start = on_every_rank(
-            lambda: trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH), info
+            lambda: trainer.restore(resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH), info
         )
         # A resumed run continues the tracker runs its checkpoint names.
-        records.start_trackers(resume[1].get("tracker_run_ids") if resume is not None else None)
+        records.start_trackers(resume.training.get("tracker_run_ids") if resume is not None else None)
         return trainer.fit(loader_train, loader_val, start)
     finally:
         records.close()
@@ -408,30 +400,53 @@ def train(
 
 def choose_resume(
     config: CfgNode, output_dir: str, info: DistInfo, logger: logging.Logger
-) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """``(path, checkpoint)`` to resume from, or None. Rank 0 chooses, so all ranks agree."""
-    if config.MODEL.RESUME:
-        return config.MODEL.RESUME, load_file(config.MODEL.RESUME)
-    if not config.TRAIN.AUTO_RESUME:
-        return None
-    path = None
-    if info.is_primary:
-        found = find_resumable(output_dir, logger.warning)
-        path = found[0] if found else None
+) -> Optional[CheckpointRecord]:
+    """The checkpoint to resume from, or None. Rank 0 chooses (``resume_path``), every rank
+    reads the chosen file (its tensors memory-mapped, shared between the processes of a node)."""
+    path = on_every_rank(lambda: resume_path(config, output_dir, logger) if info.is_primary else None, info)
     path = broadcast_object(path, info)
     if path is None:
         return None
-    logger.info(f"auto-resuming from {path}")
-    return path, load_file(path)
+    return on_every_rank(lambda: read_checkpoint(path, mmap=True), info)
+
+
+def resume_path(config: CfgNode, output_dir: str, logger: logging.Logger) -> Optional[str]:
+    """Where this run starts, chosen by training position, never by file times: an explicit
+    ``--resume`` (checkpoints of the run folder that are further along are moved aside, kept);
+    else the furthest checkpoint of the run folder that loads (``last.pth`` among equals), else
+    a fresh start. A folder holding checkpoints of which none can resume the run is refused in
+    one line: the user decides, nothing is overwritten."""
+    scan = scan_run_folder(output_dir)
+    if config.MODEL.RESUME:
+        record = read_checkpoint(config.MODEL.RESUME, mmap=True)
+        newest = scan.newest
+        if record.resumable and newest is not None and newest.position > record.position:
+            supersede_later_checkpoints(output_dir, record.position, logger.warning)
+        return config.MODEL.RESUME
+    if not config.TRAIN.AUTO_RESUME:
+        supersede_later_checkpoints(output_dir, None, logger.warning)
+        return None
+    for _, why in scan.unusable:
+        logger.warning(f"skipping unusable checkpoint: {why}")
+    newest = scan.newest
+    if newest is None:
+        if scan.unusable:
+            names = ", ".join(os.path.basename(p) for p, _ in scan.unusable)
+            raise UserError(
+                f"{output_dir} holds checkpoints of which none can resume this run ({names}; the log says why): "
+                "move them away, resume one explicitly with --resume, or use another --tag / --output"
+            )
+        return None
+    logger.info(f"auto-resuming from {newest.path} ({newest.position.describe()})")
+    return newest.path
 
 
 def load_pretrained(path: str, model: nn.Module, use_ema: bool, logger: logging.Logger) -> None:
     """Weights only (EMA when present and ``use_ema``); a head of another shape starts fresh."""
-    checkpoint = load_file(path)
-    use_ema = use_ema and isinstance(checkpoint.get("model_ema"), dict)
-    dropped = load_model_weights(
-        model, model_state_from(checkpoint, path, prefer_ema=use_ema), path, drop_mismatched_head=True
-    )
+    record = read_checkpoint(path)
+    use_ema = use_ema and record.has_ema
+    state = record.state_dicts["ema" if use_ema else "model"]
+    dropped = load_model_weights(model, state, path, drop_mismatched_head=True)
     logger.info(
         f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
         + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh" if dropped else "")

@@ -191,17 +191,17 @@ def check_class_count(dataset: KeyedImageDataset, config: CfgNode, allow_fewer: 
         )
 
 
-def part_cache_resume_note(config: CfgNode, checkpoint: dict, world_size: int) -> str | None:
+def part_cache_resume_note(config: CfgNode, saved: int, world_size: int, position) -> str | None:
     """What a resume changes in the data when it cannot continue exactly: a ``CACHE_MODE part``
-    checkpoint written by another number of processes (every rank's subset depends on it). From
-    an epoch's end that is a note for the log; mid-epoch the epoch's order cannot be continued,
-    so the resume is refused (``UserError`` naming both process counts)."""
-    saved = checkpoint.get("world_size")
-    if config.DATA.FORMAT != "zip" or config.DATA.CACHE_MODE != "part" or saved in (None, world_size):
+    checkpoint written by ``saved`` processes, another number than ``world_size`` (every rank's
+    subset depends on it). From an epoch's end (``position.epoch_complete``) that is a note for
+    the log; mid-epoch the epoch's order cannot be continued, so the resume is refused
+    (``UserError`` naming both process counts)."""
+    if config.DATA.FORMAT != "zip" or config.DATA.CACHE_MODE != "part" or saved == world_size:
         return None
-    if not checkpoint.get("epoch_complete", True):
+    if not position.epoch_complete:
         raise UserError(
-            f"DATA.CACHE_MODE part: the checkpoint stopped inside epoch {checkpoint.get('epoch')} with {saved} "
+            f"DATA.CACHE_MODE part: the checkpoint stopped inside epoch {position.epoch} with {saved} "
             f"process(es) and this run has {world_size}; each rank's part of the images depends on the number of "
             f"processes, so the epoch cannot continue exactly: finish it with {saved} process(es)"
         )

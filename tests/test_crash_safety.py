@@ -22,7 +22,7 @@ import torch
 
 import main as trainer
 from conftest import REPO, Exploit, cli_env, load_checkpoint, read_log
-from utils.checkpoint import CheckpointSaver
+from utils.checkpoint_io import CheckpointSaver
 
 RUN = ("tiny_moat_0", "default")
 
@@ -250,16 +250,20 @@ def test_bad_checkpoints_are_one_line_errors_and_code_never_runs(
     assert not glob.glob(os.path.join(tmp_path, "out", *RUN, "*.pth"))
 
 
-def test_auto_resume_skips_a_malicious_checkpoint_with_a_warning(image_tree, tiny_cfg, tmp_path):
+def test_auto_resume_refuses_a_folder_holding_only_a_malicious_checkpoint_and_never_runs_it(
+    image_tree, tiny_cfg, tmp_path, capsys
+):
     run_dir = os.path.join(tmp_path, *RUN)
     os.makedirs(run_dir)
     torch.save({"model": {}, "x": Exploit(str(tmp_path / "pwned"))}, os.path.join(run_dir, "last.pth"))
     cfg = tiny_cfg(TRAIN={"EPOCHS": 1, "EMA": {"ENABLE": False}})
-    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 0
+    assert trainer.main(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds checkpoints of which none can resume this run (last.pth" in err
     log = read_log(run_dir)
     assert "skipping unusable checkpoint" in log and "refused to load" in log
     assert not (tmp_path / "pwned").exists()
-    assert load_checkpoint(os.path.join(run_dir, "last.pth"))["epoch"] == 0  # trained fresh, then saved
+    assert not os.path.exists(os.path.join(run_dir, "summary.csv"))  # nothing trained, nothing written over
 
 
 # ----------------------------------------------------------------------------------- outputs

@@ -22,6 +22,7 @@ import torch
 import webdataset as wds
 
 import main as trainer
+from checkpoints import Position
 from config import get_config
 from conftest import CLASSES
 from data import ShardDataset, ZipImageDataset, build_dataset, build_loader, part_cache_resume_note
@@ -135,13 +136,13 @@ def test_part_mode_ranks_sample_disjoint_fixed_subsets_in_equal_numbers_resumabl
 
 def test_resuming_zip_part_on_another_world_size_notes_it_and_refuses_mid_epoch(zip_data):
     config = make_config(zip_data, "zip", CACHE_MODE="part")
-    mid_epoch = {"world_size": 2, "epoch": 3, "epoch_complete": False, "batches_done": 5}
-    assert part_cache_resume_note(config, mid_epoch, 2) is None  # same world size: exact
+    mid_epoch = Position(3, False, 40, 15, 5)
+    assert part_cache_resume_note(config, 2, 2, mid_epoch) is None  # same world size: exact
     with pytest.raises(UserError, match=r"inside epoch 3 with 2 process\(es\) and this run has 1.*finish it with 2"):
-        part_cache_resume_note(config, mid_epoch, 1)
-    note = part_cache_resume_note(config, {**mid_epoch, "epoch_complete": True}, 1)
+        part_cache_resume_note(config, 2, 1, mid_epoch)
+    note = part_cache_resume_note(config, 2, 1, Position(3, True, 48, 18, 6))
     assert "written by 2 process(es), this run has 1" in note and "another part" in note
-    assert part_cache_resume_note(make_config(zip_data, "zip", CACHE_MODE="full"), mid_epoch, 1) is None
+    assert part_cache_resume_note(make_config(zip_data, "zip", CACHE_MODE="full"), 2, 1, mid_epoch) is None
 
 
 def test_swin_flat_val_map_takes_the_class_names_of_the_train_map(zip_data, tmp_path):

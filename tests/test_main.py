@@ -182,25 +182,29 @@ def test_auto_resume_continues_after_the_last_finished_epoch(reference_run, imag
     assert "LR schedule differs" in log
 
 
-def test_resume_flag_wins_over_auto_resume(reference_run, tiny_cfg, image_tree):
+def test_resume_flag_wins_over_auto_resume(reference_run, tiny_cfg, image_tree, tmp_path):
     from config import get_config
     from logger import create_logger
     from utils.distributed import init_distributed
 
-    args = trainer.get_args_parser().parse_args(
-        ["--cfg", tiny_cfg(), "--data-path", image_tree, "--resume", os.path.join(reference_run, "epoch_0.pth")]
-    )
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference_run, run_dir)
+    older = str(tmp_path / "epoch_0.pth")
+    shutil.copyfile(os.path.join(run_dir, "epoch_0.pth"), older)
+    args = trainer.get_args_parser().parse_args(["--cfg", tiny_cfg(), "--data-path", image_tree, "--resume", older])
     config = get_config(args)
     info = init_distributed("cpu")
     logger = create_logger("", 0, name="test_resume_choice")
-    path, obj = trainer.choose_resume(config, reference_run, info, logger)
-    assert path.endswith("epoch_0.pth") and obj["epoch"] == 0
     config.defrost()
     config.MODEL.RESUME = ""
-    path, obj = trainer.choose_resume(config, reference_run, info, logger)
-    assert path.endswith("last.pth") and obj["epoch"] == 1
+    record = trainer.choose_resume(config, run_dir, info, logger)
+    assert record.path.endswith("last.pth") and record.position.epoch == 1
+    config.MODEL.RESUME = older
+    record = trainer.choose_resume(config, run_dir, info, logger)
+    assert record.path == older and record.position.epoch == 0
+    config.MODEL.RESUME = ""
     config.TRAIN.AUTO_RESUME = False
-    assert trainer.choose_resume(config, reference_run, info, logger) is None
+    assert trainer.choose_resume(config, run_dir, info, logger) is None
 
 
 def test_pretrained_fine_tunes_at_another_resolution_and_class_count(reference_run, tiny_cfg, tmp_path):

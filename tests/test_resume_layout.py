@@ -16,7 +16,7 @@ from conftest import launch_ranks, load_checkpoint, read_log
 from data.samplers import BatchLayout, ResumableSampler, continue_epoch_at
 from test_crash_safety import RUN
 from test_preemption import _trainers_with_loader_workers, _wait_all_started
-from utils.checkpoint import CheckpointSaver
+from utils.checkpoint_io import CheckpointSaver
 
 LAYOUTS = [BatchLayout(b, w, a) for b, w, a in itertools.product((2, 3, 4), (1, 2, 3), (1, 2))]
 

@@ -17,7 +17,7 @@ import pytest
 import main as trainer
 from conftest import REPO, load_checkpoint, read_log
 from test_crash_safety import RUN, _copy_run
-from utils.checkpoint import CheckpointSaver, atomic_save
+from utils.checkpoint_io import CheckpointSaver, atomic_save
 from utils.errors import CheckpointWriteError, UserError
 from utils.run_folder import RunFolderLock, prepare_run_folder, remove_interrupted_saves
 

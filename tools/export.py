@@ -8,7 +8,7 @@ Outputs ``<output>.safetensors``, ``<output>.torchscript.pt`` and ``<output>.onn
 went in). Weights: EMA when the checkpoint has them, unless ``--no-ema``.
 
 * safetensors: weights only, plus metadata (variant, class names JSON, preprocessing JSON:
-  img_size, crop_pct, interpolation, mean, std, crop; model args) that ``utils.inference``,
+  img_size, crop_pct, interpolation, mean, std, crop; model args) that ``checkpoints.py``,
   ``tools/predict.py`` and ``hubconf.py`` read back.
 * TorchScript: ``torch.jit.trace`` of the eval model; the same metadata rides along as the
   extra file ``moat_meta.json``. Like the ONNX graph below, the trace accepts any batch and,
@@ -51,14 +51,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import ModelMeta, add_weights_choice, load_for_inference, safetensors_metadata, save_safetensors
 from utils.errors import RunStoppedError, UserError, run_tool
-from utils.inference import (
-    ModelMeta,
-    add_weights_choice,
-    load_model_for_inference,
-    safetensors_metadata,
-    save_safetensors,
-)
 from utils.progress import progress_bar
 
 FORMATS = ("safetensors", "torchscript", "onnx")
@@ -295,7 +289,7 @@ def check_export(
 
 def export(args: argparse.Namespace) -> Dict[str, str]:
     """Write the requested formats; returns ``{format: path}``."""
-    model, meta = load_model_for_inference(args.checkpoint, variant=args.variant, use_ema=args.use_ema)
+    model, meta = load_for_inference(args.checkpoint, variant=args.variant, use_ema=args.use_ema)
     img_size = args.img_size or meta.preprocessing["img_size"]
     if img_size <= 0 or img_size % 32:
         raise UserError(f"--img-size must be a positive multiple of 32 (MOAT's output stride), got {img_size}")
@@ -321,7 +315,7 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
         wrote = f"wrote {fmt}: {path} ({meta.variant}, {meta.weights} weights, {meta.num_classes} classes)"
         bar.write(wrote, file=sys.stdout)
         if args.check and fmt == "safetensors":
-            reloaded, _ = load_model_for_inference(path)
+            reloaded, _ = load_for_inference(path)
             ref, new = model.state_dict(), reloaded.state_dict()
             if any(not torch.equal(ref[k], new[k]) for k in ref):
                 raise CheckFailed(f"{path}: reloaded weights differ from the exported model")

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic saves, safe loads, retention, auto-resume choice, RNG state.
+"""Checkpoint files as files: atomic saves, safe loads, retention, RNG state. What a file holds
+(the format) is ``checkpoints.py``'s business; this module only moves bytes and tensors.
 
 Every load goes through ``load_file`` with ``torch.load(weights_only=True)`` (or safetensors), so
 a file carrying pickled code is refused instead of executed. Every failure a user can cause
@@ -9,14 +10,13 @@ a file carrying pickled code is refused instead of executed. Every failure a use
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import pickle
 import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -155,8 +155,8 @@ class CheckpointSaver:
         try:
             return self._save(state, epoch, epoch_done, is_best)
         except CheckpointWriteError as e:
-            found = resume_candidates(self.output_dir)
-            intact = f"the newest intact checkpoint is {found[0]}" if found else "no checkpoint was written yet"
+            last = os.path.join(self.output_dir, LAST)
+            intact = f"the newest intact checkpoint is {last}" if os.path.isfile(last) else "none was written yet"
             raise CheckpointWriteError(f"{e}; {intact}") from e.__cause__
 
     def _save(self, state: Dict[str, Any], epoch: int, epoch_done: bool, is_best: bool) -> List[str]:
@@ -185,8 +185,9 @@ class CheckpointSaver:
 
 
 # ---------------------------------------------------------------------------------------- loading
-def load_file(path: str) -> Dict[str, Any]:
-    """Load a checkpoint or weights file safely (``weights_only=True`` / safetensors) to CPU."""
+def load_file(path: str, mmap: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint or weights file safely (``weights_only=True`` / safetensors) to CPU;
+    ``mmap`` maps the tensors of a zip-format file instead of reading them."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -204,7 +205,7 @@ def load_file(path: str) -> Dict[str, Any]:
         looks = "an empty file" if not head else f"a file beginning {head[:16]!r}"
         raise UserError(f"{path}: not a PyTorch checkpoint ({looks}; a checkpoint is a zip archive)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except pickle.UnpicklingError as e:
         text = str(e)
         if "Unsupported global" in text or "Unsupported class" in text:
@@ -238,28 +239,6 @@ def _first_line(e: BaseException) -> str:
     (``KeyError(101)`` from the unpickler reads "101")."""
     text = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
     return text if len(text) > 24 else f"{type(e).__name__}: {text}"
-
-
-def model_state_from(obj: Dict[str, Any], path: str, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model weights inside a loaded file: our checkpoints (``model``/``model_ema``), common
-    wrappers (``state_dict``), or a bare state dict; ``module.`` / ``_orig_mod.`` prefixes go."""
-    if prefer_ema and isinstance(obj.get("model_ema"), dict):
-        sd = obj["model_ema"]
-    elif isinstance(obj.get("model"), dict):
-        sd = obj["model"]
-    elif isinstance(obj.get("state_dict"), dict):
-        sd = obj["state_dict"]
-    else:
-        sd = obj
-    if not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise UserError(f"{path}: not a model checkpoint (no 'model' state dict of tensors inside)")
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
 
 
 def _classifier_keys(model: nn.Module) -> List[str]:
@@ -307,31 +286,6 @@ def load_model_weights(
         )
     model.load_state_dict(state_dict, strict=not dropped)
     return dropped
-
-
-# ---------------------------------------------------------------------------------- auto-resume
-def resume_candidates(output_dir: str) -> List[str]:
-    """Checkpoints in ``output_dir`` that could resume the run, newest first (``last`` wins ties)."""
-    if not os.path.isdir(output_dir):
-        return []
-    paths = [p for p in glob.glob(os.path.join(output_dir, "*.pth")) if os.path.isfile(p)]
-    rank = {LAST: 0, BEST: 2}
-    return sorted(paths, key=lambda p: (-os.path.getmtime(p), rank.get(os.path.basename(p), 1), p))
-
-
-def find_resumable(output_dir: str, warn) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """The newest checkpoint in ``output_dir`` that loads; each unusable one is ``warn``-ed once."""
-    for path in resume_candidates(output_dir):
-        try:
-            obj = load_file(path)
-        except UserError as e:
-            warn(f"skipping unusable checkpoint: {e}")
-            continue
-        if "optimizer" not in obj or "epoch" not in obj:
-            warn(f"skipping {path}: weights only, not a resumable training checkpoint")
-            continue
-        return path, obj
-    return None
 
 
 # ----------------------------------------------------------------------------------------- RNG
