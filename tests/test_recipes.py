@@ -24,7 +24,7 @@ CONFIGS = os.path.join(REPO, "configs")
 # Training images of ImageNet-1K and of ImageNet-22K (fall 2011, 21,841 classes).
 IMAGES = {1000: 1_281_167, 21841: 14_197_122}
 TOTAL_BATCH = 4096
-IMAGENET_MEAN_STD = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+MEAN_STD = {"imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]), "0.5": ([0.5] * 3, [0.5] * 3)}
 
 
 def _table() -> dict:
@@ -85,7 +85,7 @@ def _effective(name: str) -> dict:
         "smoothing": config.MODEL.LABEL_SMOOTHING,
         "EMA": f"{ema.DECAY:g} {'warmup' if ema.WARMUP else 'fixed'}" if ema.ENABLE else "off",
         "drop path": moat_cfg_from_config(config).drop_path_rate,
-        "mean/std": "imagenet" if mean_std == IMAGENET_MEAN_STD else "0.5" if mean_std == ([0.5] * 3, [0.5] * 3) else "?",
+        "mean/std": next((k for k, v in MEAN_STD.items() if v == mean_std), repr(mean_std)),
         "classes": config.MODEL.NUM_CLASSES,
     }
 
