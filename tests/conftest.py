@@ -31,14 +31,24 @@ if REPO not in sys.path:
 CLASSES = ["red", "green", "blue"]
 COLORS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
 
-# Tiny but complete: RandAugment, random erasing, Mixup/CutMix and EMA stay on (the defaults),
-# so the bit-exact resume tests exercise every random stream, and loader workers are on (persistent,
-# as by default), so signals and kills meet the processes a real run has. 8 train images per class
-# at batch 4 give 6 steps per epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
+# Tiny but complete: RandAugment, Mixup and EMA stay on (the defaults), and random erasing and
+# CutMix, which the ImageNet recipe leaves off, are switched on, so the bit-exact resume tests
+# exercise every random stream; loader workers are on (persistent, as by default), so signals and
+# kills meet the processes a real run has. 8 train images per class at batch 4 give 6 steps per
+# epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
 TINY_CONFIG = {
     "BASE": [os.path.join(REPO, "configs", "tiny_moat_0.yaml")],
-    "DATA": {"IMG_SIZE": 32, "NUM_WORKERS": 2, "DATASET": "imagefolder", "BATCH_SIZE": 4, "PIN_MEMORY": False},
+    # CROP_PCT: the 0.875 the tests count with (tiny_moat_0.yaml's 0.8888 is its crop at 256 px).
+    "DATA": {
+        "IMG_SIZE": 32,
+        "CROP_PCT": 0.875,
+        "NUM_WORKERS": 2,
+        "DATASET": "imagefolder",
+        "BATCH_SIZE": 4,
+        "PIN_MEMORY": False,
+    },
     "MODEL": {"NUM_CLASSES": 3},
+    "AUG": {"REPROB": 0.25, "CUTMIX": 1.0},
     # BASE_LR is per 512 images: 0.1 x 4 / 512 = 7.8e-4 at batch 4.
     "TRAIN": {"EPOCHS": 2, "WARMUP_EPOCHS": 1, "BASE_LR": 0.1, "MIN_LR": 1e-3, "WARMUP_LR": 1e-4},
     "AMP": "off",
@@ -96,14 +106,17 @@ def image_tree(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_cfg(tmp_path_factory):
-    """``tiny_cfg(**overrides)`` -> path of a YAML with TINY_CONFIG plus nested overrides."""
+    """``tiny_cfg(**overrides)`` -> path of a YAML with TINY_CONFIG plus nested overrides; a
+    section given as None is left out (its keys come from BASE)."""
     folder = tmp_path_factory.mktemp("cfg")
     counter = [0]
 
     def write(**sections) -> str:
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_CONFIG.items()}
         for key, value in sections.items():
-            if isinstance(value, dict):
+            if value is None:
+                cfg.pop(key, None)
+            elif isinstance(value, dict):
                 cfg.setdefault(key, {}).update(value)
             else:
                 cfg[key] = value
