@@ -31,7 +31,7 @@ from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 from checkpoints import CheckpointRecord, read_checkpoint, scan_run_folder, supersede_later_checkpoints
-from config import RUN_CONFIG, config_to_dict, get_config, run_config_changes, save_run_config
+from config import RUN_CONFIG, choices_of, config_to_dict, get_config, run_config_changes, save_run_config
 from engine import Feed, ResumePoint, Trainer, measure_throughput, memory_format_of
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
@@ -63,10 +63,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, help="images per process per micro-step (DATA.BATCH_SIZE)")
     p.add_argument("--data-path", help="dataset root holding train/ and val/ (DATA.DATA_PATH)")
-    p.add_argument("--dataset", choices=["imagenet", "imagefolder"], help="DATA.DATASET")
+    p.add_argument("--dataset", choices=choices_of("DATA.DATASET"), help="DATA.DATASET")
     data_format = p.add_mutually_exclusive_group()
     data_format.add_argument(
-        "--data-format", choices=["folder", "zip", "shards"], help="how DATA_PATH stores the images (DATA.FORMAT)"
+        "--data-format", choices=choices_of("DATA.FORMAT"), help="how DATA_PATH stores the images (DATA.FORMAT)"
     )
     data_format.add_argument(
         "--zip",
@@ -77,7 +77,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache-mode",
-        choices=["no", "part", "full"],
+        choices=choices_of("DATA.CACHE_MODE"),
         help="zip only: keep this rank's part / all of the images in RAM (DATA.CACHE_MODE)",
     )
     p.add_argument("--class-map", metavar="FILE", help="class names in label order, one per line (DATA.CLASS_MAP)")
@@ -108,11 +108,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--amp",
-        choices=["off", "fp16", "bf16"],
+        choices=choices_of("AMP"),
         help="mixed precision (default: bf16 where supported, else fp16 on CUDA)",
     )
     p.add_argument(
-        "--amp-opt-level", choices=["O0", "O1", "O2"], help="NVIDIA apex AMP level (only when apex is installed)"
+        "--amp-opt-level",
+        choices=choices_of("AMP_OPT_LEVEL"),
+        help="NVIDIA apex AMP level (only when apex is installed)",
     )
     p.add_argument("--output", help="root of all outputs (OUTPUT); a run writes OUTPUT/MODEL.NAME/TAG")
     p.add_argument("--tag", help="run name (TAG)")
@@ -137,7 +139,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--throughput", action="store_true", help="only measure inference img/s, then exit")
     p.add_argument("--seed", type=int, help="SEED")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="DEVICE")
+    p.add_argument("--device", choices=choices_of("DEVICE"), help="DEVICE")
     p.add_argument(
         "--log-wandb",
         action="store_true",
