@@ -561,6 +561,53 @@ def _is_run_checkpoint_name(name: str) -> bool:
     return name in (LAST, BEST) or (name.startswith("epoch_") and name.endswith(".pth"))
 
 
+def resume_path(folder: str, resume: str, auto_resume: bool, log: Any) -> Optional[str]:
+    """Where a training run in ``folder`` starts, chosen by training position, never by file
+    times: an explicit ``resume`` (checkpoints of the folder that are further along are moved
+    aside, kept); else, with ``auto_resume``, the furthest checkpoint of the folder that loads
+    (``last.pth`` among equals); else a fresh start. A folder holding checkpoints of which none can
+    resume the run is refused in one line: the user decides, nothing is overwritten. ``log`` is a
+    logger (``info`` for the choice, ``warning`` for what was skipped or moved)."""
+    scan = scan_run_folder(folder)
+    if resume:
+        record = read_checkpoint(resume, mmap=True)
+        newest = scan.newest
+        if record.resumable and newest is not None and newest.position > record.position:
+            supersede_later_checkpoints(folder, record.position, log.warning)
+        return resume
+    if not auto_resume:
+        supersede_later_checkpoints(folder, None, log.warning)
+        return None
+    for _, why in scan.unusable:
+        log.warning(f"skipping unusable checkpoint: {why}")
+    newest = scan.newest
+    if newest is None:
+        if scan.unusable:
+            names = ", ".join(os.path.basename(p) for p, _ in scan.unusable)
+            raise UserError(
+                f"{folder} holds checkpoints of which none can resume this run ({names}; the log says why): "
+                "move them away, resume one explicitly with --resume, or use another --tag / --output"
+            )
+        return None
+    log.info(f"auto-resuming from {newest.path} ({newest.position.describe()})")
+    return newest.path
+
+
+def load_pretrained(path: str, model: nn.Module, use_ema: bool, log: Any) -> List[str]:
+    """Weights only (the EMA when the file has it and ``use_ema``); a head of another shape is
+    dropped and starts fresh. Returns the dropped head keys."""
+    record = read_checkpoint(path)
+    use_ema = use_ema and record.has_ema
+    dropped = load_model_weights(
+        model, record.state_dicts["ema" if use_ema else "model"], path, drop_mismatched_head=True
+    )
+    log.info(
+        f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
+        + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh" if dropped else "")
+    )
+    return dropped
+
+
 __all__ = [
     "BEST",
     "FORMAT_VERSION",
@@ -571,8 +618,10 @@ __all__ = [
     "Position",
     "add_weights_choice",
     "load_for_inference",
+    "load_pretrained",
     "preprocessing_from_config",
     "read_checkpoint",
+    "resume_path",
     "safetensors_metadata",
     "save_safetensors",
     "scan_run_folder",

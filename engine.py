@@ -20,6 +20,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
@@ -154,6 +155,23 @@ def check_class_names(saved: Optional[List[str]], classes: List[str], source: st
 
 
 # ------------------------------------------------------------------------------------ training
+def build_criterion(config: CfgNode, mixup_fn) -> nn.Module:
+    """Soft-target CE with Mixup/CutMix (label smoothing is folded into the mixed targets),
+    else CE with label smoothing."""
+    if mixup_fn is not None:
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=config.MODEL.LABEL_SMOOTHING)
+
+
+def freeze_backbone(model: nn.Module) -> None:
+    """Linear probing: only the classifier keeps ``requires_grad`` (the trainer also keeps the
+    backbone in eval mode, so its BatchNorm statistics stay frozen too)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in model.get_classifier().parameters():
+        p.requires_grad_(True)
+
+
 @dataclass
 class ResumePoint:
     """Where a (re)started run begins: epoch, micro-batch inside it, and the RNG state to

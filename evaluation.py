@@ -59,7 +59,8 @@ def run_eval(
     source = record.path
     config = with_checkpoint_preprocessing(config, record, logger)
     config = with_checkpoint_classes(config, record, logger)
-    _, dataset_val, _, loader_val, _ = build_loader(config, with_train=False, device=info.device)
+    loaders = build_loader(config, info, with_train=False)
+    dataset_val, loader_val = loaders.val_dataset, loaders.val
     model = build_model_for(config, record).to(info.device, memory_format=feed.memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -86,7 +87,7 @@ def run_eval(
     table = []
     for img_size, crop_pct in pairs:
         sized = with_values(config, {"DATA.IMG_SIZE": img_size, "DATA.CROP_PCT": crop_pct})
-        loader = loader_val if sized is config else build_loader(sized, with_train=False, device=info.device)[3]
+        loader = loader_val if sized is config else build_loader(sized, info, with_train=False).val
         logger.info(f"evaluating {source} at {img_size} px (crop {crop_pct})")
         results, confusions = {}, {}
         for name, state in weights.items():

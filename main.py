@@ -21,29 +21,30 @@ import math
 import os
 import random
 import sys
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from checkpoints import CheckpointRecord, read_checkpoint, scan_run_folder, supersede_later_checkpoints
+from checkpoints import CheckpointRecord, load_pretrained, read_checkpoint, resume_path
 from config import RUN_CONFIG, choices_of, config_to_dict, get_config, run_config_changes, save_run_config
-from engine import Feed, ResumePoint, Trainer, measure_throughput, memory_format_of
+from data import Loaders, build_loader
+from engine import Feed, ResumePoint, Trainer, build_criterion, freeze_backbone, measure_throughput
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
+from models import build_model
 from optimizer import build_optimizer, scaled_lrs
 from reports.run_records import RunRecords
 from reports.trackers import build_trackers
 from utils import MoatError, PeerFailedError, UserError
 from utils.amp import apex_available, autocast_factory, build_scaler, resolve_amp_dtype
-from utils.checkpoint_io import BEST, LAST, CheckpointSaver, load_model_weights
+from utils.checkpoint_io import BEST, LAST, CheckpointSaver
 from utils.distributed import DistInfo, broadcast_object, init_distributed, is_peer_failure, on_every_rank, teardown
-from utils.run_folder import LOCK_NAME, RunFolderLock, prepare_run_folder, remove_interrupted_saves
+from utils.run_folder import LOCK_NAME, lock_run_folder, prepare_run_folder, remove_interrupted_saves
 
 MODES = ("train", "eval", "throughput")
 
@@ -226,35 +227,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def lock_run_folder(output_dir: str, info: DistInfo) -> Iterator[None]:
-    """Hold the folder's lock (taken by rank 0; every rank stops when another run holds it)."""
-    lock = RunFolderLock(output_dir)
-    on_every_rank(lambda: lock.acquire() if info.is_primary else None, info)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, eval_sizes: EvalSizes) -> int:
-    from data import build_loader
-    from models import build_model
-
     logger = create_logger(output_dir, info.rank)
     if mode == "train" and info.is_primary:
-        removed, size = remove_interrupted_saves(output_dir)  # this run holds the folder's lock
-        if removed:
-            logger.info(f"removed {removed} temporary file(s) of interrupted saves ({size / 2**20:,.1f} MiB)")
-        changed = run_config_changes(config, output_dir)
-        if changed:
-            logger.warning(
-                f"{output_dir} holds a run with a different config ({'; '.join(changed)}); "
-                "resuming from it mixes two experiments: use another --tag or --output "
-                "to start fresh (config.yaml keeps the earlier config until this run saves a checkpoint)"
-            )
-        else:
-            save_run_config(config, output_dir)
+        _take_over_folder(config, output_dir, logger)
     logger.info(
         f"device {info.device}, world size {info.world_size}, rank {info.rank}, "
         f"threads {torch.get_num_threads()}, output {output_dir}"
@@ -268,62 +244,71 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
         torch.backends.cudnn.allow_tf32 = True
 
     amp_dtype = None if config.AMP_OPT_LEVEL else resolve_amp_dtype(config.AMP, info.device)
-    autocast = autocast_factory(info.device, amp_dtype)
+    feed = Feed.of(config, info.device, autocast_factory(info.device, amp_dtype))
     precision = str(config.AMP_OPT_LEVEL and "apex " + config.AMP_OPT_LEVEL or amp_dtype or "off")
     logger.info(f"mixed precision: {precision}")
 
     if mode == "eval":
-        return run_eval(config, info, logger, output_dir, eval_sizes, Feed.of(config, info.device, autocast), precision)
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, device=info.device)
-    class_names = [str(c) for c in dataset_train.classes]
-    fmt = memory_format_of(config)
-    model = build_model(config).to(info.device, memory_format=fmt)
+        return run_eval(config, info, logger, output_dir, eval_sizes, feed, precision)
+    loaders = build_loader(config, info)
+    model = build_model(config).to(info.device, memory_format=feed.memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         f"model {config.MODEL.NAME}: {n_params / 1e6:.2f}M params, "
-        f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
-        f"{len(dataset_train)} train / {len(dataset_val)} val images"
+        f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(loaders.train_dataset.classes)} classes, "
+        f"{len(loaders.train_dataset)} train / {len(loaders.val_dataset)} val images"
     )
     if mode == "throughput":
-        measure_throughput(model, loader_val, Feed.of(config, info.device, autocast), logger=logger)
+        measure_throughput(model, loaders.val, feed, logger=logger)
         return 0
-    return train(
-        config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast, info, logger, output_dir
-    )
+    resume = choose_resume(config, output_dir, info, logger)
+    if resume is None and config.MODEL.PRETRAINED:
+        load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
+    trainer = build_trainer(config, info, logger, output_dir, model, loaders, amp_dtype, feed)
+    try:
+        # Every rank restores the same file: a refusal (a layout that cannot continue the epoch)
+        # is reported once.
+        start = on_every_rank(
+            lambda: trainer.restore(resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH), info
+        )
+        # A resumed run continues the tracker runs its checkpoint names.
+        trainer.records.start_trackers(resume.training.get("tracker_run_ids") if resume is not None else None)
+        return trainer.fit(loaders.train, loaders.val, start)
+    finally:
+        trainer.records.close()
+
+
+def _take_over_folder(config: CfgNode, output_dir: str, logger: logging.Logger) -> None:
+    """Rank 0, holding the folder's lock: clear what interrupted saves left, and compare the
+    folder's config with this run's (a changed one replaces it with the run's first checkpoint)."""
+    removed, size = remove_interrupted_saves(output_dir)
+    if removed:
+        logger.info(f"removed {removed} temporary file(s) of interrupted saves ({size / 2**20:,.1f} MiB)")
+    changed = run_config_changes(config, output_dir)
+    if changed:
+        logger.warning(
+            f"{output_dir} holds a run with a different config ({'; '.join(changed)}); "
+            "resuming from it mixes two experiments: use another --tag or --output "
+            "to start fresh (config.yaml keeps the earlier config until this run saves a checkpoint)"
+        )
+    else:
+        save_run_config(config, output_dir)
 
 
 # ------------------------------------------------------------------------------------ training
-def build_criterion(config: CfgNode, mixup_fn) -> nn.Module:
-    """Soft-target CE with Mixup/CutMix (label smoothing is folded into the mixed targets),
-    else CE with label smoothing."""
-    if mixup_fn is not None:
-        return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=config.MODEL.LABEL_SMOOTHING)
-
-
-def freeze_backbone(model: nn.Module) -> None:
-    """Linear probing: only the classifier keeps ``requires_grad`` (the trainer also keeps the
-    backbone in eval mode, so its BatchNorm statistics stay frozen too)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.get_classifier().parameters():
-        p.requires_grad_(True)
-
-
-def train(
+def build_trainer(
     config: CfgNode,
-    model: nn.Module,
-    class_names: List[str],
-    loader_train,
-    loader_val,
-    mixup_fn,
-    amp_dtype: Optional[torch.dtype],
-    autocast,
     info: DistInfo,
     logger: logging.Logger,
     output_dir: str,
-) -> int:
-    """Build optimizer, schedule, EMA and wrappers, pick the starting point, run the Trainer."""
+    model: nn.Module,
+    loaders: Loaders,
+    amp_dtype: Optional[torch.dtype],
+    feed: Feed,
+) -> Trainer:
+    """What a training run needs around ``model`` (with its initial weights): the optimizer and
+    its schedule, loss scaling, EMA, the DDP / compiled wrappers, the checkpoint saver and the
+    run's records, handed to a ``Trainer``."""
     if config.TRAIN.FREEZE_BACKBONE:
         freeze_backbone(model)
     if info.distributed and info.device.type == "cuda":
@@ -338,7 +323,7 @@ def train(
     )
     optimizer = build_optimizer(config, model, lrs.base)
     scaler, model, optimizer = build_scaler(config, info.device, amp_dtype, model, optimizer)
-    steps_per_epoch = len(loader_train)
+    steps_per_epoch = len(loaders.train)
     if steps_per_epoch == 0:
         raise UserError(
             f"the training set is smaller than one batch ({config.DATA.BATCH_SIZE} x "
@@ -346,11 +331,6 @@ def train(
         )
     updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch, lrs.warmup, lrs.min)
-
-    # Weights: an explicit --resume wins, then auto-resume from the output folder, then --pretrained.
-    resume = choose_resume(config, output_dir, info, logger)
-    if resume is None and config.MODEL.PRETRAINED:
-        load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
     ema = None
     if config.TRAIN.EMA.ENABLE:
         ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP)
@@ -368,36 +348,24 @@ def train(
         logger.info(f"torch.compile, mode {mode}: the first steps compile the model")
 
     trackers = build_trackers(config, config_to_dict(config), output_dir, logger) if info.is_primary else []
-    records = RunRecords(output_dir, info.is_primary, trackers=trackers)
-    try:
-        trainer = Trainer(
-            config=config,
-            info=info,
-            logger=logger,
-            model=model,
-            model_fwd=model_fwd,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            scaler=scaler,
-            ema=ema,
-            criterion=build_criterion(config, mixup_fn),
-            mixup_fn=mixup_fn,
-            feed=Feed.of(config, info.device, autocast),
-            saver=CheckpointSaver(output_dir, config.SAVE_FREQ, config.KEEP_CHECKPOINTS),
-            records=records,
-            class_names=class_names,
-            steps_per_epoch=steps_per_epoch,
-        )
-        # Every rank restores the same file: a refusal (a layout that cannot continue the epoch)
-        # is reported once.
-        start = on_every_rank(
-            lambda: trainer.restore(resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH), info
-        )
-        # A resumed run continues the tracker runs its checkpoint names.
-        records.start_trackers(resume.training.get("tracker_run_ids") if resume is not None else None)
-        return trainer.fit(loader_train, loader_val, start)
-    finally:
-        records.close()
+    return Trainer(
+        config=config,
+        info=info,
+        logger=logger,
+        model=model,
+        model_fwd=model_fwd,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scaler=scaler,
+        ema=ema,
+        criterion=build_criterion(config, loaders.mixup),
+        mixup_fn=loaders.mixup,
+        feed=feed,
+        saver=CheckpointSaver(output_dir, config.SAVE_FREQ, config.KEEP_CHECKPOINTS),
+        records=RunRecords(output_dir, info.is_primary, trackers=trackers),
+        class_names=[str(c) for c in loaders.train_dataset.classes],
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def choose_resume(
@@ -405,54 +373,12 @@ def choose_resume(
 ) -> Optional[CheckpointRecord]:
     """The checkpoint to resume from, or None. Rank 0 chooses (``resume_path``), every rank
     reads the chosen file (its tensors memory-mapped, shared between the processes of a node)."""
-    path = on_every_rank(lambda: resume_path(config, output_dir, logger) if info.is_primary else None, info)
+    choose = lambda: resume_path(output_dir, config.MODEL.RESUME, config.TRAIN.AUTO_RESUME, logger)  # noqa: E731
+    path = on_every_rank(lambda: choose() if info.is_primary else None, info)
     path = broadcast_object(path, info)
     if path is None:
         return None
     return on_every_rank(lambda: read_checkpoint(path, mmap=True), info)
-
-
-def resume_path(config: CfgNode, output_dir: str, logger: logging.Logger) -> Optional[str]:
-    """Where this run starts, chosen by training position, never by file times: an explicit
-    ``--resume`` (checkpoints of the run folder that are further along are moved aside, kept);
-    else the furthest checkpoint of the run folder that loads (``last.pth`` among equals), else
-    a fresh start. A folder holding checkpoints of which none can resume the run is refused in
-    one line: the user decides, nothing is overwritten."""
-    scan = scan_run_folder(output_dir)
-    if config.MODEL.RESUME:
-        record = read_checkpoint(config.MODEL.RESUME, mmap=True)
-        newest = scan.newest
-        if record.resumable and newest is not None and newest.position > record.position:
-            supersede_later_checkpoints(output_dir, record.position, logger.warning)
-        return config.MODEL.RESUME
-    if not config.TRAIN.AUTO_RESUME:
-        supersede_later_checkpoints(output_dir, None, logger.warning)
-        return None
-    for _, why in scan.unusable:
-        logger.warning(f"skipping unusable checkpoint: {why}")
-    newest = scan.newest
-    if newest is None:
-        if scan.unusable:
-            names = ", ".join(os.path.basename(p) for p, _ in scan.unusable)
-            raise UserError(
-                f"{output_dir} holds checkpoints of which none can resume this run ({names}; the log says why): "
-                "move them away, resume one explicitly with --resume, or use another --tag / --output"
-            )
-        return None
-    logger.info(f"auto-resuming from {newest.path} ({newest.position.describe()})")
-    return newest.path
-
-
-def load_pretrained(path: str, model: nn.Module, use_ema: bool, logger: logging.Logger) -> None:
-    """Weights only (EMA when present and ``use_ema``); a head of another shape starts fresh."""
-    record = read_checkpoint(path)
-    use_ema = use_ema and record.has_ema
-    state = record.state_dicts["ema" if use_ema else "model"]
-    dropped = load_model_weights(model, state, path, drop_mismatched_head=True)
-    logger.info(
-        f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
-        + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh" if dropped else "")
-    )
 
 
 if __name__ == "__main__":

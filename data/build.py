@@ -48,13 +48,14 @@ import logging
 import math
 import multiprocessing
 import os
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
+from utils.distributed import DistInfo
 from utils.errors import ConfigError, UserError
 from utils.preemption import leave_stop_signals_to_trainer, stop_signals_blocked
 
@@ -71,11 +72,15 @@ logger = logging.getLogger(__name__)
 IMAGENET_NUM_CLASSES = 1000
 
 
-def _world() -> tuple[int, int]:
-    """(world size, rank) of the initialised process group, else (1, 0)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+class Loaders(NamedTuple):
+    """What ``build_loader`` builds: the two datasets, their loaders and the Mixup/CutMix
+    function (None when both are off). Training entries are None for evaluation."""
+
+    train_dataset: KeyedImageDataset | None
+    val_dataset: KeyedImageDataset
+    train: DataLoader | None
+    val: DataLoader
+    mixup: Mixup | None
 
 
 class TrainerDataLoader(DataLoader):
@@ -101,6 +106,7 @@ def build_dataset(
     allow_fewer_classes: bool = False,
     uint8: bool = False,
     check_count: bool = True,
+    info: DistInfo | None = None,
 ) -> KeyedImageDataset:
     """The train or val split of ``DATA.DATA_PATH`` in ``DATA.FORMAT``, with its transform.
 
@@ -112,7 +118,8 @@ def build_dataset(
     accepts up to ``MODEL.NUM_CLASSES`` classes: evaluation may score a subset of the model's
     classes (ImageNet-A/-R style), matched to them by name by the caller. ``uint8``: images
     stay uint8 (``build_transform``), for normalisation on the device. ``check_count`` False
-    leaves the class-count check (``check_class_count``) to the caller.
+    leaves the class-count check (``check_class_count``) to the caller. ``info``: this process's
+    place in the job (a zip cache keeps this rank's part); None is a single process.
     """
     data = config.DATA
     if not data.DATA_PATH:
@@ -130,7 +137,7 @@ def build_dataset(
     # SKIP_BAD_IMAGES applies to val too: opting in means "never stop for a bad file"; the
     # substituted val samples are logged like the train ones.
     if data.FORMAT == "zip":
-        world_size, rank = _world()
+        world_size, rank = (info.world_size, info.rank) if info is not None else (1, 0)
         # Validation reads only this rank's part (ShardedEvalSampler), so caching more is waste
         # (Swin caches val in 'part' mode too).
         cache_mode = data.CACHE_MODE if is_train or data.CACHE_MODE == "no" else "part"
@@ -232,17 +239,15 @@ def build_mixup(config: CfgNode) -> Mixup | None:
     )
 
 
-def build_loader(
-    config: CfgNode, with_train: bool = True, device: torch.device | None = None
-) -> tuple[KeyedImageDataset | None, KeyedImageDataset, DataLoader | None, DataLoader, Mixup | None]:
-    """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``; reads
-    ``config`` only. Without ``with_train`` (evaluation) only the val split is read, and it may
-    hold fewer classes than the model (``build_dataset``); the train entries are None.
+def build_loader(config: CfgNode, info: DistInfo | None = None, with_train: bool = True) -> Loaders:
+    """The datasets, loaders and Mixup of ``config`` for the process ``info`` describes (None: a
+    single process on the CPU). Without ``with_train`` (evaluation) only the val split is read,
+    and it may hold fewer classes than the model (``build_dataset``); the train entries are None.
 
-    ``device``: where the batches are used. When ``DATA.NORMALIZE_ON_DEVICE`` applies there
+    ``info.device``: where the batches are used. When ``DATA.NORMALIZE_ON_DEVICE`` applies there
     (``device_loader.normalize_on_device``), the workers deliver uint8 batches and the loaders
     are wrapped to normalise (and, for training, randomly erase) them on the device; the batches
-    then arrive on ``device`` already.
+    then arrive on the device already.
 
     Train loader: ``ResumableSampler`` (call ``sampler.set_epoch(e)`` every epoch and
     ``sampler.set_start_index(i)`` to resume mid-epoch), ``drop_last=True``. Val loader: each rank
@@ -250,11 +255,12 @@ def build_loader(
     ``(images [B, 3, IMG_SIZE, IMG_SIZE] float, targets [B] int64)``.
     Raises ``DataError`` (one line naming the path) for any problem with the data on disk.
     """
-    world_size, rank = _world()
+    world_size, rank = (info.world_size, info.rank) if info is not None else (1, 0)
+    device = info.device if info is not None else torch.device("cpu")
     uint8 = normalize_on_device(config, device)
     # Training: the two splits are compared before either is counted, so a class folder that
     # only one split has is named as such rather than as a wrong MODEL.NUM_CLASSES.
-    dataset_train = build_dataset(True, config, uint8=uint8, check_count=False) if with_train else None
+    dataset_train = build_dataset(True, config, uint8=uint8, check_count=False, info=info) if with_train else None
     dataset_val = build_dataset(
         False,
         config,
@@ -262,6 +268,7 @@ def build_loader(
         allow_fewer_classes=not with_train,
         uint8=uint8,
         check_count=not with_train,
+        info=info,
     )
     sampler_train = None
     if dataset_train is not None:
@@ -329,5 +336,6 @@ def build_loader(
         if data_loader_train is not None:
             data_loader_train = wrap_for_device(data_loader_train, config, device, is_train=True)
         data_loader_val = wrap_for_device(data_loader_val, config, device, is_train=False)
-    mixup_fn = build_mixup(config) if with_train else None
-    return dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn
+    return Loaders(
+        dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config) if with_train else None
+    )

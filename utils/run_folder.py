@@ -16,14 +16,16 @@ cleared of what interrupted saves left behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import glob
 import os
 import socket
 import tempfile
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
+from .distributed import DistInfo, on_every_rank
 from .errors import UserError
 
 LOCK_NAME = ".lock"
@@ -110,3 +112,15 @@ def remove_interrupted_saves(folder: str) -> Tuple[int, int]:
             continue
         removed, size = removed + 1, size + n
     return removed, size
+
+
+@contextlib.contextmanager
+def lock_run_folder(folder: str, info: DistInfo) -> Iterator[None]:
+    """Hold ``folder``'s lock for a training run: rank 0 takes it, and every rank stops (one line,
+    from rank 0) when another run holds it."""
+    lock = RunFolderLock(folder)
+    on_every_rank(lambda: lock.acquire() if info.is_primary else None, info)
+    try:
+        yield
+    finally:
+        lock.release()
