@@ -126,3 +126,13 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     torch.manual_seed(9)
     restore_rng_state(load_file(str(tmp_path / "r.pth"))["rng"], torch.device("cpu"))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_text_file_given_as_a_checkpoint_says_what_it_is_without_cryptic_codes(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello, these are my notes\n")
+    with pytest.raises(UserError) as err:
+        load_file(str(path))
+    assert str(err.value) == (
+        f"{path}: not a PyTorch checkpoint (a file beginning b'hello, these are'; a checkpoint is a zip archive)"
+    )

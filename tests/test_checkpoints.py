@@ -7,8 +7,6 @@ import hashlib
 import itertools
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -240,4 +238,3 @@ def test_under_torchrun_a_copied_folder_resumes_from_the_furthest_position(ddp_r
     for rank in (0, 1):
         assert f"resumed {os.path.join(run_dir, 'epoch_1.pth')}: epoch 2, batch 0, step 4" in read_log(run_dir, rank)
     assert _sha(os.path.join(run_dir, "epoch_1.pth")) == _sha(os.path.join(tmp_path, "later.pth"))
-    assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0
