@@ -28,6 +28,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from tools.make_shards import make_shards  # noqa: E402 (the repository is on sys.path from here)
+from tools.make_zip_dataset import make_zip_dataset  # noqa: E402
+
 CLASSES = ["red", "green", "blue"]
 COLORS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
 
@@ -102,6 +105,22 @@ def write_every_image_mode(folder, seed: int = 0) -> dict[str, str]:
 def image_tree(tmp_path_factory) -> str:
     """A shared, read-only tiny dataset (tests that damage data make their own copy)."""
     return make_image_tree(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="session")
+def zip_data(image_tree, tmp_path_factory) -> str:
+    """Swin's zip layout of ``image_tree`` (tools/make_zip_dataset.py)."""
+    out = str(tmp_path_factory.mktemp("zip"))
+    assert make_zip_dataset(image_tree, out) == {"train": 24, "val": 9}
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_data(image_tree, tmp_path_factory) -> str:
+    """Shards of 5 samples: 24 train samples in 5 shards (the last holds 4), 9 val in 2."""
+    out = str(tmp_path_factory.mktemp("shards"))
+    assert make_shards(image_tree, out, shard_size=5) == {"train": (5, 24), "val": (2, 9)}
+    return out
 
 
 @pytest.fixture(scope="session")

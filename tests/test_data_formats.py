@@ -41,21 +41,6 @@ FORMATS = {  # name -> (DATA.FORMAT, extra config keys)
 }
 
 
-@pytest.fixture(scope="session")
-def zip_data(image_tree, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("zip"))
-    assert make_zip_dataset(image_tree, out) == {"train": 24, "val": 9}
-    return out
-
-
-@pytest.fixture(scope="session")
-def shard_data(image_tree, tmp_path_factory) -> str:
-    """Shards of 5 samples: 24 train samples in 5 shards (the last holds 4), 9 val in 2."""
-    out = str(tmp_path_factory.mktemp("shards"))
-    assert make_shards(image_tree, out, shard_size=5) == {"train": (5, 24), "val": (2, 9)}
-    return out
-
-
 def data_path_of(fmt: str, image_tree: str, zip_data: str, shard_data: str) -> str:
     return {"folder": image_tree, "zip": zip_data, "shards": shard_data}[fmt]
 

@@ -125,6 +125,36 @@ def test_sigterm_to_every_process_like_slurm_each_trainer_exits_0_and_resumes_bi
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["zip-part", "shards"])
+def test_sigterm_to_every_process_in_the_zip_and_shard_formats_checkpoints_and_resumes(
+    fmt, ddp_reference, zip_data, shard_data, run_cli, tmp_path
+):
+    """The archive formats hold open zips / shards and (zip part) a RAM cache in each worker."""
+    cfg, args, reference_dir = ddp_reference
+    data_path, flags = (
+        (zip_data, ["--zip", "--cache-mode", "part"])
+        if fmt == "zip-part"
+        else (shard_data, ["--data-format", "shards"])
+    )
+    args = ["--cfg", cfg, "--data-path", data_path, "--accumulation-steps", "2", *flags, "--output", tmp_path]
+    run_dir = os.path.join(tmp_path, *RUN)
+    procs = launch_ranks(args)
+    _wait_all_started(procs, run_dir)
+    for pid in _trainers_with_loader_workers(procs):
+        os.kill(pid, signal.SIGTERM)
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+    _assert_stopped_mid_epoch(run_dir, "SIGTERM")
+    resumed = run_cli(args, launcher=["--nproc_per_node=2"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    if fmt == "shards":  # the same order as class folders: the reference run, bit for bit
+        _assert_same_model(os.path.join(run_dir, "last.pth"), os.path.join(reference_dir, "last.pth"))
+    else:  # each rank trains on its cached part: its own order, the same number of updates
+        assert load_checkpoint(os.path.join(run_dir, "last.pth"))["step"] == 4
+
+
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_update_and_each_exits_0(ddp_reference, run_cli, tmp_path):
     _, args, reference_dir = ddp_reference
     args = args + ["--output", tmp_path]
