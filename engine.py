@@ -485,6 +485,7 @@ class Trainer:
         """The epoch's summary.csv row (collective: the train loss is summed over ranks)."""
         totals = self._epoch_loss_over_ranks()
         loss_sum, count = totals.tolist()
+        acc1 = (ema_metrics if self.report_weights == "ema" else metrics)["acc1"]
         return {
             "epoch": epoch,
             "train_loss": round(loss_sum / max(count, 1), 6),
@@ -497,10 +498,7 @@ class Trainer:
             "max_accuracy": round(self.progress.max_accuracy, 4),
             # What the run reports if it ends with this epoch (TRAIN.REPORT).
             "reported_top1": round(
-                self.progress.max_accuracy
-                if self.config.TRAIN.REPORT.CHECKPOINT == "best"
-                else (ema_metrics if self.report_weights == "ema" else metrics)["acc1"],
-                4,
+                self.progress.max_accuracy if self.config.TRAIN.REPORT.CHECKPOINT == "best" else acc1, 4
             ),
             "epoch_time_s": round(seconds, 2),
         }

@@ -476,7 +476,8 @@ def test_a_run_validates_on_held_out_images_end_to_end(image_tree, tiny_cfg, run
     proc = run_cli(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "tiny_moat_0" / "default"
-    assert "18 train / 6 val images" in read_log(str(run))
+    log = read_log(str(run))
+    assert "18 train / 6 val images" in log and "DATA.VAL_HOLDOUT 2: validating on 6 images held out of" in log
     proc = run_cli(["--cfg", cfg, "--data-path", image_tree, "--output", str(tmp_path), "--eval"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((run / "eval" / "last-32.json").read_text())
