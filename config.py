@@ -135,7 +135,7 @@ _C.DATA.TRAIN_SPLIT = "train"
 _C.DATA.VAL_SPLIT = "val"
 # Validate on N images of every class held out of the train split (never trained on) instead of
 # reading VAL_SPLIT, for data that has no validation split (ImageNet-22K). Which images: per
-# class, drawn by a generator seeded with the class index alone, so the same ones in every run,
+# class, drawn by a generator seeded with the class's name alone, so the same ones in every run,
 # format and process count; a class keeps at least one training image. 0 = read VAL_SPLIT.
 _C.DATA.VAL_HOLDOUT = number(0, low=0, null=0, note="0 = read DATA.VAL_SPLIT")
 # Input resolution (square); must be divisible by the model's total stride (32 for every registered

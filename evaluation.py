@@ -170,7 +170,7 @@ def describe_reported(reported: Dict[str, Any], record: CheckpointRecord) -> str
     epochs = record.config.TRAIN.EPOCHS if record.config is not None else None
     if record.position is None:
         return text + f", a file without a training position (TRAIN.REPORT.CHECKPOINT {checkpoint} cannot be checked)"
-    where = f"epoch {record.position.epoch} of {epochs}" if epochs else f"epoch {record.position.epoch}"
+    where = f"epoch {record.position.epoch}" + (f" of 0..{epochs - 1}" if epochs else "")
     if matches:
         return text + f", the {checkpoint} checkpoint of its run ({where})"
     if matches is None:
