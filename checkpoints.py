@@ -593,19 +593,92 @@ def resume_path(folder: str, resume: str, auto_resume: bool, log: Any) -> Option
     return newest.path
 
 
-def load_pretrained(path: str, model: nn.Module, use_ema: bool, log: Any) -> List[str]:
-    """Weights only (the EMA when the file has it and ``use_ema``); a head of another shape is
-    dropped and starts fresh. Returns the dropped head keys."""
+def load_pretrained(
+    path: str,
+    model: nn.Module,
+    use_ema: bool,
+    log: Any,
+    head: str = "auto",
+    class_names: Optional[List[str]] = None,
+) -> List[str]:
+    """Weights only (the EMA when the file has it and ``use_ema``), the classifier as ``head``
+    (MODEL.PRETRAINED_HEAD) says: 'auto' loads it when its shape fits and keeps the model's fresh
+    one otherwise; 'drop' always keeps the fresh one; 'map' takes the file's rows of
+    ``class_names`` (this run's classes in label order), matched by the names the file records.
+    Returns the head keys that start fresh."""
     record = read_checkpoint(path)
     use_ema = use_ema and record.has_ema
-    dropped = load_model_weights(
-        model, record.state_dicts["ema" if use_ema else "model"], path, drop_mismatched_head=True
-    )
-    log.info(
-        f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
-        + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh" if dropped else "")
-    )
-    return dropped
+    state = dict(record.state_dicts["ema" if use_ema else "model"])
+    note = ""
+    if head == "auto":
+        fresh = load_model_weights(model, state, path, drop_mismatched_head=True)
+        if fresh:
+            note = f"; dropped the head ({', '.join(fresh)}): its shape differs, it starts fresh"
+    else:
+        own = _classifier_state(model)
+        if head == "drop":
+            fresh = list(own)
+            state.update(own)
+            note = f"; dropped the head ({', '.join(fresh)}): MODEL.PRETRAINED_HEAD drop, it starts fresh"
+        elif head == "map":
+            fresh = []
+            state.update(_mapped_head(record, state, own, class_names or []))
+            note = (
+                f"; mapped the head: this run's {len(class_names or [])} classes taken by name from the "
+                f"{len(record.class_names or [])}-class head"
+            )
+        else:
+            raise ValueError(f"head must be 'auto', 'drop' or 'map', got {head!r}")
+        load_model_weights(model, state, path)
+    log.info(f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}{note}")
+    return fresh
+
+
+def _classifier_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The model's classifier (``get_classifier()``) parameters as they are now, by state-dict key."""
+    classifier = model.get_classifier()
+    prefix = next(name for name, module in model.named_modules() if module is classifier)
+    return {f"{prefix}.{name}": p.detach().clone() for name, p in classifier.named_parameters()}
+
+
+def _mapped_head(
+    record: CheckpointRecord, state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor], class_names: List[str]
+) -> Dict[str, torch.Tensor]:
+    """The rows of ``state``'s classifier whose class names (``record.class_names``) are
+    ``class_names``, in that order: an ImageNet-22K head cut down to the ImageNet-1K classes.
+    A name the file lacks, or a file without names, is a one-line ``UserError``."""
+    path, saved = record.path, record.class_names
+    if not saved:
+        raise UserError(
+            f"{path}: records no class names, which MODEL.PRETRAINED_HEAD map needs to match the head's rows; "
+            "use MODEL.PRETRAINED_HEAD drop (a fresh head)"
+        )
+    row_of: Dict[str, int] = {}
+    for i, name in enumerate(saved):
+        row_of.setdefault(name, i)
+    missing = [name for name in class_names if name not in row_of]
+    if missing:
+        raise UserError(
+            f"{path}: MODEL.PRETRAINED_HEAD map: {len(missing)} of this run's {len(class_names)} classes are not "
+            f"among the checkpoint's {len(saved)} (first: {', '.join(missing[:3])}); use MODEL.PRETRAINED_HEAD drop"
+        )
+    rows = torch.tensor([row_of[name] for name in class_names], dtype=torch.long)
+    mapped = {}
+    for key, tensor in own.items():
+        source = state.get(key)
+        if source is None or source.shape[0] != len(saved) or source.shape[1:] != tensor.shape[1:]:
+            found = "no such tensor" if source is None else f"shape {tuple(source.shape)}"
+            raise UserError(
+                f"{path}: cannot map {key} ({found}) onto this model's {tuple(tensor.shape)} "
+                f"for {len(saved)} recorded classes"
+            )
+        if tensor.shape[0] != len(class_names):
+            raise UserError(
+                f"MODEL.PRETRAINED_HEAD map: the model's head has {tensor.shape[0]} classes, "
+                f"the data {len(class_names)}"
+            )
+        mapped[key] = source.index_select(0, rows)
+    return mapped
 
 
 __all__ = [

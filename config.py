@@ -126,11 +126,18 @@ _C.DATA = _Node()
 _C.DATA.BATCH_SIZE = number(128, low=1)
 # Root of the dataset: holds TRAIN_SPLIT/ and VAL_SPLIT/ class folders.
 _C.DATA.DATA_PATH = text("")
-# 'imagenet' (ImageNet-1k layout, 1000 classes expected) or 'imagefolder' (any class-folder tree).
-_C.DATA.DATASET = one_of("imagenet", "imagefolder")
+# 'imagenet' (ImageNet-1K, 1000 classes expected), 'imagenet22k' (ImageNet-22K, the fall 2011
+# release: 21,841 classes expected; 14M images, so DATA.FORMAT shards is recommended) or
+# 'imagefolder' (any class-folder tree).
+_C.DATA.DATASET = one_of("imagenet", "imagefolder", "imagenet22k")
 # Sub-folder names of the two splits under DATA_PATH.
 _C.DATA.TRAIN_SPLIT = "train"
 _C.DATA.VAL_SPLIT = "val"
+# Validate on N images of every class held out of the train split (never trained on) instead of
+# reading VAL_SPLIT, for data that has no validation split (ImageNet-22K). Which images: per
+# class, drawn by a generator seeded with the class's name alone, so the same ones in every run,
+# format and process count; a class keeps at least one training image. 0 = read VAL_SPLIT.
+_C.DATA.VAL_HOLDOUT = number(0, low=0, null=0, note="0 = read DATA.VAL_SPLIT")
 # Input resolution (square); must be divisible by the model's total stride (32 for every registered
 # variant) and each attention window must divide its stage's feature map at this size.
 _C.DATA.IMG_SIZE = number(224, low=1)
@@ -190,6 +197,11 @@ _C.MODEL.PRETRAINED = text("")
 # From a checkpoint that holds EMA weights, initialise from the EMA (the better model after a full
 # run, and what the authors released); False takes the raw weights.
 _C.MODEL.PRETRAINED_EMA = True
+# The classifier of MODEL.PRETRAINED: 'auto' loads it when its shape fits and starts a fresh one
+# otherwise; 'drop' always starts a fresh one (MaxViT's fine-tunes do, even on the same classes);
+# 'map' takes the checkpoint's rows of this run's classes, matched by class name (the 1,000
+# ImageNet-1K synsets of a 21,841-class ImageNet-22K head), an error when a name is missing.
+_C.MODEL.PRETRAINED_HEAD = one_of("auto", "drop", "map")
 # Full training state to resume from; empty means auto-resume from the output folder.
 _C.MODEL.RESUME = text("")
 # Number of classes of the head; checked against the number of class folders in the data.
@@ -277,12 +289,22 @@ _C.TRAIN.EMA = _Node()
 # Keep an exponential moving average of the weights and validate it each epoch.
 _C.TRAIN.EMA.ENABLE = True
 _C.TRAIN.EMA.DECAY = number(0.9999, low=0.0, high=1.0, high_open=True)
-# Warm the decay up (timm ModelEmaV3 use_warmup: 1 - (1 + t)^(-2/3), capped at DECAY) so short
-# runs get a useful EMA; False keeps DECAY fixed from the second update on (the first copies the
-# weights), as the ImageNet recipes do.
-_C.TRAIN.EMA.WARMUP = False
-# Choose best.pth by the EMA's top-1 instead of the raw model's (both are logged every epoch).
-_C.TRAIN.EMA.SELECT_BEST = False
+# How the decay ramps up over the first updates (t = optimizer updates so far, 1 at the first):
+# 'tf' as TensorFlow's ExponentialMovingAverage given the step count, min(DECAY, (1 + t) / (10 + t)),
+# averaging from the initial weights (the recipes); 'timm' timm's warmup, min(DECAY, 1 - t^(-2/3)),
+# a copy at the first update; 'none' a copy at the first update, then DECAY. Replaces
+# TRAIN.EMA.WARMUP (True = 'timm', False = 'none'), which older files still say.
+_C.TRAIN.EMA.RAMP = one_of("tf", "timm", "none")
+
+# Which number a run reports (the log's last line, summary.csv's reported_top1, --eval's "reported").
+_C.TRAIN.REPORT = _Node()
+# 'last': the top-1 of the final epoch's checkpoint (last.pth), as the MOAT paper reports; 'best':
+# the highest top-1 of any epoch (best.pth). best.pth is written either way.
+_C.TRAIN.REPORT.CHECKPOINT = one_of("last", "best")
+# Whose top-1 it is, and whose top-1 chooses best.pth: 'ema' (the EMA weights, the model's when
+# TRAIN.EMA.ENABLE is False) or 'model' (the raw weights); both are validated every epoch.
+# Replaces TRAIN.EMA.SELECT_BEST (True = 'ema', False = 'model'), which older files still say.
+_C.TRAIN.REPORT.WEIGHTS = one_of("ema", "model")
 
 # -----------------------------------------------------------------------------
 # Augmentation
@@ -400,6 +422,13 @@ def describe_key(key: str) -> str:
 # rather than the experiment; a saved config.yaml that still has them loads without them.
 _RETIRED_KEYS = ("EVAL_MODE", "THROUGHPUT_MODE", "LOCAL_RANK")
 
+# Keys another key replaced: old key -> (new key, {old value: new value}). Files, saved
+# config.yaml files and --opts that still name the old key load with the same meaning.
+_RENAMED_KEYS = {
+    "TRAIN.EMA.WARMUP": ("TRAIN.EMA.RAMP", {True: "timm", False: "none"}),
+    "TRAIN.EMA.SELECT_BEST": ("TRAIN.REPORT.WEIGHTS", {True: "ema", False: "model"}),
+}
+
 # argparse destination of each named flag -> the config key it sets.
 _FLAG_KEYS = {
     "batch_size": "DATA.BATCH_SIZE",
@@ -443,6 +472,50 @@ def _upgrade_unset_spellings(tree: dict) -> dict:
     return tree
 
 
+def _renamed(key: str, value: Any, source: str) -> Tuple[str, Any]:
+    """The successor of an old ``key`` (``_RENAMED_KEYS``) and what ``value`` means there."""
+    new_key, meanings = _RENAMED_KEYS[key]
+    if not isinstance(value, bool):
+        accepted = ", ".join(repr(v) for v in meanings)
+        raise ConfigError(f"{source}: invalid {key}={value!r}: accepted: {accepted} (or use {new_key})")
+    return new_key, meanings[value]
+
+
+def _upgrade_renamed_keys(tree: dict, source: Optional[str]) -> dict:
+    """``tree`` (nested dicts) with each old key of ``_RENAMED_KEYS`` replaced by its successor.
+    ``source`` names the file in errors (an old key with a value it never took, or an old and a
+    new key that disagree); None reads leniently (a saved config: the new key wins)."""
+    for old in _RENAMED_KEYS:
+        *parents, leaf = old.split(".")
+        node: Any = tree
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or leaf not in node:
+            continue
+        value = node.pop(leaf)
+        try:
+            new_key, meaning = _renamed(old, value, source or "config")
+        except ConfigError:
+            if source is None:
+                continue
+            raise
+        *parents, leaf = new_key.split(".")
+        target = tree
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                break
+        else:
+            if leaf not in target:
+                target[leaf] = meaning
+            elif target[leaf] != meaning and source is not None:
+                raise ConfigError(
+                    f"{source}: {old}: {value} means {new_key} {meaning!r}, but {new_key} is {target[leaf]!r}: "
+                    f"keep {new_key} only"
+                )
+    return tree
+
+
 def _as_declared_value(key: str, value: Any) -> Any:
     """An int given for a float key as that float (yacs would refuse ``CLIP_GRAD: 5``)."""
     try:
@@ -478,9 +551,10 @@ def _update_config_from_file(config: CN, cfg_file: str) -> None:
             _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
     for key in _RETIRED_KEYS:
         yaml_cfg.pop(key, None)
+    yaml_cfg = _upgrade_renamed_keys(_upgrade_unset_spellings(yaml_cfg), cfg_file)
     config.defrost()
     try:
-        config.merge_from_other_cfg(CN(_as_declared(_upgrade_unset_spellings(yaml_cfg))))
+        config.merge_from_other_cfg(CN(_as_declared(yaml_cfg)))
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"{cfg_file}: {_yacs_message(e)}") from None
     config.freeze()
@@ -498,10 +572,9 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
     if getattr(args, "opts", None):
         if len(args.opts) % 2:
             raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {args.opts}")
-        pairs = [
-            (key, _as_declared_value(key, CN._decode_cfg_value(value)))
-            for key, value in zip(args.opts[::2], args.opts[1::2])
-        ]
+        pairs = [(key, CN._decode_cfg_value(value)) for key, value in zip(args.opts[::2], args.opts[1::2])]
+        pairs = [_renamed(key, value, "--opts") if key in _RENAMED_KEYS else (key, value) for key, value in pairs]
+        pairs = [(key, _as_declared_value(key, value)) for key, value in pairs]
         try:
             config.merge_from_list([item for pair in pairs for item in pair])
         except (KeyError, ValueError, AssertionError) as e:
@@ -547,6 +620,13 @@ def validate_config(config: CN) -> None:
         config.DATA.BATCH_SIZE,
         "must be even while Mixup/CutMix is on (timm mixes each batch with its flipped self); "
         "or set AUG.MIXUP 0 AUG.CUTMIX 0",
+    )
+    check(
+        not (config.DATA.VAL_HOLDOUT and config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE == "part"),
+        "DATA.VAL_HOLDOUT",
+        config.DATA.VAL_HOLDOUT,
+        "cannot split a DATA.CACHE_MODE part cache (each rank caches a fixed part of the train split); "
+        "use DATA.CACHE_MODE no or full",
     )
     _validate_architecture(config)
 
@@ -608,7 +688,8 @@ def config_from_dict(*trees: dict) -> CN:
     rejected: an old checkpoint stays loadable after the config grows or loses a key."""
     config = _C.clone()
     for tree in trees:
-        for key, value in _flatten(_upgrade_unset_spellings(copy.deepcopy(tree))).items():
+        upgraded = _upgrade_renamed_keys(_upgrade_unset_spellings(copy.deepcopy(tree)), None)
+        for key, value in _flatten(upgraded).items():
             try:
                 default = get_key(config, key)
             except KeyError:
@@ -652,6 +733,7 @@ _LAUNCH_KEYS = {
     "OUTPUT",
     "TAG",
     "TRAIN.SYNC_DEBUG",  # a debugging aid: warnings only
+    "TRAIN.REPORT.CHECKPOINT",  # which number the log states, not what is trained
     # Where a run is logged to does not change what it trains.
     "TRACKING.WANDB",
     "TRACKING.WANDB_PROJECT",

@@ -31,7 +31,7 @@ from data.samplers import BatchLayout, continue_epoch_at
 from reports.run_records import RunRecords
 from utils import NonFiniteLossError, UserError
 from utils.amp import NativeScaler
-from utils.checkpoint_io import BEST, CheckpointSaver, capture_rng_state, load_model_weights, restore_rng_state
+from utils.checkpoint_io import BEST, LAST, CheckpointSaver, capture_rng_state, load_model_weights, restore_rng_state
 from utils.class_subset import ClassSubset
 from utils.distributed import DistInfo, all_reduce_sum, any_rank, gather_to_primary
 from utils.metrics import AverageMeter, ClassificationTotals, ConfusionMatrix
@@ -155,6 +155,28 @@ def check_class_names(saved: Optional[List[str]], classes: List[str], source: st
 
 
 # ------------------------------------------------------------------------------------ training
+# ModelEmaV3 arguments of each TRAIN.EMA.RAMP. The trainer calls ``ema.update(model, step=t)``
+# after optimizer update t (1 at the first), and timm's decay at step t is
+# 1 - (1 + s / warmup_gamma)^(-warmup_power) with s = t - update_after_step - 1, capped at DECAY
+# (0, a copy of the weights, when s <= 0). With gamma 9, power 1 and update_after_step -2 that
+# is s / (9 + s) = (1 + t) / (10 + t), TensorFlow's ramp at update t, from the first update on.
+EMA_RAMPS: Dict[str, Dict[str, Any]] = {
+    "tf": dict(use_warmup=True, warmup_gamma=9.0, warmup_power=1.0, update_after_step=-2),
+    "timm": dict(use_warmup=True),  # 1 - t^(-2/3)
+    "none": dict(use_warmup=False),
+}
+
+
+def build_ema(config: CfgNode, model: nn.Module) -> Optional[ModelEmaV3]:
+    """The EMA of ``model``'s weights (TRAIN.EMA), or None when off. It starts as a copy of
+    ``model`` as it is now (after any --pretrained load), as TensorFlow's shadow variables start
+    at the variables' initial values."""
+    ema = config.TRAIN.EMA
+    if not ema.ENABLE:
+        return None
+    return ModelEmaV3(model, decay=ema.DECAY, **EMA_RAMPS[ema.RAMP])
+
+
 def build_criterion(config: CfgNode, mixup_fn) -> nn.Module:
     """Soft-target CE with Mixup/CutMix (label smoothing is folded into the mixed targets),
     else CE with label smoothing."""
@@ -188,7 +210,9 @@ class Progress:
     state dicts, and what ``Trainer.restore`` sets."""
 
     step: int = 0  # optimizer updates done (drives the schedule and EMA warmup)
-    max_accuracy: float = 0.0
+    max_accuracy: float = 0.0  # the best epoch's top-1 of the reported weights (best.pth's)
+    best_epoch: int = -1  # that epoch (-1: none yet, or a checkpoint older than the field)
+    last_top1: Optional[float] = None  # the latest finished epoch's top-1 of the reported weights
     epoch_loss: List[float] = field(default_factory=lambda: [0.0, 0.0])  # sum, count of the epoch so far
 
 
@@ -222,9 +246,27 @@ class Trainer:
     _bad_at: Optional[torch.Tensor] = None  # first micro-step index with a non-finite loss, or -1
 
     @property
-    def best_by(self) -> str:
-        """Whose top-1 chooses best.pth: the EMA's (TRAIN.EMA.SELECT_BEST) or the model's."""
-        return "ema" if (self.config.TRAIN.EMA.SELECT_BEST and self.ema is not None) else "model"
+    def report_weights(self) -> str:
+        """Whose top-1 is the run's number and chooses best.pth (TRAIN.REPORT.WEIGHTS): 'ema', or
+        'model' (also when the run keeps no EMA)."""
+        return "ema" if (self.config.TRAIN.REPORT.WEIGHTS == "ema" and self.ema is not None) else "model"
+
+    def reported(self) -> Optional[str]:
+        """The run's number as a sentence (TRAIN.REPORT): the last or the best epoch's top-1 of
+        the reported weights; None before an epoch has finished."""
+        if self.progress.last_top1 is None or self.progress.best_epoch < 0:
+            return None
+        progress, weights = self.progress, "EMA" if self.report_weights == "ema" else "model"
+        best = f"{BEST}, epoch {progress.best_epoch}"
+        if self.config.TRAIN.REPORT.CHECKPOINT == "best":
+            return (
+                f"reported top-1 {progress.max_accuracy:.2f}%: the {weights} weights of the best checkpoint "
+                f"({best}); the last epoch's {progress.last_top1:.2f}%"
+            )
+        return (
+            f"reported top-1 {progress.last_top1:.2f}%: the {weights} weights of the last checkpoint "
+            f"({LAST}, epoch {self.config.TRAIN.EPOCHS - 1}); {progress.max_accuracy:.2f}% at the best ({best})"
+        )
 
     @property
     def layout(self) -> BatchLayout:
@@ -250,18 +292,25 @@ class Trainer:
                 self.logger.info(
                     f"all {config.TRAIN.EPOCHS} epochs are done: nothing to train (raise TRAIN.EPOCHS to continue)"
                 )
+                self._log_reported()
                 return 0
             self.logger.info(
                 f"start training: epochs {start.epoch}..{config.TRAIN.EPOCHS - 1}, "
-                f"{self.steps_per_epoch} steps/epoch, best.pth chosen by the "
-                f"{self.best_by}'s top-1"
+                f"{self.steps_per_epoch} steps/epoch; reported: the {self.report_weights}'s top-1 of the "
+                f"{config.TRAIN.REPORT.CHECKPOINT} checkpoint, best.pth chosen by the {self.report_weights}'s top-1"
             )
             for epoch in range(start.epoch, config.TRAIN.EPOCHS):
                 first = start if epoch == start.epoch else ResumePoint(epoch)
                 if not self._fit_epoch(loader_train, loader_val, first):
                     return 0
         self.logger.info(f"training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+        self._log_reported()
         return 0
+
+    def _log_reported(self) -> None:
+        sentence = self.reported()
+        if sentence is not None:
+            self.logger.info(sentence)
 
     def _fit_epoch(self, loader_train, loader_val, start: ResumePoint) -> bool:
         """Train, validate, record and save one epoch; False when a signal stopped the run."""
@@ -282,12 +331,16 @@ class Trainer:
             return False
 
         metrics, ema_metrics = self.validate(loader_val)
-        acc1 = (ema_metrics if self.best_by == "ema" else metrics)["acc1"]
+        acc1 = (ema_metrics if self.report_weights == "ema" else metrics)["acc1"]
         # The first finished epoch always writes best.pth, even at 0% accuracy.
         best_missing = not os.path.exists(os.path.join(self.saver.output_dir, BEST))
         is_best = acc1 > self.progress.max_accuracy or best_missing
         self.progress.max_accuracy = max(self.progress.max_accuracy, acc1)
-        self.logger.info(f"max accuracy ({self.best_by}): {self.progress.max_accuracy:.2f}%")
+        self.progress.last_top1 = acc1
+        if is_best:
+            self.progress.best_epoch = epoch
+        best = f"{self.progress.max_accuracy:.2f}% at epoch {self.progress.best_epoch}"
+        self.logger.info(f"max accuracy ({self.report_weights}): {best}")
         self.records.add_epoch(self._epoch_row(epoch, metrics, ema_metrics, time.time() - epoch_start))
         self.save(epoch, self.steps_per_epoch, epoch_complete=True, is_best=is_best)
         if any_rank(self.preemption.requested, self.info) and epoch + 1 < self.config.TRAIN.EPOCHS:
@@ -432,6 +485,7 @@ class Trainer:
         """The epoch's summary.csv row (collective: the train loss is summed over ranks)."""
         totals = self._epoch_loss_over_ranks()
         loss_sum, count = totals.tolist()
+        acc1 = (ema_metrics if self.report_weights == "ema" else metrics)["acc1"]
         return {
             "epoch": epoch,
             "train_loss": round(loss_sum / max(count, 1), 6),
@@ -442,6 +496,10 @@ class Trainer:
             "ema_top1": round(ema_metrics["acc1"], 4) if ema_metrics else "",
             "ema_top5": round(ema_metrics["acc5"], 4) if ema_metrics else "",
             "max_accuracy": round(self.progress.max_accuracy, 4),
+            # What the run reports if it ends with this epoch (TRAIN.REPORT).
+            "reported_top1": round(
+                self.progress.max_accuracy if self.config.TRAIN.REPORT.CHECKPOINT == "best" else acc1, 4
+            ),
             "epoch_time_s": round(seconds, 2),
         }
 
@@ -467,6 +525,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "epoch_loss": epoch_loss.tolist(),
                 "max_accuracy": self.progress.max_accuracy,
+                "best_epoch": self.progress.best_epoch,
+                "last_top1": self.progress.last_top1,
                 "rng_state": rng,
                 # Experiment-tracker runs (name -> run id): a resumed run logs to the same runs.
                 "tracker_run_ids": dict(self.records.tracker_run_ids),
@@ -514,8 +574,11 @@ class Trainer:
             else:
                 self.logger.warning(f"{path} holds no EMA weights: the EMA restarts from the model")
                 self.ema.module.load_state_dict(self.model.state_dict())
+        last_top1 = state.get("last_top1")
         self.progress = Progress(
             max_accuracy=float(state.get("max_accuracy", 0.0)),
+            best_epoch=int(state.get("best_epoch", -1)),
+            last_top1=float(last_top1) if last_top1 is not None else None,
             # Rank 0 carries the epoch's loss so far (summed over the ranks that wrote it).
             epoch_loss=list(state.get("epoch_loss", [0.0, 0.0])) if self.info.is_primary else [0.0, 0.0],
         )

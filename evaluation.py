@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.nn as nn
 from yacs.config import CfgNode
 
-from checkpoints import CheckpointRecord, preprocessing_from_config, read_checkpoint, scan_run_folder
+from checkpoints import BEST, CheckpointRecord, preprocessing_from_config, read_checkpoint, scan_run_folder
 from config import with_values
 from data import build_loader
 from engine import Feed, evaluate
@@ -106,11 +106,14 @@ def run_eval(
             )
             confusions[name] = confusion.compute()  # collective: every rank takes part
         table += sizes_rows(img_size, crop_pct, results)
+        reported = reported_result(config, record, results)
+        logger.info(f"at {img_size} px: {describe_reported(reported, record)}")
         if info.is_primary:
+            summary = eval_summary(sized, record, dataset_val, subset, class_names, precision, info)
             path = write_eval_reports(
                 folder,
                 report_base(source, img_size),
-                summary=eval_summary(sized, record, dataset_val, subset, class_names, precision, info),
+                summary={**summary, "reported": reported},
                 results=results,
                 confusions=confusions,
                 class_names=class_names,
@@ -122,6 +125,57 @@ def run_eval(
             stem = os.path.splitext(os.path.basename(source))[0]
             logger.info(f"size table: {write_sizes_table(os.path.join(folder, f'{stem}-sizes.csv'), table)}")
     return 0
+
+
+def reported_result(config: CfgNode, record: CheckpointRecord, results: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
+    """The eval JSON's "reported": which entry of ``results`` is the recipe's number
+    (TRAIN.REPORT.WEIGHTS: the EMA's when the file has one), whether those weights are an EMA,
+    and whether ``record`` is the checkpoint the recipe reports (TRAIN.REPORT.CHECKPOINT: the
+    final epoch's, or the best one's). ``is_last`` / ``is_best`` are null where the file cannot
+    say: weights without a training position; ``is_best`` without a ``best.pth`` beside the file
+    (the file is the best when ``best.pth`` holds the same training position: a hard link, or a
+    copy of one)."""
+    weights = "ema" if config.TRAIN.REPORT.WEIGHTS == "ema" and "ema" in results else "model"
+    single = record.single_set if not record.has_ema else None
+    is_last = is_best = None
+    position = record.position
+    if position is not None and record.config is not None:
+        is_last = position.epoch_complete and position.epoch == record.config.TRAIN.EPOCHS - 1
+        best = os.path.join(os.path.dirname(os.path.abspath(record.path)), BEST)
+        if os.path.isfile(best):
+            try:
+                is_best = read_checkpoint(best, mmap=True).position == position
+            except UserError:
+                is_best = None
+    checkpoint = config.TRAIN.REPORT.CHECKPOINT
+    return {
+        "weights": weights,
+        "ema": weights == "ema" or single == "ema",
+        "top1": results[weights]["acc1"],
+        "top5": results[weights]["acc5"],
+        "checkpoint": checkpoint,
+        "is_last": is_last,
+        "is_best": is_best,
+        "is_reported_checkpoint": is_last if checkpoint == "last" else is_best,
+    }
+
+
+def describe_reported(reported: Dict[str, Any], record: CheckpointRecord) -> str:
+    """``reported`` (``reported_result``) as a sentence for the log."""
+    text = (
+        f"reported top-1 {reported['top1']:.3f}: the {'EMA' if reported['ema'] else 'raw'} weights "
+        f"('{reported['weights']}') of {record.path}"
+    )
+    matches, checkpoint = reported["is_reported_checkpoint"], reported["checkpoint"]
+    epochs = record.config.TRAIN.EPOCHS if record.config is not None else None
+    if record.position is None:
+        return text + f", a file without a training position (TRAIN.REPORT.CHECKPOINT {checkpoint} cannot be checked)"
+    where = f"epoch {record.position.epoch}" + (f" of 0..{epochs - 1}" if epochs else "")
+    if matches:
+        return text + f", the {checkpoint} checkpoint of its run ({where})"
+    if matches is None:
+        return text + f" ({where}; whether it is the {checkpoint} checkpoint is not recorded)"
+    return text + f" ({where}): not the {checkpoint} checkpoint of its run, which TRAIN.REPORT.CHECKPOINT reports"
 
 
 def checkpoint_to_evaluate(config: CfgNode, output_dir: str, logger: logging.Logger) -> CheckpointRecord:
@@ -260,6 +314,8 @@ def eval_summary(
         "preprocessing": preprocessing_from_config(config),
         "config_sha256": config_digest(config),
         "val_root": os.path.abspath(str(dataset_val.root)),
+        # Images per class held out of val_root, the train split (DATA.VAL_HOLDOUT); 0: a val split.
+        "val_holdout": int(config.DATA.VAL_HOLDOUT),
         "classes": classes,
         "precision": precision,
         "world_size": info.world_size,

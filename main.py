@@ -26,13 +26,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
 from checkpoints import CheckpointRecord, load_pretrained, read_checkpoint, resume_path
 from config import RUN_CONFIG, choices_of, config_to_dict, get_config, run_config_changes, save_run_config
 from data import Loaders, build_loader
-from engine import Feed, ResumePoint, Trainer, build_criterion, freeze_backbone, measure_throughput
+from engine import Feed, ResumePoint, Trainer, build_criterion, build_ema, freeze_backbone, measure_throughput
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
@@ -263,7 +262,14 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
         return 0
     resume = choose_resume(config, output_dir, info, logger)
     if resume is None and config.MODEL.PRETRAINED:
-        load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
+        load_pretrained(
+            config.MODEL.PRETRAINED,
+            model,
+            config.MODEL.PRETRAINED_EMA,
+            logger,
+            head=config.MODEL.PRETRAINED_HEAD,
+            class_names=[str(c) for c in loaders.train_dataset.classes],
+        )
     trainer = build_trainer(config, info, logger, output_dir, model, loaders, amp_dtype, feed)
     try:
         # Every rank restores the same file: a refusal (a layout that cannot continue the epoch)
@@ -331,9 +337,7 @@ def build_trainer(
         )
     updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch, lrs.warmup, lrs.min)
-    ema = None
-    if config.TRAIN.EMA.ENABLE:
-        ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP)
+    ema = build_ema(config, model)
 
     model_fwd = model
     if info.distributed:

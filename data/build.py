@@ -55,6 +55,7 @@ from timm.data import Mixup
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
+from config import with_values
 from utils.distributed import DistInfo
 from utils.errors import ConfigError, UserError
 from utils.preemption import leave_stop_signals_to_trainer, stop_signals_blocked
@@ -62,6 +63,7 @@ from utils.preemption import leave_stop_signals_to_trainer, stop_signals_blocked
 from .class_map import check_class_coverage, read_class_map
 from .datasets import ClassFolderDataset, DataError, KeyedImageDataset, check_same_classes
 from .device_loader import fast_collate, normalize_on_device, wrap_for_device
+from .holdout import SplitView, split_holdout
 from .samplers import RankSubsetSampler, ResumableSampler, ShardedEvalSampler, rank_subset
 from .shards import ShardDataset, resolve_shards
 from .transforms import build_transform
@@ -70,6 +72,8 @@ from .zip_dataset import ZipImageDataset
 logger = logging.getLogger(__name__)
 
 IMAGENET_NUM_CLASSES = 1000
+# Classes each DATA.DATASET expects ('imagefolder': any number); ImageNet-22K is the fall 2011 release.
+EXPECTED_CLASSES = {"imagenet": IMAGENET_NUM_CLASSES, "imagenet22k": 21841}
 
 
 class Loaders(NamedTuple):
@@ -110,8 +114,8 @@ def build_dataset(
 ) -> KeyedImageDataset:
     """The train or val split of ``DATA.DATA_PATH`` in ``DATA.FORMAT``, with its transform.
 
-    Checks the number of classes against ``MODEL.NUM_CLASSES`` (and against 1000 for
-    ``DATA.DATASET 'imagenet'``; with ``DATA.CLASS_MAP``, the map's length instead) so a wrong
+    Checks the number of classes against ``MODEL.NUM_CLASSES`` (and against
+    ``EXPECTED_CLASSES`` of ``DATA.DATASET``; with ``DATA.CLASS_MAP``, the map's length instead) so a wrong
     head size fails here in one line rather than as a CUDA assert or a silently wrong model.
     ``native_classes``: the train split's names of the zip map / shard class indices, for the
     val split (Swin's val maps have no class folders to read names from). ``allow_fewer_classes``
@@ -175,8 +179,8 @@ def build_dataset(
 
 
 def check_class_count(dataset: KeyedImageDataset, config: CfgNode, allow_fewer: bool = False) -> None:
-    """The dataset's classes against ``MODEL.NUM_CLASSES`` (and 1000 for ``DATA.DATASET
-    'imagenet'``); a class map was checked against the count already. ``allow_fewer`` accepts up
+    """The dataset's classes against ``MODEL.NUM_CLASSES`` (and ``EXPECTED_CLASSES`` of
+    ``DATA.DATASET``); a class map was checked against the count already. ``allow_fewer`` accepts up
     to ``MODEL.NUM_CLASSES`` (subset evaluation)."""
     data = config.DATA
     if data.CLASS_MAP:
@@ -185,10 +189,11 @@ def check_class_count(dataset: KeyedImageDataset, config: CfgNode, allow_fewer: 
     if allow_fewer and found <= config.MODEL.NUM_CLASSES:
         return
     what = "class folders" if data.FORMAT == "folder" else "classes"
-    if data.DATASET == "imagenet" and found != IMAGENET_NUM_CLASSES:
+    expected = EXPECTED_CLASSES.get(data.DATASET)
+    if expected is not None and found != expected:
         raise DataError(
-            f"found {found} {what} in {dataset.root}, but DATA.DATASET 'imagenet' "
-            f"expects {IMAGENET_NUM_CLASSES}; for another dataset use "
+            f"found {found} {what} in {dataset.root}, but DATA.DATASET '{data.DATASET}' "
+            f"expects {expected}; for another dataset use "
             f"DATA.DATASET imagefolder (--dataset imagefolder) and MODEL.NUM_CLASSES {found}"
         )
     if found != config.MODEL.NUM_CLASSES:
@@ -216,6 +221,25 @@ def part_cache_resume_note(config: CfgNode, saved: int, world_size: int, positio
         f"DATA.CACHE_MODE part: the checkpoint was written by {saved} process(es), this run has {world_size}, "
         "so every rank trains on another part of the train images"
     )
+
+
+def build_holdout_split(
+    config: CfgNode, uint8: bool, info: DistInfo | None, with_train: bool
+) -> tuple[SplitView | None, SplitView]:
+    """``DATA.VAL_HOLDOUT``: the train split, read once, as the training set (None without
+    ``with_train``) and the validation set of the images held out of it (``data.holdout``);
+    ``VAL_SPLIT`` is not read. Evaluation reads the train split's index only, uncached."""
+    if not with_train and config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE != "no":
+        config = with_values(config, {"DATA.CACHE_MODE": "no"})
+    base = build_dataset(True, config, uint8=uint8, check_count=False, info=info)
+    train, held_out = split_holdout(
+        base, config.DATA.VAL_HOLDOUT, base.transform, build_transform(False, config, uint8=uint8)
+    )
+    if len(held_out) == 0:
+        raise DataError(f"{base.root}: no class has two images, so DATA.VAL_HOLDOUT has nothing to hold out")
+    if not with_train:
+        check_class_count(held_out, config, allow_fewer=True)
+    return (train if with_train else None), held_out
 
 
 def build_mixup(config: CfgNode) -> Mixup | None:
@@ -258,18 +282,26 @@ def build_loader(config: CfgNode, info: DistInfo | None = None, with_train: bool
     world_size, rank = (info.world_size, info.rank) if info is not None else (1, 0)
     device = info.device if info is not None else torch.device("cpu")
     uint8 = normalize_on_device(config, device)
-    # Training: the two splits are compared before either is counted, so a class folder that
-    # only one split has is named as such rather than as a wrong MODEL.NUM_CLASSES.
-    dataset_train = build_dataset(True, config, uint8=uint8, check_count=False, info=info) if with_train else None
-    dataset_val = build_dataset(
-        False,
-        config,
-        native_classes=getattr(dataset_train, "native_classes", None),
-        allow_fewer_classes=not with_train,
-        uint8=uint8,
-        check_count=not with_train,
-        info=info,
-    )
+    if config.DATA.DATASET == "imagenet22k" and config.DATA.FORMAT == "folder":
+        logger.info(
+            "ImageNet-22K as 14M files in class folders: DATA.FORMAT shards (tools/make_shards.py) packs them into "
+            "a few thousand tar files"
+        )
+    if config.DATA.VAL_HOLDOUT:
+        dataset_train, dataset_val = build_holdout_split(config, uint8, info, with_train)
+    else:
+        # Training: the two splits are compared before either is counted, so a class folder that
+        # only one split has is named as such rather than as a wrong MODEL.NUM_CLASSES.
+        dataset_train = build_dataset(True, config, uint8=uint8, check_count=False, info=info) if with_train else None
+        dataset_val = build_dataset(
+            False,
+            config,
+            native_classes=getattr(dataset_train, "native_classes", None),
+            allow_fewer_classes=not with_train,
+            uint8=uint8,
+            check_count=not with_train,
+            info=info,
+        )
     sampler_train = None
     if dataset_train is not None:
         if config.DATA.CLASS_MAP:

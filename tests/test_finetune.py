@@ -91,7 +91,9 @@ def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shape
     run_dir = _train(run_cli, cfg, image_tree, str(tmp_path), pretrained)
 
     log = read_log(run_dir)
-    assert f"loaded pretrained EMA weights from {pretrained}" in log and "dropped the head" not in log
+    # MaxViT's fine-tunes start a fresh head, also on the same classes (MODEL.PRETRAINED_HEAD drop).
+    dropped = "dropped the head (head.fc.weight, head.fc.bias): MODEL.PRETRAINED_HEAD drop, it starts fresh"
+    assert f"loaded pretrained EMA weights from {pretrained}; {dropped}" in log
     ckpt, old = load_checkpoint(os.path.join(run_dir, "last.pth")), load_checkpoint(pretrained)
     # Weights only: a fresh run (epoch 0, its own optimizer steps), not a resume of epoch 1.
     assert (ckpt["epoch"], ckpt["step"]) == (0, 6) and "resumed" not in log
@@ -99,7 +101,7 @@ def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shape
     assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in old["model"].items()}
     assert any("relative_position_bias_table" in k for k in new)
     assert not torch.equal(new["head.fc.weight"], old["model"]["head.fc.weight"])
-    # The recipe chooses best.pth by the EMA's top-1 (TRAIN.EMA.SELECT_BEST).
+    # The recipe reports, and chooses best.pth by, the EMA's top-1 (TRAIN.REPORT.WEIGHTS).
     (row,) = read_summary(run_dir)
     assert float(row["max_accuracy"]) == float(row["ema_top1"]) == pytest.approx(ckpt["max_accuracy"], abs=1e-3)
 

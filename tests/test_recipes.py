@@ -64,7 +64,9 @@ def _effective(name: str) -> dict:
     config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS = 128, 1
     config.freeze()
     lrs = scaled_lrs(config, world_size=TOTAL_BATCH // 128)
-    updates_per_epoch = IMAGES[config.MODEL.NUM_CLASSES] // TOTAL_BATCH  # the train loader drops the last batch
+    # Images held out for validation do not train (assuming every class has more of them).
+    train_images = IMAGES[config.MODEL.NUM_CLASSES] - config.DATA.VAL_HOLDOUT * config.MODEL.NUM_CLASSES
+    updates_per_epoch = train_images // TOTAL_BATCH  # the train loader drops the last batch
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=lrs.base)
     scheduler = build_scheduler(config, optimizer, updates_per_epoch, lrs.warmup, lrs.min)
     ema = config.TRAIN.EMA
@@ -83,10 +85,14 @@ def _effective(name: str) -> dict:
         "mixing": (config.AUG.MIXUP, config.AUG.CUTMIX),
         "erasing": config.AUG.REPROB,
         "smoothing": config.MODEL.LABEL_SMOOTHING,
-        "EMA": f"{ema.DECAY:g} {'warmup' if ema.WARMUP else 'fixed'}" if ema.ENABLE else "off",
+        "EMA": f"{ema.DECAY:g} {ema.RAMP}" if ema.ENABLE else "off",
         "drop path": moat_cfg_from_config(config).drop_path_rate,
         "mean/std": next((k for k, v in MEAN_STD.items() if v == mean_std), repr(mean_std)),
         "classes": config.MODEL.NUM_CLASSES,
+        "val": f"{config.DATA.VAL_HOLDOUT} held out" if config.DATA.VAL_HOLDOUT else config.DATA.VAL_SPLIT,
+        # What the run reports: the weights fall back to the model's without an EMA.
+        "report": (config.TRAIN.REPORT.CHECKPOINT, config.TRAIN.REPORT.WEIGHTS if ema.ENABLE else "model"),
+        "head": config.MODEL.PRETRAINED_HEAD,
     }
 
 
@@ -112,6 +118,9 @@ def test_table_row_is_what_the_config_does_at_batch_4096(name):
     assert float(row["drop path"]) == pytest.approx(got["drop path"])
     assert row["mean/std"] == got["mean/std"]
     assert int(row["classes"]) == got["classes"]
+    assert row["val"] == got["val"]
+    assert _pair(row["report"]) == got["report"]
+    assert row["head"] == got["head"]
 
 
 @pytest.mark.parametrize("name", _shipped())
@@ -130,17 +139,18 @@ def test_the_documented_scaling_of_the_1k_recipe():
     assert re.search(r"3\.75e-4 and 1\.25e-6", text) and "9,984 updates at 4,096" in text
 
 
-def test_a_fixed_ema_decay_is_fixed_in_timm():
-    """``TRAIN.EMA.WARMUP False``: ModelEmaV3 copies the weights at the first update, then keeps
-    the configured decay at every step (no ramp)."""
-    from timm.utils import ModelEmaV3
+def test_the_imagenet_recipes_report_the_last_checkpoint_and_ramp_the_ema_as_tensorflow():
+    """The MOAT paper reports the last checkpoint; Google's trainers evaluate the EMA and ramp its
+    decay with the step count; MaxViT's fine-tunes start a fresh head."""
+    for name in _shipped():
+        got = _effective(name)
+        assert got["report"] == ("last", "ema") and got["EMA"] == "0.9999 tf", name
+        assert got["head"] == ("drop" if name.endswith("_ft.yaml") else "auto"), name
+        assert (got["val"] == "2 held out") == (got["classes"] == 21841), name
 
-    model = torch.nn.Linear(2, 2)
-    fixed = ModelEmaV3(model, decay=0.9999, use_warmup=False)
-    ramp = ModelEmaV3(model, decay=0.9999, use_warmup=True)
-    assert [fixed.get_decay(step) for step in (2, 10, 1000, 93_600)] == [0.9999] * 4
-    assert ramp.get_decay(93_600) < 0.9996
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    fixed.update(model, step=1)  # the first update: decay 0, a copy
-    assert torch.equal(fixed.module.weight, model.weight)
+
+def test_the_documented_22k_epoch():
+    """2 images of each of the 21,841 classes are held out: 3,455 updates of 4,096 per epoch."""
+    got = _effective("imagenet22k/moat_2_22k.yaml")
+    assert got["config"].DATA.DATASET == "imagenet22k" and got["warmup"] == 3 * 3455
+    assert "3,455 updates per epoch" in open(DOC).read()
