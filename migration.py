@@ -151,12 +151,14 @@ def migrate_tree(tree: Mapping[str, Any], source: str, inherited: Optional[str] 
 
 
 def explain(message: str, migrations: Sequence[Migration]) -> str:
-    """``message`` (a config error naming a key) with where a mapped key came from."""
-    for migration in migrations:
-        for row in migration.rows:
-            if message.startswith(f"invalid {row.new}=") and row.old != row.new:
-                return f"{message} (read from {row.old} of {migration.source})"
-    return message
+    """``message`` (a config error naming keys) with the keys of other trainers that set them."""
+    sources = [
+        f"{row.new} is {row.old} of {m.source}"
+        for m in migrations
+        for row in m.rows
+        if not row.unset and row.old != row.new and re.search(rf"\b{re.escape(row.new)}\b", message)
+    ]
+    return f"{message} ({'; '.join(sources)})" if sources else message
 
 
 class _Migrator:
@@ -217,8 +219,8 @@ class _Migrator:
         if self.trainer == PORT and describes_model:
             name = self.variant or self.flat["MODEL.NAME"]
             self.note(
-                f"the port's model differed from the official MOAT ({PORT_MODEL_DIFFERS}): this run builds the "
-                f"official architecture {name!r}, and checkpoints of the port do not load into it"
+                f"the port's model differed from the official MOAT ({PORT_MODEL_DIFFERS}): MODEL.NAME {name!r} is the "
+                "official architecture here, and checkpoints of the port do not load into it"
             )
 
     def _port_new_architecture(self) -> None:
@@ -230,6 +232,17 @@ class _Migrator:
 
 
 Handler = Callable[[_Migrator, str, Any], None]
+
+
+def table_entry(trainer: str, key: str) -> Optional[str]:
+    """The entry of the key tables that reads ``key`` of ``trainer``'s: the key itself, or its
+    section (``"MODEL.SWIN.*"``); None for a key neither trainer has (docs/migrating.md lists
+    every entry)."""
+    table = PORT_KEYS if trainer == PORT else SWIN_KEYS
+    if key in table:
+        return key
+    section = next((prefix for prefix in table if prefix.endswith(".") and key.startswith(prefix)), None)
+    return f"{section}*" if section else None
 
 
 def _section_handler(table: Mapping[str, Handler], key: str) -> Optional[Handler]:
@@ -256,6 +269,8 @@ def _dataset_and_classes(m: _Migrator, key: str, value: Any) -> None:
     m._done.update({"DATA.DATASET", "MODEL.NUM_CLASSES"})
     dataset = m.flat.get("DATA.DATASET")
     classes = m.flat.get("MODEL.NUM_CLASSES")
+    if classes is None and "MODEL.NUM_CLASSES" in m.flat:
+        m.keep("MODEL.NUM_CLASSES", None)  # null: the key's rule says it is an error
     if dataset == "imagewoof" and m.trainer == PORT:
         m.map("DATA.DATASET", "DATA.DATASET", "imagefolder", "Imagewoof's class folders")
     elif dataset == "imagenet22K" and m.trainer == SWIN:
@@ -332,7 +347,10 @@ def _learning_rate(m: _Migrator, key: str, value: Any) -> None:
 def _warmup_epochs(m: _Migrator, key: str, value: Any) -> None:
     m.keep(key, value)
     scheduler = m.flat.get("TRAIN.LR_SCHEDULER.NAME", "cosine")
-    inside = m.trainer == PORT or not m.flat.get("TRAIN.LR_SCHEDULER.WARMUP_PREFIX", True) or scheduler != "cosine"
+    # Their cosine counted from update 0 (the port; Swin with WARMUP_PREFIX False), so did their
+    # step decays; their linear schedule, like every schedule here, starts after the warmup.
+    prefix = m.trainer == SWIN and m.flat.get("TRAIN.LR_SCHEDULER.WARMUP_PREFIX", True)
+    inside = (scheduler == "cosine" and not prefix) or scheduler == "step"
     if value and inside:
         m.note(
             f"TRAIN.WARMUP_EPOCHS {value}: {m.trainer} ran this warmup inside the {scheduler} schedule (which "
