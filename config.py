@@ -6,6 +6,10 @@ command-line flags (``--batch-size`` etc.), as in the Swin trainer. The result i
 anything is built, so no module can change it as a side effect. Unknown keys and values of the
 wrong type are errors, never ignored.
 
+A YAML file of the unofficial MOAT port or of the Swin trainer (or the config.json either saves) is
+read through ``migration.py``: each of its keys mapped to this project's, ignored or refused, and
+what was done collected in ``LoadedConfig.notes`` for the run's log.
+
 Each key is declared once, beside its comment: a plain default, or ``one_of(...)`` /
 ``number(...)`` / ``pair(...)`` with what it accepts and what null means for it; the checks
 (``validate_config``), the errors and the flags' choices (``choices_of``) all derive from that
@@ -494,16 +498,24 @@ def _read_config_file(cfg_file: str, inherited: Optional[str] = None) -> List[Tu
     return chain
 
 
+def _merge_chain(config: CN, chain: List[Tuple[str, dict, Optional[Migration]]]) -> None:
+    """Merge the trees of ``_read_config_file`` into a defrosted ``config``, in order."""
+    for path, tree, migrated in chain:
+        try:
+            config.merge_from_other_cfg(CN(_as_declared(_upgrade_unset_spellings(copy.deepcopy(tree)))))
+        except (KeyError, ValueError, AssertionError) as e:
+            message = _yacs_message(e)
+            if migrated is not None and "Non-existent" in message:
+                message += f" (a key of neither this project nor {migrated.trainer}: docs/migrating.md)"
+            raise ConfigError(f"{path}: {message}") from None
+
+
 def _update_config_from_file(config: CN, cfg_file: str) -> List[Migration]:
     """Merge ``cfg_file`` into ``config``, its ``BASE`` files first; returns how the files of
     other trainers among them were read."""
     chain = _read_config_file(cfg_file)
     config.defrost()
-    for path, tree, _ in chain:
-        try:
-            config.merge_from_other_cfg(CN(_as_declared(_upgrade_unset_spellings(tree))))
-        except (KeyError, ValueError, AssertionError) as e:
-            raise ConfigError(f"{path}: {_yacs_message(e)}") from None
+    _merge_chain(config, chain)
     config.freeze()
     return [m for _, _, m in chain if m is not None]
 
@@ -513,24 +525,22 @@ def migrated_config_tree(cfg_file: str) -> Tuple[dict, List[Migration]]:
     of the MOAT port or the Swin trainer read as this project's), and how each was read. The tree
     is checked the way ``--cfg`` checks a file (``tools/migrate_config.py`` writes it)."""
     chain = _read_config_file(cfg_file)
-    config = _C.clone()
-    merged: dict = {}
-    for path, tree, _ in chain:
-        tree = _as_declared(_upgrade_unset_spellings(copy.deepcopy(tree)))
-        try:
-            config.merge_from_other_cfg(CN(tree))
-        except (KeyError, ValueError, AssertionError) as e:
-            raise ConfigError(f"{path}: {_yacs_message(e)}") from None
-        _merge_into(merged, {k: v for k, v in tree.items() if k != "BASE"})
     migrations = [m for _, _, m in chain if m is not None]
+    config = _C.clone()
+    _merge_chain(config, chain)
     try:
         validate_config(config)
     except ConfigError as e:
         raise ConfigError(explain(str(e), migrations)) from None
+    merged: dict = {}
+    for _, tree, _ in chain:
+        tree = copy.deepcopy({k: v for k, v in tree.items() if k != "BASE"})
+        _merge_into(merged, _as_declared(_upgrade_unset_spellings(tree)))
     return merged, migrations
 
 
 def _merge_into(tree: dict, other: dict) -> None:
+    """Deep-merge ``other`` into ``tree`` (yacs' order: ``other``'s values win)."""
     for key, value in other.items():
         if isinstance(value, dict) and isinstance(tree.get(key), dict):
             _merge_into(tree[key], value)

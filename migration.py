@@ -171,7 +171,7 @@ class _Migrator:
         self.kept = 0
         self._ignored: Dict[str, List[str]] = {}  # reason -> the keys it covers (in order)
         self._notes: List[str] = []
-        self._done: set = set()
+        self.handled: set = set()  # keys a handler of another key has read
         # The port's default MODEL.NAME is moat_0_224: a file without one describes moat_0's.
         self.variant = port_variant(flat.get("MODEL.NAME", "moat_0_224")) if trainer == PORT else None
 
@@ -206,13 +206,13 @@ class _Migrator:
     def run(self) -> None:
         table = PORT_KEYS if self.trainer == PORT else SWIN_KEYS
         for key, value in self.flat.items():
-            if key in self._done:
+            if key in self.handled:
                 continue
-            handler = table.get(key) or _section_handler(table, key)
-            if handler is None:  # a key of this project's, or one neither trainer has (refused later)
+            entry = _entry(table, key)
+            if entry is None:  # a key of this project's, or one neither trainer has (refused later)
                 self.keep(key, value)
             else:
-                handler(self, key, value)
+                table[entry](self, key, value)
         if self.trainer == PORT and self.variant is None and "MODEL.NAME" in self.flat:
             self._port_new_architecture()
         describes_model = any(k in ("MODEL.TYPE", "MODEL.NAME") or k.startswith("MODEL.MOAT.") for k in self.flat)
@@ -238,19 +238,15 @@ def table_entry(trainer: str, key: str) -> Optional[str]:
     """The entry of the key tables that reads ``key`` of ``trainer``'s: the key itself, or its
     section (``"MODEL.SWIN.*"``); None for a key neither trainer has (docs/migrating.md lists
     every entry)."""
-    table = PORT_KEYS if trainer == PORT else SWIN_KEYS
+    entry = _entry(PORT_KEYS if trainer == PORT else SWIN_KEYS, key)
+    return f"{entry}*" if entry is not None and entry.endswith(".") else entry
+
+
+def _entry(table: Mapping[str, Handler], key: str) -> Optional[str]:
+    """``key``, or the section (``"MODEL.SWIN."``) of ``table`` that holds it, or None."""
     if key in table:
         return key
-    section = next((prefix for prefix in table if prefix.endswith(".") and key.startswith(prefix)), None)
-    return f"{section}*" if section else None
-
-
-def _section_handler(table: Mapping[str, Handler], key: str) -> Optional[Handler]:
-    """The handler of a whole section (``"MODEL.SWIN."``) that holds ``key``."""
-    for prefix, handler in table.items():
-        if prefix.endswith(".") and key.startswith(prefix):
-            return handler
-    return None
+    return next((prefix for prefix in table if prefix.endswith(".") and key.startswith(prefix)), None)
 
 
 def _same(m: _Migrator, key: str, value: Any) -> None:
@@ -266,7 +262,7 @@ def _dataset_and_classes(m: _Migrator, key: str, value: Any) -> None:
     """DATA.DATASET and MODEL.NUM_CLASSES together: both trainers sized the head by the dataset
     and overwrote MODEL.NUM_CLASSES with it; here the key is the head's size, checked against the
     data."""
-    m._done.update({"DATA.DATASET", "MODEL.NUM_CLASSES"})
+    m.handled.update({"DATA.DATASET", "MODEL.NUM_CLASSES"})
     dataset = m.flat.get("DATA.DATASET")
     classes = m.flat.get("MODEL.NUM_CLASSES")
     if classes is None and "MODEL.NUM_CLASSES" in m.flat:
@@ -517,7 +513,7 @@ def _port_arch(m: _Migrator, key: str, value: Any, remark: str = "") -> None:
 def _port_window(m: _Migrator, key: str, value: Any) -> None:
     """WINDOW_SIZE with USE_WINDOW: the port attended globally unless USE_WINDOW, and then in
     WINDOW_SIZE windows in both attention stages."""
-    m._done.update({"MODEL.MOAT.WINDOW_SIZE", "MODEL.MOAT.USE_WINDOW"})
+    m.handled.update({"MODEL.MOAT.WINDOW_SIZE", "MODEL.MOAT.USE_WINDOW"})
     old = " + ".join(k for k in ("MODEL.MOAT.WINDOW_SIZE", "MODEL.MOAT.USE_WINDOW") if k in m.flat)
     size = m.flat.get("MODEL.MOAT.WINDOW_SIZE", (7, 7))
     if not m.flat.get("MODEL.MOAT.USE_WINDOW", False):
@@ -669,6 +665,8 @@ def legacy_flag_values(
             "run --throughput, or a short training with --opts TRAIN.EPOCHS 1"
         )
     amp = getattr(args, "amp", None)
+    if getattr(args, "amp_opt_level", None) == "O0":
+        notes.append("--amp-opt-level O0: full precision, the same as --amp off (apex is not needed)")
     if getattr(args, "disable_amp", None):
         if amp not in (None, "off"):
             raise ConfigError(f"--disable_amp contradicts --amp {amp}: give one of them")

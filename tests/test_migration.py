@@ -206,6 +206,16 @@ def test_swins_architecture_is_not_built_and_the_log_says_which_moat_is(tmp_path
     assert any("fall11_whole" in n for n in loaded.notes)  # Swin's 22K layout is not read: says so
 
 
+def test_a_key_of_neither_trainer_says_so_in_one_line(tmp_path):
+    path = _write(tmp_path, "swin.yaml", "MODEL:\n  TYPE: swin\nTRAIN:\n  EPOCH: 30\n")
+    with pytest.raises(ConfigError) as err:
+        _load("--cfg", path)
+    assert str(err.value) == (
+        f"{path}: Non-existent config key: TRAIN.EPOCH (a key of neither this project nor the Swin trainer: "
+        "docs/migrating.md)"
+    )
+
+
 def test_migrate_config_writes_a_config_of_this_project_that_loads_the_same(tmp_path, capsys):
     for path in (os.path.join(PORT_DIR, "config.json"), os.path.join(PORT_DIR, "configs", "moat_2.yaml")):
         out = str(tmp_path / f"{os.path.basename(path)}.yaml")
@@ -222,8 +232,9 @@ def test_migrate_config_writes_a_config_of_this_project_that_loads_the_same(tmp_
 @pytest.mark.parametrize("flags", [["--disable_amp"], ["--amp-opt-level", "O0"]])
 def test_swins_no_amp_flags_mean_amp_off_with_or_without_apex(flags, monkeypatch, capsys):
     cfg = os.path.join(SWIN_DIR, "configs", "swin", "swin_tiny_patch4_window7_224.yaml")
-    config = _load("--cfg", cfg, *flags).config
-    assert (config.AMP, config.AMP_OPT_LEVEL) == ("off", "")
+    loaded = _load("--cfg", cfg, *flags)
+    assert (loaded.config.AMP, loaded.config.AMP_OPT_LEVEL) == ("off", "")
+    assert any(n.startswith(f"{flags[0]}") and "--amp off" in n for n in loaded.notes)
     monkeypatch.setattr(trainer, "apex_available", lambda: False)
     code = trainer.main(["--cfg", cfg, *flags, "--data-path", "/no/such/data", "--throughput", "--device", "cpu"])
     err = capsys.readouterr().err
@@ -259,6 +270,22 @@ def test_swins_kernel_flags_are_accepted_with_a_note_and_the_ports_debug_is_a_po
     helps = {a.option_strings[0]: a.help for a in trainer.get_args_parser()._actions}
     for flag in ("--disable_amp", "--optim", "--fused_window_process", "--fused_layernorm", "--debug"):
         assert helps[flag]
+
+
+# Every flag of the port's and Swin's main.py (their argparse), and the one environment variable.
+THEIR_FLAGS = ["--cfg", "--opts", "--batch-size", "--dataset", "--data-path", "--zip", "--cache-mode", "--pretrained",
+               "--resume", "--accumulation-steps", "--use-checkpoint", "--disable_amp", "--amp-opt-level", "--output",
+               "--tag", "--eval", "--throughput", "--debug", "--local_rank", "--fused_window_process",
+               "--fused_layernorm", "--optim"]  # fmt: skip
+
+
+def test_every_flag_of_theirs_is_known_here_and_has_a_row_in_docs_migrating():
+    known = {s for a in trainer.get_args_parser()._actions for s in a.option_strings}
+    with open(os.path.join(REPO, "docs", "migrating.md")) as f:
+        rows = [line for line in f if line.startswith("| `--") or line.startswith("| `PT_OUTPUT_DIR`")]
+    for flag in THEIR_FLAGS:
+        assert flag in known, flag
+        assert any(row.startswith(f"| `{flag}") for row in rows), f"docs/migrating.md has no row for {flag}"
 
 
 # ------------------------------------------------------------------ their README commands, tiny
@@ -388,8 +415,8 @@ def test_the_ports_zip_maps_train(image_tree, zip_data, tmp_path):
             lines = [f"{split}.zip@/{line}" for line in f]
         with open(path, "w") as f:
             f.writelines(lines)
-    with zipfile.ZipFile(os.path.join(root, "train.zip")) as zf:
-        assert lines and not lines[0].startswith(zf.namelist()[0])
+    with zipfile.ZipFile(os.path.join(root, "val.zip")) as zf:  # a line names no member as it is
+        assert lines[0].split("\t")[0] not in zf.namelist()
     argv = _as_test(PORT_DIR, PORT_README[0], root, "", "", str(tmp_path / "out"))
     assert trainer.main(argv + ["DATA.FORMAT", "zip"]) == 0
     assert "data (zip): 24 train images" in read_log(str(tmp_path / "out" / "tiny_moat_0" / "default"))
@@ -475,19 +502,3 @@ def test_their_checkpoints_given_to_pretrained_or_eval_end_in_one_line(flag, ima
     assert trainer.main(argv + (["--eval"] if flag == "--resume" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: a Swin Transformer checkpoint") and "\n" not in err
-
-
-# Every flag of the port's and Swin's main.py (their argparse), and the one environment variable.
-THEIR_FLAGS = ["--cfg", "--opts", "--batch-size", "--dataset", "--data-path", "--zip", "--cache-mode", "--pretrained",
-               "--resume", "--accumulation-steps", "--use-checkpoint", "--disable_amp", "--amp-opt-level", "--output",
-               "--tag", "--eval", "--throughput", "--debug", "--local_rank", "--fused_window_process",
-               "--fused_layernorm", "--optim"]  # fmt: skip
-
-
-def test_every_flag_of_theirs_is_known_here_and_has_a_row_in_docs_migrating():
-    known = {s for a in trainer.get_args_parser()._actions for s in a.option_strings}
-    with open(os.path.join(REPO, "docs", "migrating.md")) as f:
-        rows = [line for line in f if line.startswith("| `--") or line.startswith("| `PT_OUTPUT_DIR`")]
-    for flag in THEIR_FLAGS:
-        assert flag in known, flag
-        assert any(row.startswith(f"| `{flag}") for row in rows), f"docs/migrating.md has no row for {flag}"
