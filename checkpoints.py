@@ -36,7 +36,7 @@ from yacs.config import CfgNode
 
 from config import config_from_dict, config_to_dict
 from models import MoatCfg, create_moat, list_variants, moat_cfg_from_config, resolve_cfg
-from utils.checkpoint_io import BEST, LAST, load_file, load_model_weights
+from utils.checkpoint_io import BEST, LAST, PickledObjectsError, load_file, load_model_weights
 from utils.errors import UserError
 
 FORMAT_VERSION = 2
@@ -170,11 +170,20 @@ def read_checkpoint(path: str, variant: Optional[str] = None, mmap: bool = False
     (and must match the one a file names). ``mmap`` maps the tensors instead of reading them
     (cheap when only the position or the metadata are needed). Every problem is a one-line
     ``UserError`` naming the file."""
-    obj = load_file(path, mmap=mmap)
+    try:
+        obj = load_file(path, mmap=mmap)
+    except PickledObjectsError as e:  # whose checkpoint it is says more than what it pickles
+        foreign = foreign_model(path, e.model_keys)
+        if foreign is not None:
+            raise UserError(f"{foreign}; it also holds {e.describe()}, which is refused (weights_only)") from None
+        raise
     if path.endswith(".safetensors"):
         record = _read_safetensors(path, obj)
     else:
         record = _read_torch_file(path, obj)
+    foreign = foreign_model(path, record.state_dicts["model"])
+    if foreign is not None:
+        raise UserError(foreign)
     if variant is not None and record.model_name is not None and variant != record.model_name:
         raise UserError(f"wrong variant: {path} holds {record.model_name} weights, not {variant}")
     record.model_name = record.model_name or variant
@@ -212,6 +221,33 @@ def _read_torch_file(path: str, obj: Dict[str, Any]) -> CheckpointRecord:
 
 
 _WEIGHT_KEYS = ("model", "model_ema")
+
+# Weight names that give away the model of another trainer: the unofficial MOAT port (its stage
+# modules) and the Swin trainer (its patch embedding and layers).
+_PORT_WEIGHTS = ("MBConv1.", "MBConv2.", "MOAT1.", "MOAT2.")
+_SWIN_WEIGHTS = ("patch_embed.", "layers.")
+_CONVERTED_WEIGHTS = (
+    "to start from pretrained MOAT, convert the official weights with tools/convert_deeplab2.py "
+    "and pass them to --pretrained"
+)
+
+
+def foreign_model(path: str, weight_names: Any) -> Optional[str]:
+    """Why ``path`` holds no MOAT of this project's, when its weight names are those of the
+    unofficial port's model or of a Swin Transformer; None otherwise."""
+    names = [n.split("module.", 1)[-1] if n.startswith("module.") else n for n in weight_names]
+    port = [n for n in names if n.startswith(_PORT_WEIGHTS)]
+    if port:
+        return (
+            f"{path}: a checkpoint of the unofficial MOAT port (weights such as {port[0]}): that model is not the "
+            f"official MOAT architecture, so its weights do not map onto this project's models; {_CONVERTED_WEIGHTS}"
+        )
+    if all(any(n.startswith(prefix) for n in names) for prefix in _SWIN_WEIGHTS):
+        return (
+            f"{path}: a Swin Transformer checkpoint (weights patch_embed.*, layers.*), not a MOAT model: its "
+            f"weights cannot initialise one; {_CONVERTED_WEIGHTS}"
+        )
+    return None
 
 
 def _read_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> CheckpointRecord:
@@ -691,6 +727,7 @@ __all__ = [
     "Position",
     "add_weights_choice",
     "load_for_inference",
+    "foreign_model",
     "load_pretrained",
     "preprocessing_from_config",
     "read_checkpoint",

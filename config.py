@@ -6,6 +6,10 @@ command-line flags (``--batch-size`` etc.), as in the Swin trainer. The result i
 anything is built, so no module can change it as a side effect. Unknown keys and values of the
 wrong type are errors, never ignored.
 
+A YAML file of the unofficial MOAT port or of the Swin trainer (or the config.json either saves) is
+read through ``migration.py``: each of its keys mapped to this project's, ignored or refused, and
+what was done collected in ``LoadedConfig.notes`` for the run's log.
+
 Each key is declared once, beside its comment: a plain default, or ``one_of(...)`` /
 ``number(...)`` / ``pair(...)`` with what it accepts and what null means for it; the checks
 (``validate_config``), the errors and the flags' choices (``choices_of``) all derive from that
@@ -19,11 +23,12 @@ import argparse
 import copy
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 from yacs.config import CfgNode as CN
 
+from migration import Migration, explain, legacy_flag_values, migrate_tree
 from models import moat_cfg_from_config
 from models.config import FIELD_DOCS
 from utils.errors import ConfigError
@@ -373,7 +378,8 @@ _C.AMP = one_of("auto", "off", "fp16", "bf16")
 # cuDNN's convolutions; MOAT-0 trains 2.3x faster on CPU at 224 px (docs/benchmarks.md). Only the
 # strides change: outputs match NCHW to float rounding and checkpoints load in either layout.
 _C.CHANNELS_LAST = True
-# NVIDIA apex opt level (O0-O2); only valid when apex is installed; empty (or null) means torch.amp.
+# NVIDIA apex opt level: O1 or O2 need apex installed; O0 is full precision, the same as AMP 'off'
+# (read as that, apex or not); empty (or null) means torch.amp (AMP).
 _C.AMP_OPT_LEVEL = one_of("", "O0", "O1", "O2", null="")
 # Root of all outputs; a run writes to OUTPUT/MODEL.NAME/TAG.
 _C.OUTPUT = "output"
@@ -535,8 +541,11 @@ def _as_declared(tree: dict, prefix: str = "") -> dict:
     }
 
 
-def _update_config_from_file(config: CN, cfg_file: str) -> None:
-    """Merge ``cfg_file`` into ``config``, its ``BASE`` files first."""
+def _read_config_file(cfg_file: str, inherited: Optional[str] = None) -> List[Tuple[str, dict, Optional[Migration]]]:
+    """``(file, tree of this project's keys, how it was migrated)`` for ``cfg_file`` and the
+    files of its ``BASE`` list, those first. A file of the MOAT port or of the Swin trainer is
+    read through ``migration.migrate_tree`` (its keys mapped, ignored or refused); ``inherited``
+    is the trainer of the files that name it in their BASE."""
     if not os.path.isfile(cfg_file):
         raise ConfigError(f"config file not found: {cfg_file}")
     try:
@@ -546,18 +555,71 @@ def _update_config_from_file(config: CN, cfg_file: str) -> None:
         raise ConfigError(f"{cfg_file}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(yaml_cfg, dict):
         raise ConfigError(f"{cfg_file}: expected a mapping of config keys at the top level")
-    for base in yaml_cfg.setdefault("BASE", [""]):
+    chain: List[Tuple[str, dict, Optional[Migration]]] = []
+    bases = yaml_cfg.pop("BASE", None) or [""]
+    for base in bases:
         if base:
-            _update_config_from_file(config, os.path.join(os.path.dirname(cfg_file), base))
-    for key in _RETIRED_KEYS:
-        yaml_cfg.pop(key, None)
-    yaml_cfg = _upgrade_renamed_keys(_upgrade_unset_spellings(yaml_cfg), cfg_file)
+            chain += _read_config_file(os.path.join(os.path.dirname(cfg_file), base), inherited)
+    bases_trainer = next((m.trainer for _, _, m in reversed(chain) if m is not None), None)
+    migrated = migrate_tree(yaml_cfg, cfg_file, bases_trainer or inherited)
+    if migrated is not None:
+        tree = dict(migrated.tree)
+    else:
+        tree = {k: v for k, v in yaml_cfg.items() if k not in _RETIRED_KEYS}
+        tree = _upgrade_renamed_keys(_upgrade_unset_spellings(tree), cfg_file)
+    tree["BASE"] = bases  # as yacs merges it: the config keeps the last file's list
+    chain.append((cfg_file, tree, migrated))
+    return chain
+
+
+def _merge_chain(config: CN, chain: List[Tuple[str, dict, Optional[Migration]]]) -> None:
+    """Merge the trees of ``_read_config_file`` into a defrosted ``config``, in order."""
+    for path, tree, migrated in chain:
+        try:
+            config.merge_from_other_cfg(CN(_as_declared(_upgrade_unset_spellings(copy.deepcopy(tree)))))
+        except (KeyError, ValueError, AssertionError) as e:
+            message = _yacs_message(e)
+            if migrated is not None and "Non-existent" in message:
+                message += f" (a key of neither this project nor {migrated.trainer}: docs/migrating.md)"
+            raise ConfigError(f"{path}: {message}") from None
+
+
+def _update_config_from_file(config: CN, cfg_file: str) -> List[Migration]:
+    """Merge ``cfg_file`` into ``config``, its ``BASE`` files first; returns how the files of
+    other trainers among them were read."""
+    chain = _read_config_file(cfg_file)
     config.defrost()
-    try:
-        config.merge_from_other_cfg(CN(_as_declared(yaml_cfg)))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ConfigError(f"{cfg_file}: {_yacs_message(e)}") from None
+    _merge_chain(config, chain)
     config.freeze()
+    return [m for _, _, m in chain if m is not None]
+
+
+def migrated_config_tree(cfg_file: str) -> Tuple[dict, List[Migration]]:
+    """``cfg_file`` and its BASE files merged into one tree of this project's keys (a config file
+    of the MOAT port or the Swin trainer read as this project's), and how each was read. The tree
+    is checked the way ``--cfg`` checks a file (``tools/migrate_config.py`` writes it)."""
+    chain = _read_config_file(cfg_file)
+    migrations = [m for _, _, m in chain if m is not None]
+    config = _C.clone()
+    _merge_chain(config, chain)
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        raise ConfigError(explain(str(e), migrations)) from None
+    merged: dict = {}
+    for _, tree, _ in chain:
+        tree = copy.deepcopy({k: v for k, v in tree.items() if k != "BASE"})
+        _merge_into(merged, _as_declared(_upgrade_unset_spellings(tree)))
+    return merged, migrations
+
+
+def _merge_into(tree: dict, other: dict) -> None:
+    """Deep-merge ``other`` into ``tree`` (yacs' order: ``other``'s values win)."""
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge_into(tree[key], value)
+        else:
+            tree[key] = copy.deepcopy(value)
 
 
 def _yacs_message(e: Exception) -> str:
@@ -565,9 +627,26 @@ def _yacs_message(e: Exception) -> str:
     return str(msg).replace("\n", " ")
 
 
-def update_config(config: CN, args: argparse.Namespace) -> None:
-    """Apply ``--cfg``, ``--opts`` and the named flags to ``config`` (in that order)."""
-    _update_config_from_file(config, args.cfg)
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A frozen config and what loading it has to tell the run's log (how the files and flags of
+    other trainers were read); main.py logs the notes once its logger exists."""
+
+    config: CN
+    notes: Tuple[str, ...] = ()
+
+
+def load_config(args: argparse.Namespace) -> LoadedConfig:
+    """Defaults, then ``--cfg``, ``--opts`` and the named flags (``update_config``), frozen."""
+    config = _C.clone()
+    notes = update_config(config, args)
+    return LoadedConfig(config, tuple(notes))
+
+
+def update_config(config: CN, args: argparse.Namespace) -> List[str]:
+    """Apply ``--cfg``, ``--opts`` and the named flags to ``config`` (in that order); returns the
+    notes to log (``LoadedConfig.notes``)."""
+    migrations = _update_config_from_file(config, args.cfg)
     config.defrost()
     if getattr(args, "opts", None):
         if len(args.opts) % 2:
@@ -585,9 +664,16 @@ def update_config(config: CN, args: argparse.Namespace) -> None:
         value = getattr(args, flag, None)
         if value is not None:  # unset flags (all default to None) leave the config alone
             set_key(config, key, value)
+    legacy, flag_notes = legacy_flag_values(args)
+    for key, value in legacy.items():
+        set_key(config, key, value)
 
-    validate_config(config)
+    try:
+        validate_config(config)
+    except ConfigError as e:
+        raise ConfigError(explain(str(e), migrations)) from None
     config.freeze()
+    return [line for m in migrations for line in m.log_lines()] + flag_notes
 
 
 def validate_config(config: CN) -> None:
@@ -610,6 +696,9 @@ def validate_config(config: CN) -> None:
         if not ok:
             raise ConfigError(f"invalid {key}={value!r}: {accepted}")
 
+    if config.AMP_OPT_LEVEL == "O0":  # apex's full precision: AMP off, with or without apex
+        check(config.AMP in ("auto", "off"), "AMP", config.AMP, "contradicts AMP_OPT_LEVEL 'O0' (full precision)")
+        config.AMP, config.AMP_OPT_LEVEL = "off", ""
     scale, ratio = config.AUG.SCALE, config.AUG.RATIO
     check(0 < scale[0] <= scale[1], "AUG.SCALE", scale, "two floats 0 < min <= max <= 1")
     check(0 < ratio[0] <= ratio[1], "AUG.RATIO", ratio, "two floats 0 < min <= max")
@@ -642,11 +731,10 @@ def _validate_architecture(config: CN) -> None:
 
 def get_config(args: argparse.Namespace | None = None) -> CN:
     """A fresh, frozen config: defaults, then ``args`` applied when given."""
-    config = _C.clone()
     if args is not None:
-        update_config(config, args)
-    else:
-        config.freeze()
+        return load_config(args).config
+    config = _C.clone()
+    config.freeze()
     return config
 
 

@@ -21,7 +21,7 @@ import math
 import os
 import random
 import sys
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +29,13 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from checkpoints import CheckpointRecord, load_pretrained, read_checkpoint, resume_path
-from config import RUN_CONFIG, choices_of, config_to_dict, get_config, run_config_changes, save_run_config
+from config import RUN_CONFIG, choices_of, config_to_dict, load_config, run_config_changes, save_run_config
 from data import Loaders, build_loader
 from engine import Feed, ResumePoint, Trainer, build_criterion, build_ema, freeze_backbone, measure_throughput
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
+from migration import add_legacy_flags
 from models import build_model
 from optimizer import build_optimizer, scaled_lrs
 from reports.run_records import RunRecords
@@ -114,7 +115,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--amp-opt-level",
         choices=choices_of("AMP_OPT_LEVEL"),
-        help="NVIDIA apex AMP level (only when apex is installed)",
+        help="NVIDIA apex AMP level: O1/O2 need apex; O0 is full precision (= --amp off), apex or not",
     )
     p.add_argument("--output", help="root of all outputs (OUTPUT); a run writes OUTPUT/MODEL.NAME/TAG")
     p.add_argument("--tag", help="run name (TAG)")
@@ -154,6 +155,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     # Old launchers (torch.distributed.launch) pass this; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    add_legacy_flags(p)  # the Swin trainer's and the MOAT port's other flags
     return p
 
 
@@ -161,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse, run, and turn the project's error types into one line + exit code (no traceback)."""
     args = get_args_parser().parse_args(argv)  # argparse itself exits 2 on unknown flags
     try:
-        if args.amp_opt_level and not apex_available():
+        if args.amp_opt_level in ("O1", "O2") and not apex_available():
             raise UserError(
                 "--amp-opt-level needs NVIDIA apex, which is not installed; "
                 "use --amp {off,fp16,bf16} (torch.amp) instead"
@@ -172,10 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         sizes = EvalSizes.from_args(args)
         # Launchers pass LOCAL_RANK in the environment (torchrun) or as --local-rank (older ones).
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-        config = get_config(args)
+        loaded = load_config(args)
+        config = loaded.config
         if args.cache_mode and config.DATA.FORMAT != "zip":
             raise UserError(f"--cache-mode applies to zipped data (--zip), not DATA.FORMAT '{config.DATA.FORMAT}'")
-        return run(config, mode, local_rank, eval_sizes=sizes)
+        return run(config, mode, local_rank, eval_sizes=sizes, notes=loaded.notes)
     except PeerFailedError as e:  # the process that failed printed why
         return e.exit_code
     except MoatError as e:
@@ -183,8 +186,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         return e.exit_code
 
 
-def run(config: CfgNode, mode: str = "train", local_rank: int = 0, eval_sizes: Optional[EvalSizes] = None) -> int:
+def run(
+    config: CfgNode,
+    mode: str = "train",
+    local_rank: int = 0,
+    eval_sizes: Optional[EvalSizes] = None,
+    notes: Sequence[str] = (),
+) -> int:
     """Join the process group, do the work (``mode`` in ``MODES``), always leave the group again.
+    ``notes``: what loading the config has to say (``LoadedConfig.notes``), logged once.
 
     Under ``torchrun`` a process whose collective fails because another process died leaves
     quietly (``PeerFailedError``): the one that failed reports why, as the last line."""
@@ -195,7 +205,7 @@ def run(config: CfgNode, mode: str = "train", local_rank: int = 0, eval_sizes: O
         # Every rank writes its log there; a training run also owns it until it ends.
         on_every_rank(lambda: prepare_run_folder(output_dir, run_files(mode, info.rank)), info)
         with lock_run_folder(output_dir, info) if mode == "train" else contextlib.nullcontext():
-            code = _run_in_folder(config, mode, info, output_dir, eval_sizes or EvalSizes())
+            code = _run_in_folder(config, mode, info, output_dir, eval_sizes or EvalSizes(), notes)
         clean = True
         return code
     except RuntimeError as e:
@@ -226,8 +236,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, eval_sizes: EvalSizes) -> int:
+def _run_in_folder(
+    config: CfgNode, mode: str, info: DistInfo, output_dir: str, eval_sizes: EvalSizes, notes: Sequence[str] = ()
+) -> int:
     logger = create_logger(output_dir, info.rank)
+    if info.is_primary:
+        for note in notes:  # how the config files and flags of other trainers were read
+            logger.info(note)
     if mode == "train" and info.is_primary:
         _take_over_folder(config, output_dir, logger)
     logger.info(

@@ -16,7 +16,7 @@ import random
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -209,10 +209,7 @@ def load_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     except pickle.UnpicklingError as e:
         text = str(e)
         if "Unsupported global" in text or "Unsupported class" in text:
-            raise UserError(
-                f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain "
-                "containers, which could run code (checkpoints are loaded with weights_only=True)"
-            ) from None
+            raise PickledObjectsError(path, *_pickled_objects(path, text)) from None
         detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler" in text else text
         raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(detail)})") from None
     except Exception as e:  # noqa: BLE001 - parsing an arbitrary user file fails in arbitrary ways
@@ -224,6 +221,114 @@ def load_file(path: str, mmap: bool = False) -> Dict[str, Any]:
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
     return obj
+
+
+class PickledObjectsError(UserError):
+    """A file refused because it pickles Python objects (``weights_only=True``): which classes
+    under which top-level keys (``culprits``: ``[(class, key)]``), and the weight names of its
+    ``model`` entry, so that the format's owner can recognise whose checkpoint it is."""
+
+    def __init__(self, path: str, culprits: List[Tuple[str, Optional[str]]], model_keys: List[str]) -> None:
+        self.path, self.culprits, self.model_keys = path, culprits, model_keys
+        super().__init__(
+            f"{path}: refused to load: it holds {self.describe()}, Python objects beyond tensors and plain "
+            "containers, which could run code (checkpoints are loaded with weights_only=True); if you trust the "
+            "file, load it with weights_only=False yourself and save it again without them"
+        )
+
+    def describe(self) -> str:
+        """``a pickled yacs.config.CfgNode under 'config'``."""
+        found = [f"{name} under {key!r}" if key is not None else name for name, key in self.culprits]
+        return "a pickled " + ", a pickled ".join(found) if found else "pickled Python objects"
+
+
+_UNSUPPORTED_RE = re.compile(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)")
+
+
+def _pickled_objects(path: str, error: str) -> Tuple[List[Tuple[str, Optional[str]]], List[str]]:
+    """Which refused classes a checkpoint pickles, under which of its top-level keys, and the weight
+    names of its ``model`` entry: its pickle is replayed with every class replaced by an inert
+    stand-in (nothing is imported or run, no tensor is read). Best effort: a file this cannot
+    replay gives the class torch named in ``error``."""
+    try:
+        refused = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - an older torch, or a legacy (non-zip) file
+        refused = set()
+    named = _UNSUPPORTED_RE.search(error)
+    if named:
+        refused.add(named.group(1))
+    try:
+        obj = _replay_pickle(path)
+    except Exception:  # noqa: BLE001 - a damaged or legacy file: name what torch named
+        return [(name, None) for name in sorted(refused)], []
+    culprits: List[Tuple[str, Optional[str]]] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            for name in sorted(_stand_in_names(value) & refused):
+                culprits.append((name, str(key)))
+    model = obj.get("model") if isinstance(obj, dict) else None
+    model_keys = [k for k in model if isinstance(k, str)] if isinstance(model, dict) else []
+    return culprits or [(name, None) for name in sorted(refused)], model_keys
+
+
+class _StandIn(dict):
+    """What every pickled class becomes during a replay: records its name, accepts any arguments,
+    items and state, and does nothing."""
+
+    qualname = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_StandIn":
+        self = dict.__new__(cls)
+        self.state = list(args)  # NEWOBJ calls __new__ alone
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state.append(state)
+
+    def append(self, item: Any) -> None:
+        self.state.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.state.extend(items)
+
+
+class _ReplayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        return type("StandIn", (_StandIn,), {"qualname": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> None:  # tensor storages: not read
+        return None
+
+
+def _replay_pickle(path: str) -> Any:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+        data = archive.read(name)
+    return _ReplayUnpickler(io.BytesIO(data)).load()
+
+
+def _stand_in_names(value: Any, depth: int = 0) -> set:
+    """The class names of the stand-ins inside ``value`` (nested containers and their state)."""
+    if depth > 50:
+        return set()
+    names = set()
+    if isinstance(value, _StandIn):
+        names.add(value.qualname)
+        for item in value.state:
+            names |= _stand_in_names(item, depth + 1)
+    if isinstance(value, dict):
+        for item in value.values():
+            names |= _stand_in_names(item, depth + 1)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            names |= _stand_in_names(item, depth + 1)
+    return names
 
 
 def _file_head(path: str) -> bytes:
