@@ -1,5 +1,5 @@
 """``main.py --eval``: which checkpoint, with which preprocessing and architecture, at which sizes,
-and the reports (``utils.eval_reports``) that come out of it. Never trains.
+and the reports (``reports.eval_reports``) that come out of it. Never trains.
 
 The checkpoint decides what it can know better than the run's config: its architecture (custom
 ones included, from its ``model_cfg``) and its normalisation (``DATA.MEAN/STD``); the config
@@ -17,13 +17,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch.nn as nn
 from yacs.config import CfgNode
 
+from checkpoints import BEST, CheckpointRecord, preprocessing_from_config, read_checkpoint, scan_run_folder
 from config import with_values
+from data import build_loader
 from engine import Feed, evaluate
-from utils import UserError
-from utils.checkpoint import find_resumable, load_file, load_model_weights, model_state_from
-from utils.class_subset import ClassSubset, match_classes, present_labels
-from utils.distributed import DistInfo
-from utils.eval_reports import (
+from models import build_model, create_moat, moat_overrides_from_config
+from reports.eval_reports import (
     config_digest,
     format_sizes_table,
     report_base,
@@ -32,7 +31,10 @@ from utils.eval_reports import (
     write_eval_reports,
     write_sizes_table,
 )
-from utils.inference import preprocessing_from_config
+from utils import UserError
+from utils.checkpoint_io import load_model_weights
+from utils.class_subset import ClassSubset, match_classes, present_labels
+from utils.distributed import DistInfo
 from utils.metrics import ConfusionMatrix
 
 
@@ -47,22 +49,22 @@ def run_eval(
 ) -> int:
     """``--eval``: choose the checkpoint, adopt its preprocessing and architecture, read the val
     split only (a val folder alone is enough), validate the checkpoint (its EMA too, when it has
-    one) at every size, and write the reports (``utils.eval_reports``) to
+    one) at every size, and write the reports (``reports.eval_reports``) to
     ``<checkpoint folder>/eval/``. Never trains.
 
     A val set with fewer classes than the model is scored on its own classes, matched by name
     to the checkpoint's (``utils.class_subset``).
     """
-    from data import build_loader
-
-    source, checkpoint = checkpoint_to_evaluate(config, output_dir, logger)
-    config = with_checkpoint_preprocessing(config, checkpoint, source, logger)
-    config = with_checkpoint_classes(config, checkpoint, source, logger)
-    _, dataset_val, _, loader_val, _ = build_loader(config, with_train=False, device=info.device)
-    model = build_model_for(config, checkpoint, logger).to(info.device, memory_format=feed.memory_format)
+    record = checkpoint_to_evaluate(config, output_dir, logger)
+    source = record.path
+    config = with_checkpoint_preprocessing(config, record, logger)
+    config = with_checkpoint_classes(config, record, logger)
+    loaders = build_loader(config, info, with_train=False)
+    dataset_val, loader_val = loaders.val_dataset, loaders.val
+    model = build_model_for(config, record).to(info.device, memory_format=feed.memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
-        f"model {model_name_of(config, checkpoint)}: {n_params / 1e6:.2f}M params, "
+        f"model {model_name_of(config, record)}: {n_params / 1e6:.2f}M params, "
         f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(dataset_val.classes)} classes, "
         f"{len(dataset_val)} val images"
     )
@@ -73,23 +75,19 @@ def run_eval(
         except ValueError as e:
             raise UserError(f"cannot evaluate at {img_size} px: {e}") from None
     num_outputs = model.get_classifier().out_features
-    subset = match_classes(
-        dataset_val.classes, present_labels(dataset_val), checkpoint.get("class_names"), num_outputs, source
-    )
+    subset = match_classes(dataset_val.classes, present_labels(dataset_val), record.class_names, num_outputs, source)
     class_names = subset.names if subset is not None else [str(c) for c in dataset_val.classes]
     if subset is not None:
         logger.info(
             f"scoring {len(subset.names)} of the {num_outputs} classes of {source} (the val set's, "
             "matched by name): logits restricted to them"
         )
-    weights = {"model": model_state_from(checkpoint, source)}
-    if isinstance(checkpoint.get("model_ema"), dict):
-        weights["ema"] = model_state_from(checkpoint, source, prefer_ema=True)
+    weights = dict(record.state_dicts)
     folder = reports_dir(source, output_dir, logger) if info.is_primary else ""
     table = []
     for img_size, crop_pct in pairs:
         sized = with_values(config, {"DATA.IMG_SIZE": img_size, "DATA.CROP_PCT": crop_pct})
-        loader = loader_val if sized is config else build_loader(sized, with_train=False, device=info.device)[3]
+        loader = loader_val if sized is config else build_loader(sized, info, with_train=False).val
         logger.info(f"evaluating {source} at {img_size} px (crop {crop_pct})")
         results, confusions = {}, {}
         for name, state in weights.items():
@@ -108,11 +106,14 @@ def run_eval(
             )
             confusions[name] = confusion.compute()  # collective: every rank takes part
         table += sizes_rows(img_size, crop_pct, results)
+        reported = reported_result(config, record, results)
+        logger.info(f"at {img_size} px: {describe_reported(reported, record)}")
         if info.is_primary:
+            summary = eval_summary(sized, record, dataset_val, subset, class_names, precision, info)
             path = write_eval_reports(
                 folder,
                 report_base(source, img_size),
-                summary=eval_summary(sized, checkpoint, source, dataset_val, subset, class_names, precision, info),
+                summary={**summary, "reported": reported},
                 results=results,
                 confusions=confusions,
                 class_names=class_names,
@@ -126,78 +127,124 @@ def run_eval(
     return 0
 
 
-def checkpoint_to_evaluate(config: CfgNode, output_dir: str, logger: logging.Logger) -> Tuple[str, Dict[str, Any]]:
-    """``(path, checkpoint)`` for ``--eval``: MODEL.RESUME, MODEL.PRETRAINED, or the run folder's
-    newest checkpoint."""
+def reported_result(config: CfgNode, record: CheckpointRecord, results: Dict[str, Dict[str, float]]) -> Dict[str, Any]:
+    """The eval JSON's "reported": which entry of ``results`` is the recipe's number
+    (TRAIN.REPORT.WEIGHTS: the EMA's when the file has one), whether those weights are an EMA,
+    and whether ``record`` is the checkpoint the recipe reports (TRAIN.REPORT.CHECKPOINT: the
+    final epoch's, or the best one's). ``is_last`` / ``is_best`` are null where the file cannot
+    say: weights without a training position; ``is_best`` without a ``best.pth`` beside the file
+    (the file is the best when ``best.pth`` holds the same training position: a hard link, or a
+    copy of one)."""
+    weights = "ema" if config.TRAIN.REPORT.WEIGHTS == "ema" and "ema" in results else "model"
+    single = record.single_set if not record.has_ema else None
+    is_last = is_best = None
+    position = record.position
+    if position is not None and record.config is not None:
+        is_last = position.epoch_complete and position.epoch == record.config.TRAIN.EPOCHS - 1
+        best = os.path.join(os.path.dirname(os.path.abspath(record.path)), BEST)
+        if os.path.isfile(best):
+            try:
+                is_best = read_checkpoint(best, mmap=True).position == position
+            except UserError:
+                is_best = None
+    checkpoint = config.TRAIN.REPORT.CHECKPOINT
+    return {
+        "weights": weights,
+        "ema": weights == "ema" or single == "ema",
+        "top1": results[weights]["acc1"],
+        "top5": results[weights]["acc5"],
+        "checkpoint": checkpoint,
+        "is_last": is_last,
+        "is_best": is_best,
+        "is_reported_checkpoint": is_last if checkpoint == "last" else is_best,
+    }
+
+
+def describe_reported(reported: Dict[str, Any], record: CheckpointRecord) -> str:
+    """``reported`` (``reported_result``) as a sentence for the log."""
+    text = (
+        f"reported top-1 {reported['top1']:.3f}: the {'EMA' if reported['ema'] else 'raw'} weights "
+        f"('{reported['weights']}') of {record.path}"
+    )
+    matches, checkpoint = reported["is_reported_checkpoint"], reported["checkpoint"]
+    epochs = record.config.TRAIN.EPOCHS if record.config is not None else None
+    if record.position is None:
+        return text + f", a file without a training position (TRAIN.REPORT.CHECKPOINT {checkpoint} cannot be checked)"
+    where = f"epoch {record.position.epoch}" + (f" of 0..{epochs - 1}" if epochs else "")
+    if matches:
+        return text + f", the {checkpoint} checkpoint of its run ({where})"
+    if matches is None:
+        return text + f" ({where}; whether it is the {checkpoint} checkpoint is not recorded)"
+    return text + f" ({where}): not the {checkpoint} checkpoint of its run, which TRAIN.REPORT.CHECKPOINT reports"
+
+
+def checkpoint_to_evaluate(config: CfgNode, output_dir: str, logger: logging.Logger) -> CheckpointRecord:
+    """The checkpoint ``--eval`` scores: MODEL.RESUME, MODEL.PRETRAINED, or the run folder's
+    furthest checkpoint."""
     source = config.MODEL.RESUME or config.MODEL.PRETRAINED
-    if not source:
-        found = find_resumable(output_dir, logger.warning)
-        if found is None:
-            raise UserError(
-                f"--eval needs --resume CHECKPOINT or --pretrained WEIGHTS (no checkpoint found in {output_dir})"
-            )
-        return found
-    return source, load_file(source)
+    if source:
+        return read_checkpoint(source)
+    scan = scan_run_folder(output_dir)
+    for _, why in scan.unusable:
+        logger.warning(f"skipping unusable checkpoint: {why}")
+    if scan.newest is None:
+        raise UserError(
+            f"--eval needs --resume CHECKPOINT or --pretrained WEIGHTS (no checkpoint found in {output_dir})"
+        )
+    return scan.newest
 
 
-def with_checkpoint_preprocessing(
-    config: CfgNode, checkpoint: Dict[str, Any], source: str, logger: logging.Logger
-) -> CfgNode:
+def with_checkpoint_preprocessing(config: CfgNode, record: CheckpointRecord, logger: logging.Logger) -> CfgNode:
     """The config with the normalisation (DATA.MEAN/STD) the checkpoint was trained with: a model
     evaluated with other statistics loses accuracy for no reason (converted official weights use
     mean/std 0.5 for some variants). Resolution and crop stay the config's, so any size can be
     evaluated."""
-    saved = (checkpoint.get("config") or {}).get("DATA", {})
-    if "MEAN" not in saved or "STD" not in saved:
+    saved = record.preprocessing
+    if "mean" not in saved or "std" not in saved:
         return config
-    mean, std = [float(v) for v in saved["MEAN"]], [float(v) for v in saved["STD"]]
+    mean, std = [float(v) for v in saved["mean"]], [float(v) for v in saved["std"]]
     if (mean, std) == (list(config.DATA.MEAN), list(config.DATA.STD)):
         return config
-    logger.info(f"normalising with {source}'s DATA.MEAN {mean} / DATA.STD {std}")
+    logger.info(f"normalising with {record.path}'s DATA.MEAN {mean} / DATA.STD {std}")
     return with_values(config, {"DATA.MEAN": mean, "DATA.STD": std})
 
 
-def with_checkpoint_classes(
-    config: CfgNode, checkpoint: Dict[str, Any], source: str, logger: logging.Logger
-) -> CfgNode:
+def with_checkpoint_classes(config: CfgNode, record: CheckpointRecord, logger: logging.Logger) -> CfgNode:
     """The config with MODEL.NUM_CLASSES of the checkpoint's head: the head is the checkpoint's
     whatever the config says, and a val folder may hold fewer classes (subset evaluation)."""
-    weight = model_state_from(checkpoint, source).get("head.fc.weight")
-    if weight is None or int(weight.shape[0]) == config.MODEL.NUM_CLASSES:
+    classes = record.num_classes
+    if classes is None or classes == config.MODEL.NUM_CLASSES:
         return config
     logger.info(
-        f"{source} has a {weight.shape[0]}-class head (MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}): "
+        f"{record.path} has a {classes}-class head (MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}): "
         "evaluating with the checkpoint's"
     )
-    return with_values(config, {"MODEL.NUM_CLASSES": int(weight.shape[0])})
+    return with_values(config, {"MODEL.NUM_CLASSES": classes})
 
 
-def build_model_for(config: CfgNode, checkpoint: Optional[Dict[str, Any]], logger: logging.Logger) -> nn.Module:
-    """The config's model, or, when ``checkpoint`` records an architecture (``model_cfg``), that
-    one: ``--eval`` rebuilds what the file holds, custom architectures included. Attention windows
+def build_model_for(config: CfgNode, record: CheckpointRecord) -> nn.Module:
+    """The config's model, or, when ``record`` holds an architecture (``model_cfg``), that one:
+    ``--eval`` rebuilds what the file holds, custom architectures included. Attention windows
     the config sets explicitly (MODEL.MOAT.WINDOW_SIZE) still apply."""
-    from models import MoatCfg, build_model, create_moat, moat_overrides_from_config
-
-    recorded = (checkpoint or {}).get("model_cfg")
-    if not isinstance(recorded, dict):
+    if not record.model_cfg:
         return build_model(config)
     overrides = {k: v for k, v in moat_overrides_from_config(config).items() if k == "window_size"}
     try:
-        cfg = MoatCfg.from_dict(recorded).replace(**overrides)
+        cfg = record.architecture().replace(**overrides)
         cfg.check_img_size(config.DATA.IMG_SIZE)
     except ValueError as e:
         raise UserError(f"cannot evaluate the checkpoint's architecture at this config: {e}") from None
     return create_moat(
-        model_name_of(config, checkpoint),
+        model_name_of(config, record),
         cfg=cfg,
         num_classes=config.MODEL.NUM_CLASSES,
         drop_rate=config.MODEL.DROP_RATE,
     )
 
 
-def model_name_of(config: CfgNode, checkpoint: Optional[Dict[str, Any]]) -> str:
-    if checkpoint is not None and isinstance(checkpoint.get("model_cfg"), dict):
-        return str(checkpoint.get("model_name") or config.MODEL.NAME)
+def model_name_of(config: CfgNode, record: CheckpointRecord) -> str:
+    if record.model_cfg:
+        return str(record.model_name or config.MODEL.NAME)
     return config.MODEL.NAME
 
 
@@ -241,8 +288,7 @@ class EvalSizes:
 
 def eval_summary(
     config: CfgNode,
-    checkpoint: Dict[str, Any],
-    source: str,
+    record: CheckpointRecord,
     dataset_val,
     subset: Optional[ClassSubset],
     class_names: List[str],
@@ -250,7 +296,6 @@ def eval_summary(
     info: DistInfo,
 ) -> Dict[str, Any]:
     """What an eval report says besides the numbers: which model, file, preprocessing and classes."""
-    epoch = checkpoint.get("epoch")
     classes = (
         subset.describe()
         if subset is not None
@@ -262,13 +307,15 @@ def eval_summary(
         }
     )
     return {
-        "model_name": model_name_of(config, checkpoint),
-        "checkpoint": os.path.abspath(source),
-        "epoch": epoch if isinstance(epoch, int) else None,
+        "model_name": model_name_of(config, record),
+        "checkpoint": os.path.abspath(record.path),
+        "epoch": record.epoch,
         "img_size": int(config.DATA.IMG_SIZE),
         "preprocessing": preprocessing_from_config(config),
         "config_sha256": config_digest(config),
         "val_root": os.path.abspath(str(dataset_val.root)),
+        # Images per class held out of val_root, the train split (DATA.VAL_HOLDOUT); 0: a val split.
+        "val_holdout": int(config.DATA.VAL_HOLDOUT),
         "classes": classes,
         "precision": precision,
         "world_size": info.world_size,

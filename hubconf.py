@@ -7,8 +7,8 @@ and ``moat_from_checkpoint`` for whatever architecture a file records (custom on
 ``weights`` is a trainer checkpoint or a safetensors file from ``tools/export.py``; the model
 comes back in eval mode with those weights (EMA when the checkpoint has them, unless
 ``use_ema=False``), its head sized from the weights, and ``model.moat_meta`` holding the class
-names and preprocessing (``utils.inference.build_eval_transform(model.moat_meta)`` gives the eval
-transform). Without ``weights`` the model is randomly initialised and the keyword arguments go
+names and preprocessing (``data.transforms.build_transform(False, model.moat_meta.config)`` gives the
+eval transform). Without ``weights`` the model is randomly initialised and the keyword arguments go
 to the model (``num_classes=10``, ``drop_path_rate=0.1``, ...). No PyTorch weights are published
 for MOAT, so ``pretrained=True`` needs ``weights``.
 """
@@ -20,8 +20,8 @@ dependencies = ["torch", "timm"]
 # Entries are generated, so everything else here is private (torch.hub.list shows every public
 # callable of this module).
 import models as _models
-from utils.inference import UserError as _UserError
-from utils.inference import load_model_for_inference as _load
+from checkpoints import load_for_inference as _load
+from utils.errors import UserError as _UserError
 
 
 def _entry(variant: str):

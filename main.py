@@ -21,28 +21,30 @@ import math
 import os
 import random
 import sys
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3
 from yacs.config import CfgNode
 
-from config import config_to_dict, get_config, save_run_config
-from engine import Feed, ResumePoint, Trainer, measure_throughput, memory_format_of
+from checkpoints import CheckpointRecord, load_pretrained, read_checkpoint, resume_path
+from config import RUN_CONFIG, choices_of, config_to_dict, load_config, run_config_changes, save_run_config
+from data import Loaders, build_loader
+from engine import Feed, ResumePoint, Trainer, build_criterion, build_ema, freeze_backbone, measure_throughput
 from evaluation import EvalSizes, run_eval
 from logger import close_logger, create_logger
 from lr_scheduler import build_scheduler
+from migration import add_legacy_flags
+from models import build_model
 from optimizer import build_optimizer, scaled_lrs
-from utils import MoatError, UserError
+from reports.run_records import RunRecords
+from reports.trackers import build_trackers
+from utils import MoatError, PeerFailedError, UserError
 from utils.amp import apex_available, autocast_factory, build_scaler, resolve_amp_dtype
-from utils.checkpoint import CheckpointSaver, find_resumable, load_file, load_model_weights, model_state_from
-from utils.distributed import DistInfo, broadcast_object, init_distributed, teardown
-from utils.run_lock import RunFolderLock
-from utils.run_records import RunRecords
-from utils.trackers import build_trackers
+from utils.checkpoint_io import BEST, LAST, CheckpointSaver
+from utils.distributed import DistInfo, broadcast_object, init_distributed, is_peer_failure, on_every_rank, teardown
+from utils.run_folder import LOCK_NAME, lock_run_folder, prepare_run_folder, remove_interrupted_saves
 
 MODES = ("train", "eval", "throughput")
 
@@ -62,10 +64,10 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, help="images per process per micro-step (DATA.BATCH_SIZE)")
     p.add_argument("--data-path", help="dataset root holding train/ and val/ (DATA.DATA_PATH)")
-    p.add_argument("--dataset", choices=["imagenet", "imagefolder"], help="DATA.DATASET")
+    p.add_argument("--dataset", choices=choices_of("DATA.DATASET"), help="DATA.DATASET")
     data_format = p.add_mutually_exclusive_group()
     data_format.add_argument(
-        "--data-format", choices=["folder", "zip", "shards"], help="how DATA_PATH stores the images (DATA.FORMAT)"
+        "--data-format", choices=choices_of("DATA.FORMAT"), help="how DATA_PATH stores the images (DATA.FORMAT)"
     )
     data_format.add_argument(
         "--zip",
@@ -76,7 +78,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--cache-mode",
-        choices=["no", "part", "full"],
+        choices=choices_of("DATA.CACHE_MODE"),
         help="zip only: keep this rank's part / all of the images in RAM (DATA.CACHE_MODE)",
     )
     p.add_argument("--class-map", metavar="FILE", help="class names in label order, one per line (DATA.CLASS_MAP)")
@@ -107,11 +109,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--amp",
-        choices=["off", "fp16", "bf16"],
+        choices=choices_of("AMP"),
         help="mixed precision (default: bf16 where supported, else fp16 on CUDA)",
     )
     p.add_argument(
-        "--amp-opt-level", choices=["O0", "O1", "O2"], help="NVIDIA apex AMP level (only when apex is installed)"
+        "--amp-opt-level",
+        choices=choices_of("AMP_OPT_LEVEL"),
+        help="NVIDIA apex AMP level: O1/O2 need apex; O0 is full precision (= --amp off), apex or not",
     )
     p.add_argument("--output", help="root of all outputs (OUTPUT); a run writes OUTPUT/MODEL.NAME/TAG")
     p.add_argument("--tag", help="run name (TAG)")
@@ -136,7 +140,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     p.add_argument("--throughput", action="store_true", help="only measure inference img/s, then exit")
     p.add_argument("--seed", type=int, help="SEED")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="DEVICE")
+    p.add_argument("--device", choices=choices_of("DEVICE"), help="DEVICE")
     p.add_argument(
         "--log-wandb",
         action="store_true",
@@ -151,6 +155,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     # Old launchers (torch.distributed.launch) pass this; torchrun sets LOCAL_RANK instead.
     p.add_argument("--local-rank", "--local_rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
+    add_legacy_flags(p)  # the Swin trainer's and the MOAT port's other flags
     return p
 
 
@@ -158,7 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse, run, and turn the project's error types into one line + exit code (no traceback)."""
     args = get_args_parser().parse_args(argv)  # argparse itself exits 2 on unknown flags
     try:
-        if args.amp_opt_level and not apex_available():
+        if args.amp_opt_level in ("O1", "O2") and not apex_available():
             raise UserError(
                 "--amp-opt-level needs NVIDIA apex, which is not installed; "
                 "use --amp {off,fp16,bf16} (torch.amp) instead"
@@ -169,30 +174,56 @@ def main(argv: Optional[List[str]] = None) -> int:
         sizes = EvalSizes.from_args(args)
         # Launchers pass LOCAL_RANK in the environment (torchrun) or as --local-rank (older ones).
         local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
-        config = get_config(args)
+        loaded = load_config(args)
+        config = loaded.config
         if args.cache_mode and config.DATA.FORMAT != "zip":
             raise UserError(f"--cache-mode applies to zipped data (--zip), not DATA.FORMAT '{config.DATA.FORMAT}'")
-        return run(config, mode, local_rank, eval_sizes=sizes)
+        return run(config, mode, local_rank, eval_sizes=sizes, notes=loaded.notes)
+    except PeerFailedError as e:  # the process that failed printed why
+        return e.exit_code
     except MoatError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
 
 
-def run(config: CfgNode, mode: str = "train", local_rank: int = 0, eval_sizes: Optional[EvalSizes] = None) -> int:
-    """Join the process group, do the work (``mode`` in ``MODES``), always leave the group again."""
+def run(
+    config: CfgNode,
+    mode: str = "train",
+    local_rank: int = 0,
+    eval_sizes: Optional[EvalSizes] = None,
+    notes: Sequence[str] = (),
+) -> int:
+    """Join the process group, do the work (``mode`` in ``MODES``), always leave the group again.
+    ``notes``: what loading the config has to say (``LoadedConfig.notes``), logged once.
+
+    Under ``torchrun`` a process whose collective fails because another process died leaves
+    quietly (``PeerFailedError``): the one that failed reports why, as the last line."""
     info = init_distributed(config.DEVICE, local_rank)
     clean = False
     try:
         output_dir = output_dir_of(config)
-        os.makedirs(output_dir, exist_ok=True)
-        # A training run owns its folder until it ends; --eval and --throughput only read from it.
+        # Every rank writes its log there; a training run also owns it until it ends.
+        on_every_rank(lambda: prepare_run_folder(output_dir, run_files(mode, info.rank)), info)
         with lock_run_folder(output_dir, info) if mode == "train" else contextlib.nullcontext():
-            code = _run_in_folder(config, mode, info, output_dir, eval_sizes or EvalSizes())
+            code = _run_in_folder(config, mode, info, output_dir, eval_sizes or EvalSizes(), notes)
         clean = True
         return code
+    except RuntimeError as e:
+        if info.distributed and is_peer_failure(e):
+            logging.getLogger(f"moat.rank{info.rank}").error(f"stopped: a collective failed ({str(e)[:300]})")
+            raise PeerFailedError() from e
+        raise
     finally:
         close_logger()
         teardown(info, clean=clean)
+
+
+def run_files(mode: str, rank: int) -> List[str]:
+    """Names a run of ``mode`` writes in its folder: each must not be taken by a folder."""
+    files = [f"log_rank{rank}.txt"]
+    if mode == "train" and rank == 0:
+        files += [RUN_CONFIG, "summary.csv", "curves.png", LOCK_NAME, LAST, BEST]
+    return files
 
 
 def output_dir_of(config: CfgNode) -> str:
@@ -205,39 +236,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def lock_run_folder(output_dir: str, info: DistInfo) -> Iterator[None]:
-    """Hold the folder's lock (taken by rank 0); every rank raises the same UserError when
-    another run holds it."""
-    lock = RunFolderLock(output_dir)
-    error = None
-    if info.is_primary:
-        try:
-            lock.acquire()
-        except UserError as e:
-            error = str(e)
-    error = broadcast_object(error, info)
-    if error:
-        raise UserError(error)
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, eval_sizes: EvalSizes) -> int:
-    from data import build_loader
-    from models import build_model
-
+def _run_in_folder(
+    config: CfgNode, mode: str, info: DistInfo, output_dir: str, eval_sizes: EvalSizes, notes: Sequence[str] = ()
+) -> int:
     logger = create_logger(output_dir, info.rank)
+    if info.is_primary:
+        for note in notes:  # how the config files and flags of other trainers were read
+            logger.info(note)
     if mode == "train" and info.is_primary:
-        changed = save_run_config(config, output_dir)
-        if changed:
-            logger.warning(
-                f"{output_dir} holds a run with a different config ({'; '.join(changed)}); "
-                "resuming from it mixes two experiments: use another --tag or --output "
-                "to start fresh"
-            )
+        _take_over_folder(config, output_dir, logger)
     logger.info(
         f"device {info.device}, world size {info.world_size}, rank {info.rank}, "
         f"threads {torch.get_num_threads()}, output {output_dir}"
@@ -251,62 +258,78 @@ def _run_in_folder(config: CfgNode, mode: str, info: DistInfo, output_dir: str, 
         torch.backends.cudnn.allow_tf32 = True
 
     amp_dtype = None if config.AMP_OPT_LEVEL else resolve_amp_dtype(config.AMP, info.device)
-    autocast = autocast_factory(info.device, amp_dtype)
+    feed = Feed.of(config, info.device, autocast_factory(info.device, amp_dtype))
     precision = str(config.AMP_OPT_LEVEL and "apex " + config.AMP_OPT_LEVEL or amp_dtype or "off")
     logger.info(f"mixed precision: {precision}")
 
     if mode == "eval":
-        return run_eval(config, info, logger, output_dir, eval_sizes, Feed.of(config, info.device, autocast), precision)
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config, device=info.device)
-    class_names = [str(c) for c in dataset_train.classes]
-    fmt = memory_format_of(config)
-    model = build_model(config).to(info.device, memory_format=fmt)
+        return run_eval(config, info, logger, output_dir, eval_sizes, feed, precision)
+    loaders = build_loader(config, info)
+    model = build_model(config).to(info.device, memory_format=feed.memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
         f"model {config.MODEL.NAME}: {n_params / 1e6:.2f}M params, "
-        f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(class_names)} classes, "
-        f"{len(dataset_train)} train / {len(dataset_val)} val images"
+        f"{'channels_last' if config.CHANNELS_LAST else 'NCHW'}, {len(loaders.train_dataset.classes)} classes, "
+        f"{len(loaders.train_dataset)} train / {len(loaders.val_dataset)} val images"
     )
     if mode == "throughput":
-        measure_throughput(model, loader_val, Feed.of(config, info.device, autocast), logger=logger)
+        measure_throughput(model, loaders.val, feed, logger=logger)
         return 0
-    return train(
-        config, model, class_names, loader_train, loader_val, mixup_fn, amp_dtype, autocast, info, logger, output_dir
-    )
+    resume = choose_resume(config, output_dir, info, logger)
+    if resume is None and config.MODEL.PRETRAINED:
+        load_pretrained(
+            config.MODEL.PRETRAINED,
+            model,
+            config.MODEL.PRETRAINED_EMA,
+            logger,
+            head=config.MODEL.PRETRAINED_HEAD,
+            class_names=[str(c) for c in loaders.train_dataset.classes],
+        )
+    trainer = build_trainer(config, info, logger, output_dir, model, loaders, amp_dtype, feed)
+    try:
+        # Every rank restores the same file: a refusal (a layout that cannot continue the epoch)
+        # is reported once.
+        start = on_every_rank(
+            lambda: trainer.restore(resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH), info
+        )
+        # A resumed run continues the tracker runs its checkpoint names.
+        trainer.records.start_trackers(resume.training.get("tracker_run_ids") if resume is not None else None)
+        return trainer.fit(loaders.train, loaders.val, start)
+    finally:
+        trainer.records.close()
+
+
+def _take_over_folder(config: CfgNode, output_dir: str, logger: logging.Logger) -> None:
+    """Rank 0, holding the folder's lock: clear what interrupted saves left, and compare the
+    folder's config with this run's (a changed one replaces it with the run's first checkpoint)."""
+    removed, size = remove_interrupted_saves(output_dir)
+    if removed:
+        logger.info(f"removed {removed} temporary file(s) of interrupted saves ({size / 2**20:,.1f} MiB)")
+    changed = run_config_changes(config, output_dir)
+    if changed:
+        logger.warning(
+            f"{output_dir} holds a run with a different config ({'; '.join(changed)}); "
+            "resuming from it mixes two experiments: use another --tag or --output "
+            "to start fresh (config.yaml keeps the earlier config until this run saves a checkpoint)"
+        )
+    else:
+        save_run_config(config, output_dir)
 
 
 # ------------------------------------------------------------------------------------ training
-def build_criterion(config: CfgNode, mixup_fn) -> nn.Module:
-    """Soft-target CE with Mixup/CutMix (label smoothing is folded into the mixed targets),
-    else CE with label smoothing."""
-    if mixup_fn is not None:
-        return SoftTargetCrossEntropy()
-    return nn.CrossEntropyLoss(label_smoothing=config.MODEL.LABEL_SMOOTHING)
-
-
-def freeze_backbone(model: nn.Module) -> None:
-    """Linear probing: only the classifier keeps ``requires_grad`` (the trainer also keeps the
-    backbone in eval mode, so its BatchNorm statistics stay frozen too)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in model.get_classifier().parameters():
-        p.requires_grad_(True)
-
-
-def train(
+def build_trainer(
     config: CfgNode,
-    model: nn.Module,
-    class_names: List[str],
-    loader_train,
-    loader_val,
-    mixup_fn,
-    amp_dtype: Optional[torch.dtype],
-    autocast,
     info: DistInfo,
     logger: logging.Logger,
     output_dir: str,
-) -> int:
-    """Build optimizer, schedule, EMA and wrappers, pick the starting point, run the Trainer."""
+    model: nn.Module,
+    loaders: Loaders,
+    amp_dtype: Optional[torch.dtype],
+    feed: Feed,
+) -> Trainer:
+    """What a training run needs around ``model`` (with its initial weights): the optimizer and
+    its schedule, loss scaling, EMA, the DDP / compiled wrappers, the checkpoint saver and the
+    run's records, handed to a ``Trainer``."""
     if config.TRAIN.FREEZE_BACKBONE:
         freeze_backbone(model)
     if info.distributed and info.device.type == "cuda":
@@ -321,7 +344,7 @@ def train(
     )
     optimizer = build_optimizer(config, model, lrs.base)
     scaler, model, optimizer = build_scaler(config, info.device, amp_dtype, model, optimizer)
-    steps_per_epoch = len(loader_train)
+    steps_per_epoch = len(loaders.train)
     if steps_per_epoch == 0:
         raise UserError(
             f"the training set is smaller than one batch ({config.DATA.BATCH_SIZE} x "
@@ -329,19 +352,7 @@ def train(
         )
     updates_per_epoch = math.ceil(steps_per_epoch / config.TRAIN.ACCUMULATION_STEPS)
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch, lrs.warmup, lrs.min)
-
-    # Weights: an explicit --resume wins, then auto-resume from the output folder, then --pretrained.
-    resume = choose_resume(config, output_dir, info, logger)
-    from data import part_cache_resume_note
-
-    note = part_cache_resume_note(config, resume[1], info.world_size) if resume is not None else None
-    if note:
-        logger.warning(note)
-    if resume is None and config.MODEL.PRETRAINED:
-        load_pretrained(config.MODEL.PRETRAINED, model, config.MODEL.PRETRAINED_EMA, logger)
-    ema = None
-    if config.TRAIN.EMA.ENABLE:
-        ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY, use_warmup=config.TRAIN.EMA.WARMUP)
+    ema = build_ema(config, model)
 
     model_fwd = model
     if info.distributed:
@@ -356,65 +367,37 @@ def train(
         logger.info(f"torch.compile, mode {mode}: the first steps compile the model")
 
     trackers = build_trackers(config, config_to_dict(config), output_dir, logger) if info.is_primary else []
-    records = RunRecords(output_dir, info.is_primary, trackers=trackers)
-    try:
-        trainer = Trainer(
-            config=config,
-            info=info,
-            logger=logger,
-            model=model,
-            model_fwd=model_fwd,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            scaler=scaler,
-            ema=ema,
-            criterion=build_criterion(config, mixup_fn),
-            mixup_fn=mixup_fn,
-            feed=Feed.of(config, info.device, autocast),
-            saver=CheckpointSaver(output_dir, config.SAVE_FREQ, config.KEEP_CHECKPOINTS),
-            records=records,
-            class_names=class_names,
-            steps_per_epoch=steps_per_epoch,
-            sync_debug=config.TRAIN.SYNC_DEBUG,
-        )
-        start = trainer.restore(*resume) if resume is not None else ResumePoint(config.TRAIN.START_EPOCH)
-        # A resumed run continues the tracker runs its checkpoint names.
-        records.start_trackers(resume[1].get("tracker_run_ids") if resume is not None else None)
-        return trainer.fit(loader_train, loader_val, start)
-    finally:
-        records.close()
+    return Trainer(
+        config=config,
+        info=info,
+        logger=logger,
+        model=model,
+        model_fwd=model_fwd,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scaler=scaler,
+        ema=ema,
+        criterion=build_criterion(config, loaders.mixup),
+        mixup_fn=loaders.mixup,
+        feed=feed,
+        saver=CheckpointSaver(output_dir, config.SAVE_FREQ, config.KEEP_CHECKPOINTS),
+        records=RunRecords(output_dir, info.is_primary, trackers=trackers),
+        class_names=[str(c) for c in loaders.train_dataset.classes],
+        steps_per_epoch=steps_per_epoch,
+    )
 
 
 def choose_resume(
     config: CfgNode, output_dir: str, info: DistInfo, logger: logging.Logger
-) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """``(path, checkpoint)`` to resume from, or None. Rank 0 chooses, so all ranks agree."""
-    if config.MODEL.RESUME:
-        return config.MODEL.RESUME, load_file(config.MODEL.RESUME)
-    if not config.TRAIN.AUTO_RESUME:
-        return None
-    path = None
-    if info.is_primary:
-        found = find_resumable(output_dir, logger.warning)
-        path = found[0] if found else None
+) -> Optional[CheckpointRecord]:
+    """The checkpoint to resume from, or None. Rank 0 chooses (``resume_path``), every rank
+    reads the chosen file (its tensors memory-mapped, shared between the processes of a node)."""
+    choose = lambda: resume_path(output_dir, config.MODEL.RESUME, config.TRAIN.AUTO_RESUME, logger)  # noqa: E731
+    path = on_every_rank(lambda: choose() if info.is_primary else None, info)
     path = broadcast_object(path, info)
     if path is None:
         return None
-    logger.info(f"auto-resuming from {path}")
-    return path, load_file(path)
-
-
-def load_pretrained(path: str, model: nn.Module, use_ema: bool, logger: logging.Logger) -> None:
-    """Weights only (EMA when present and ``use_ema``); a head of another shape starts fresh."""
-    checkpoint = load_file(path)
-    use_ema = use_ema and isinstance(checkpoint.get("model_ema"), dict)
-    dropped = load_model_weights(
-        model, model_state_from(checkpoint, path, prefer_ema=use_ema), path, drop_mismatched_head=True
-    )
-    logger.info(
-        f"loaded pretrained {'EMA' if use_ema else 'model'} weights from {path}"
-        + (f"; dropped the head ({', '.join(dropped)}): its shape differs, it starts fresh" if dropped else "")
-    )
+    return on_every_rank(lambda: read_checkpoint(path, mmap=True), info)
 
 
 if __name__ == "__main__":

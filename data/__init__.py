@@ -1,7 +1,7 @@
 """Data pipeline: class folders, Swin-style zips and WebDataset shards, timm transforms, resumable
 samplers, loaders, Mixup."""
 
-from .build import build_dataset, build_loader, build_mixup, part_cache_resume_note
+from .build import Loaders, build_dataset, build_loader, build_mixup, part_cache_resume_note
 from .class_map import read_class_map
 from .datasets import ClassFolderDataset, DataError, KeyedImageDataset, check_same_classes, decode_rgb, load_rgb
 from .samplers import RankSubsetSampler, ResumableSampler, ShardedEvalSampler, rank_subset, sample_seeds
@@ -13,6 +13,7 @@ __all__ = [
     "ClassFolderDataset",
     "DataError",
     "KeyedImageDataset",
+    "Loaders",
     "RankSubsetSampler",
     "ResumableSampler",
     "ShardDataset",

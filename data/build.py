@@ -9,9 +9,12 @@ Reproducibility (what makes a resumed run bit-identical):
   (SEED, epoch, dataset index) (see ``samplers.sample_seeds``), inside ``__getitem__``, and the
   caller's RNG states are restored afterwards. Hence a sample's crop/RandAugment/erasing does not
   depend on NUM_WORKERS, on which worker loads it, or on the world size, and a run resumed
-  mid-epoch sees the same augmented tensors for its remaining batches. Worker seeds do not matter,
-  so no ``worker_init_fn`` is needed; the loaders get their own ``torch.Generator`` so creating
-  an iterator does not draw from the main process's global torch RNG.
+  mid-epoch sees the same augmented tensors for its remaining batches. Worker seeds do not matter;
+  the loaders get their own ``torch.Generator`` so creating an iterator does not draw from the
+  main process's global torch RNG.
+* Preemption: the loaders' workers ignore SIGTERM/SIGINT (``utils.preemption``), which
+  ``torchrun`` and SLURM deliver to them too; the trainer handles the signal, saves and stops
+  them.
 * Mixup/CutMix runs in the main process and draws from the global ``numpy.random`` (timm's
   ``Mixup``); data loading leaves that stream untouched, so seeding or checkpointing numpy's
   global state in the trainer is all that is needed.
@@ -40,22 +43,27 @@ reads the exact val set, unpadded, split over ranks by ``ShardedEvalSampler``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import multiprocessing
 import os
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from timm.data import Mixup
 from torch.utils.data import DataLoader
 from yacs.config import CfgNode
 
-from utils.errors import ConfigError
+from config import with_values
+from utils.distributed import DistInfo
+from utils.errors import ConfigError, UserError
+from utils.preemption import leave_stop_signals_to_trainer, stop_signals_blocked
 
 from .class_map import check_class_coverage, read_class_map
 from .datasets import ClassFolderDataset, DataError, KeyedImageDataset, check_same_classes
 from .device_loader import fast_collate, normalize_on_device, wrap_for_device
+from .holdout import SplitView, split_holdout
 from .samplers import RankSubsetSampler, ResumableSampler, ShardedEvalSampler, rank_subset
 from .shards import ShardDataset, resolve_shards
 from .transforms import build_transform
@@ -64,13 +72,35 @@ from .zip_dataset import ZipImageDataset
 logger = logging.getLogger(__name__)
 
 IMAGENET_NUM_CLASSES = 1000
+# Classes each DATA.DATASET expects ('imagefolder': any number); ImageNet-22K is the fall 2011 release.
+EXPECTED_CLASSES = {"imagenet": IMAGENET_NUM_CLASSES, "imagenet22k": 21841}
 
 
-def _world() -> tuple[int, int]:
-    """(world size, rank) of the initialised process group, else (1, 0)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+class Loaders(NamedTuple):
+    """What ``build_loader`` builds: the two datasets, their loaders and the Mixup/CutMix
+    function (None when both are off). Training entries are None for evaluation."""
+
+    train_dataset: KeyedImageDataset | None
+    val_dataset: KeyedImageDataset
+    train: DataLoader | None
+    val: DataLoader
+    mixup: Mixup | None
+
+
+class TrainerDataLoader(DataLoader):
+    """torch's ``DataLoader`` whose workers leave SIGTERM/SIGINT to the trainer: they start with
+    the signals blocked, then ignore SIGINT and any SIGTERM not sent by the trainer
+    (``utils.preemption``), so a preemption signal sent to the whole process group or to every
+    process cannot kill them before the trainer saves."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("num_workers", 0) > 0:
+            kwargs["worker_init_fn"] = functools.partial(leave_stop_signals_to_trainer, trainer_pid=os.getpid())
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        with stop_signals_blocked():  # workers are forked here (once, with persistent workers)
+            return super().__iter__()
 
 
 def build_dataset(
@@ -79,17 +109,21 @@ def build_dataset(
     native_classes: list[str] | None = None,
     allow_fewer_classes: bool = False,
     uint8: bool = False,
+    check_count: bool = True,
+    info: DistInfo | None = None,
 ) -> KeyedImageDataset:
     """The train or val split of ``DATA.DATA_PATH`` in ``DATA.FORMAT``, with its transform.
 
-    Checks the number of classes against ``MODEL.NUM_CLASSES`` (and against 1000 for
-    ``DATA.DATASET 'imagenet'``; with ``DATA.CLASS_MAP``, the map's length instead) so a wrong
+    Checks the number of classes against ``MODEL.NUM_CLASSES`` (and against
+    ``EXPECTED_CLASSES`` of ``DATA.DATASET``; with ``DATA.CLASS_MAP``, the map's length instead) so a wrong
     head size fails here in one line rather than as a CUDA assert or a silently wrong model.
     ``native_classes``: the train split's names of the zip map / shard class indices, for the
     val split (Swin's val maps have no class folders to read names from). ``allow_fewer_classes``
     accepts up to ``MODEL.NUM_CLASSES`` classes: evaluation may score a subset of the model's
     classes (ImageNet-A/-R style), matched to them by name by the caller. ``uint8``: images
-    stay uint8 (``build_transform``), for normalisation on the device.
+    stay uint8 (``build_transform``), for normalisation on the device. ``check_count`` False
+    leaves the class-count check (``check_class_count``) to the caller. ``info``: this process's
+    place in the job (a zip cache keeps this rank's part); None is a single process.
     """
     data = config.DATA
     if not data.DATA_PATH:
@@ -107,7 +141,7 @@ def build_dataset(
     # SKIP_BAD_IMAGES applies to val too: opting in means "never stop for a bad file"; the
     # substituted val samples are logged like the train ones.
     if data.FORMAT == "zip":
-        world_size, rank = _world()
+        world_size, rank = (info.world_size, info.rank) if info is not None else (1, 0)
         # Validation reads only this rank's part (ShardedEvalSampler), so caching more is waste
         # (Swin caches val in 'part' mode too).
         cache_mode = data.CACHE_MODE if is_train or data.CACHE_MODE == "no" else "part"
@@ -139,16 +173,27 @@ def build_dataset(
             skip_bad_images=data.SKIP_BAD_IMAGES,
             class_map=class_map,
         )
-    if class_map is not None:
-        return dataset
+    if check_count:
+        check_class_count(dataset, config, allow_fewer=allow_fewer_classes)
+    return dataset
+
+
+def check_class_count(dataset: KeyedImageDataset, config: CfgNode, allow_fewer: bool = False) -> None:
+    """The dataset's classes against ``MODEL.NUM_CLASSES`` (and ``EXPECTED_CLASSES`` of
+    ``DATA.DATASET``); a class map was checked against the count already. ``allow_fewer`` accepts up
+    to ``MODEL.NUM_CLASSES`` (subset evaluation)."""
+    data = config.DATA
+    if data.CLASS_MAP:
+        return
     found = len(dataset.classes)
-    if allow_fewer_classes and found <= config.MODEL.NUM_CLASSES:
-        return dataset
+    if allow_fewer and found <= config.MODEL.NUM_CLASSES:
+        return
     what = "class folders" if data.FORMAT == "folder" else "classes"
-    if data.DATASET == "imagenet" and found != IMAGENET_NUM_CLASSES:
+    expected = EXPECTED_CLASSES.get(data.DATASET)
+    if expected is not None and found != expected:
         raise DataError(
-            f"found {found} {what} in {dataset.root}, but DATA.DATASET 'imagenet' "
-            f"expects {IMAGENET_NUM_CLASSES}; for another dataset use "
+            f"found {found} {what} in {dataset.root}, but DATA.DATASET '{data.DATASET}' "
+            f"expects {expected}; for another dataset use "
             f"DATA.DATASET imagefolder (--dataset imagefolder) and MODEL.NUM_CLASSES {found}"
         )
     if found != config.MODEL.NUM_CLASSES:
@@ -156,26 +201,45 @@ def build_dataset(
             f"found {found} {what} in {dataset.root}, but MODEL.NUM_CLASSES is "
             f"{config.MODEL.NUM_CLASSES}; set MODEL.NUM_CLASSES {found}"
         )
-    return dataset
 
 
-def part_cache_resume_note(config: CfgNode, checkpoint: dict, world_size: int) -> str | None:
-    """What a resume changes in the data, when it cannot continue exactly: a ``CACHE_MODE part``
-    checkpoint written by another number of processes (every rank's subset depends on it)."""
-    saved = checkpoint.get("world_size")
-    if config.DATA.FORMAT != "zip" or config.DATA.CACHE_MODE != "part" or saved in (None, world_size):
+def part_cache_resume_note(config: CfgNode, saved: int, world_size: int, position) -> str | None:
+    """What a resume changes in the data when it cannot continue exactly: a ``CACHE_MODE part``
+    checkpoint written by ``saved`` processes, another number than ``world_size`` (every rank's
+    subset depends on it). From an epoch's end (``position.epoch_complete``) that is a note for
+    the log; mid-epoch the epoch's order cannot be continued, so the resume is refused
+    (``UserError`` naming both process counts)."""
+    if config.DATA.FORMAT != "zip" or config.DATA.CACHE_MODE != "part" or saved == world_size:
         return None
-    note = (
+    if not position.epoch_complete:
+        raise UserError(
+            f"DATA.CACHE_MODE part: the checkpoint stopped inside epoch {position.epoch} with {saved} "
+            f"process(es) and this run has {world_size}; each rank's part of the images depends on the number of "
+            f"processes, so the epoch cannot continue exactly: finish it with {saved} process(es)"
+        )
+    return (
         f"DATA.CACHE_MODE part: the checkpoint was written by {saved} process(es), this run has {world_size}, "
         "so every rank trains on another part of the train images"
     )
-    if not checkpoint.get("epoch_complete", True):
-        batches = int(checkpoint.get("batches_done", 0))
-        note += (
-            f"; the rest of epoch {checkpoint.get('epoch')} skips the first {batches * config.DATA.BATCH_SIZE} "
-            "samples of each rank's new order, so some images of this epoch repeat and others are not seen"
-        )
-    return note
+
+
+def build_holdout_split(
+    config: CfgNode, uint8: bool, info: DistInfo | None, with_train: bool
+) -> tuple[SplitView | None, SplitView]:
+    """``DATA.VAL_HOLDOUT``: the train split, read once, as the training set (None without
+    ``with_train``) and the validation set of the images held out of it (``data.holdout``);
+    ``VAL_SPLIT`` is not read. Evaluation reads the train split's index only, uncached."""
+    if not with_train and config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE != "no":
+        config = with_values(config, {"DATA.CACHE_MODE": "no"})
+    base = build_dataset(True, config, uint8=uint8, check_count=False, info=info)
+    train, held_out = split_holdout(
+        base, config.DATA.VAL_HOLDOUT, base.transform, build_transform(False, config, uint8=uint8)
+    )
+    if len(held_out) == 0:
+        raise DataError(f"{base.root}: no class has two images, so DATA.VAL_HOLDOUT has nothing to hold out")
+    if not with_train:
+        check_class_count(held_out, config, allow_fewer=True)
+    return (train if with_train else None), held_out
 
 
 def build_mixup(config: CfgNode) -> Mixup | None:
@@ -199,17 +263,15 @@ def build_mixup(config: CfgNode) -> Mixup | None:
     )
 
 
-def build_loader(
-    config: CfgNode, with_train: bool = True, device: torch.device | None = None
-) -> tuple[KeyedImageDataset | None, KeyedImageDataset, DataLoader | None, DataLoader, Mixup | None]:
-    """``(dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn)``; reads
-    ``config`` only. Without ``with_train`` (evaluation) only the val split is read, and it may
-    hold fewer classes than the model (``build_dataset``); the train entries are None.
+def build_loader(config: CfgNode, info: DistInfo | None = None, with_train: bool = True) -> Loaders:
+    """The datasets, loaders and Mixup of ``config`` for the process ``info`` describes (None: a
+    single process on the CPU). Without ``with_train`` (evaluation) only the val split is read,
+    and it may hold fewer classes than the model (``build_dataset``); the train entries are None.
 
-    ``device``: where the batches are used. When ``DATA.NORMALIZE_ON_DEVICE`` applies there
+    ``info.device``: where the batches are used. When ``DATA.NORMALIZE_ON_DEVICE`` applies there
     (``device_loader.normalize_on_device``), the workers deliver uint8 batches and the loaders
     are wrapped to normalise (and, for training, randomly erase) them on the device; the batches
-    then arrive on ``device`` already.
+    then arrive on the device already.
 
     Train loader: ``ResumableSampler`` (call ``sampler.set_epoch(e)`` every epoch and
     ``sampler.set_start_index(i)`` to resume mid-epoch), ``drop_last=True``. Val loader: each rank
@@ -217,22 +279,36 @@ def build_loader(
     ``(images [B, 3, IMG_SIZE, IMG_SIZE] float, targets [B] int64)``.
     Raises ``DataError`` (one line naming the path) for any problem with the data on disk.
     """
-    world_size, rank = _world()
+    world_size, rank = (info.world_size, info.rank) if info is not None else (1, 0)
+    device = info.device if info is not None else torch.device("cpu")
     uint8 = normalize_on_device(config, device)
-    dataset_train = build_dataset(True, config, uint8=uint8) if with_train else None
-    dataset_val = build_dataset(
-        False,
-        config,
-        native_classes=getattr(dataset_train, "native_classes", None),
-        allow_fewer_classes=not with_train,
-        uint8=uint8,
-    )
+    if config.DATA.DATASET == "imagenet22k" and config.DATA.FORMAT == "folder":
+        logger.info(
+            "ImageNet-22K as 14M files in class folders: DATA.FORMAT shards (tools/make_shards.py) packs them into "
+            "a few thousand tar files"
+        )
+    if config.DATA.VAL_HOLDOUT:
+        dataset_train, dataset_val = build_holdout_split(config, uint8, info, with_train)
+    else:
+        # Training: the two splits are compared before either is counted, so a class folder that
+        # only one split has is named as such rather than as a wrong MODEL.NUM_CLASSES.
+        dataset_train = build_dataset(True, config, uint8=uint8, check_count=False, info=info) if with_train else None
+        dataset_val = build_dataset(
+            False,
+            config,
+            native_classes=getattr(dataset_train, "native_classes", None),
+            allow_fewer_classes=not with_train,
+            uint8=uint8,
+            check_count=not with_train,
+            info=info,
+        )
     sampler_train = None
     if dataset_train is not None:
         if config.DATA.CLASS_MAP:
             check_class_coverage(dataset_train, dataset_val, config.DATA.CLASS_MAP)
         else:
             check_same_classes(dataset_train, dataset_val)
+        check_class_count(dataset_train, config)
         if config.DATA.FORMAT == "zip" and config.DATA.CACHE_MODE == "part":
             subset = rank_subset(len(dataset_train), world_size, rank)
             per_rank = math.ceil(len(dataset_train) / world_size)
@@ -263,14 +339,14 @@ def build_loader(
             common["multiprocessing_context"] = "fork"
     data_loader_train = None
     if dataset_train is not None:
-        data_loader_train = DataLoader(
+        data_loader_train = TrainerDataLoader(
             dataset_train,
             sampler=sampler_train,
             drop_last=True,
             generator=torch.Generator().manual_seed(config.SEED + rank),
             **common,
         )
-    data_loader_val = DataLoader(
+    data_loader_val = TrainerDataLoader(
         dataset_val,
         sampler=sampler_val,
         shuffle=False,
@@ -292,5 +368,6 @@ def build_loader(
         if data_loader_train is not None:
             data_loader_train = wrap_for_device(data_loader_train, config, device, is_train=True)
         data_loader_val = wrap_for_device(data_loader_val, config, device, is_train=False)
-    mixup_fn = build_mixup(config) if with_train else None
-    return dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn
+    return Loaders(
+        dataset_train, dataset_val, data_loader_train, data_loader_val, build_mixup(config) if with_train else None
+    )

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sized
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sized
 
 import numpy as np
 from torch.utils.data import DistributedSampler, Sampler
@@ -120,3 +121,41 @@ class RankSubsetSampler(ResumableSampler):
 
     def epoch_indices(self) -> list[int]:
         return self.subset[super().epoch_indices()].tolist()
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a run cuts an epoch's sample order into steps: ``batch_size`` per process and
+    micro-step, ``world_size`` processes, ``accumulation_steps`` micro-steps per update."""
+
+    batch_size: int
+    world_size: int
+    accumulation_steps: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per micro-step, all processes together."""
+        return self.batch_size * self.world_size
+
+    @property
+    def samples_per_update(self) -> int:
+        return self.global_batch * self.accumulation_steps
+
+    def describe(self) -> str:
+        return f"batch {self.batch_size} x {self.world_size} process(es) x {self.accumulation_steps} accumulation"
+
+
+def continue_epoch_at(samples_done: int, layout: BatchLayout) -> Optional[int]:
+    """The micro-batch at which ``layout`` continues an epoch exactly after its first
+    ``samples_done`` samples, or None when that is not the start of an update.
+
+    ``ResumableSampler`` gives rank ``r`` of ``W`` the positions ``r, r + W, ...`` of one padded
+    permutation whose first N entries do not depend on ``W``; after ``k`` batches of ``B`` on
+    every rank the run has consumed exactly positions ``0 .. k*B*W - 1``. Any layout whose
+    samples per update divide that count therefore continues at the next unseen sample, neither
+    repeating nor skipping one. (``RankSubsetSampler`` orders per rank; the same rule holds
+    there as long as the world size is unchanged.)
+    """
+    if samples_done < 0 or samples_done % layout.samples_per_update:
+        return None
+    return samples_done // layout.global_batch

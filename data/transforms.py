@@ -70,7 +70,7 @@ def posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image
     """timm's posterize op, with ``bits_to_keep <= 0`` giving a black image.
 
     Why: timm's ``PosterizeIncreasing`` asks to keep 0 bits at magnitude 10 (reached by
-    ``rand-m9-mstd0.5-inc1``, the default recipe) and ``Posterize`` at magnitudes below 3. Pillow
+    ``rand-m9-mstd0.5-inc1``, Swin's and DeiT's policy) and ``Posterize`` at magnitudes below 3. Pillow
     before 13 masked every bit away (a black image, as the reference TensorFlow RandAugment
     does); Pillow 13 raises ``ValueError`` instead, which crashed training in its first batches.
     Keeping the black image keeps the augmentation distribution unchanged.

@@ -4,10 +4,12 @@
     DATA_PATH/train_map.txt  one '<path inside the zip>\\t<class index>' line per image
     DATA_PATH/val.zip, DATA_PATH/val_map.txt
 
-An existing Swin or MOAT zip dataset works unchanged; ``tools/make_zip_dataset.py`` builds one
-from a class-folder tree. Reading one zip instead of 1.28M small files is what makes this fast on
-NFS/Lustre. Class names come from the train map's directory components (``n01440764/x.JPEG``);
-val maps (flat in Swin's layout) use the train map's names for their class indices.
+The unofficial MOAT port's maps name the zip too ('train.zip@/n01440764/x.JPEG\\t0'): the part up to
+'.zip@' is dropped, as that port did (the split's own zip is read). An existing Swin or MOAT zip
+dataset works unchanged; ``tools/make_zip_dataset.py`` builds one from a class-folder tree.
+Reading one zip instead of 1.28M small files is what makes this fast on NFS/Lustre. Class names
+come from the train map's directory components (``n01440764/x.JPEG``); val maps (flat in Swin's
+layout) use the train map's names for their class indices.
 
 ``DATA.CACHE_MODE``: ``no`` reads members on demand through one ``zipfile.ZipFile`` per process,
 opened lazily (a handle is never shared across fork); ``full`` keeps every image's encoded bytes in
@@ -41,7 +43,8 @@ CACHE_MODES = ("no", "part", "full")
 
 
 def read_zip_map(path: str) -> list[tuple[str, int, int]]:
-    """``(member, class index, line number)`` per line of a Swin map file."""
+    """``(member, class index, line number)`` per line of a Swin map file (or of the MOAT port's,
+    whose paths start with '<name>.zip@')."""
     if not os.path.isfile(path):
         raise DataError(f"zip map not found: {path} (expected '<path inside the zip>\\t<class index>' lines)")
     entries = []
@@ -53,7 +56,8 @@ def read_zip_map(path: str) -> list[tuple[str, int, int]]:
             parts = line.split("\t")
             if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
                 raise DataError(f"{path}:{lineno}: expected '<path inside the zip>\\t<class index>', got {line!r}")
-            entries.append((parts[0].lstrip("/"), int(parts[1]), lineno))
+            member = parts[0].split(".zip@", 1)[-1]  # the port's 'train.zip@/class/x.png'
+            entries.append((member.lstrip("/"), int(parts[1]), lineno))
     if not entries:
         raise DataError(f"zip map {path} lists no image")
     return entries

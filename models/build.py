@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch.nn as nn
 
 from .config import FIELD_NAMES, MoatCfg, MoatConfigError, resolve_cfg
 from .moat import create_moat
 
-# MoatCfg fields whose trainer key is not MODEL.MOAT.<FIELD>.
+# MoatCfg fields (and checked values) whose trainer key is not MODEL.MOAT.<FIELD>.
 _KEYS = {"name": "MODEL.NAME", "img_size": "DATA.IMG_SIZE", "drop_path_rate": "MODEL.DROP_PATH_RATE"}
 
 
@@ -18,25 +16,14 @@ def config_key(field: str) -> str:
     return _KEYS.get(field, f"MODEL.MOAT.{field.upper()}")
 
 
-def _is_unset(key: str, value: Any) -> bool:
-    # Unset keys keep the variant's value: [] / "" / null, -1 for numbers; MODEL.DROP_PATH_RATE
-    # has meant "negative = the variant's rate" since before these keys existed.
-    if key == "MODEL.DROP_PATH_RATE":
-        return value < 0
-    if value is None or (isinstance(value, (list, tuple, str)) and len(value) == 0):
-        return True
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == -1
-
-
 def moat_overrides_from_config(config) -> dict:
-    """The MoatCfg fields the trainer config sets (``MODEL.MOAT.*`` keys not left unset)."""
+    """The MoatCfg fields the trainer config sets: the ``MODEL.MOAT`` keys that are not null, and
+    ``MODEL.DROP_PATH_RATE`` when not null (null keeps the variant's value)."""
     overrides = {}
     for field in FIELD_NAMES:
-        node = config
-        for part in config_key(field).split("."):
-            node = node[part]
-        if not _is_unset(config_key(field), node):
-            overrides[field] = list(node) if isinstance(node, (list, tuple)) else node
+        value = config.MODEL.DROP_PATH_RATE if field == "drop_path_rate" else config.MODEL.MOAT.get(field.upper())
+        if value is not None:
+            overrides[field] = list(value) if isinstance(value, (list, tuple)) else value
     return overrides
 
 

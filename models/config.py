@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "MoatConfigError",
     "BLOCK_TYPES",
     "CONV_NORM_LAYERS",
+    "FIELD_DOCS",
     "FIELD_NAMES",
     "REQUIRED_FIELDS",
     "POS_EMBED_IMG_SIZE",
@@ -58,6 +59,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_REQUIRED = object()
+
+
+def _doc(text: str, default: Any = _REQUIRED) -> Any:
+    """A dataclass field with its documentation (``fields(MoatCfg)[i].metadata['doc']``)."""
+    if default is _REQUIRED:
+        return field(metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
 @dataclass(frozen=True)
 class MoatCfg:
     """One MOAT architecture. Per-stage sequences have one entry per stage; stage i's first block
@@ -70,32 +81,72 @@ class MoatCfg:
     its feature-map size at ``POS_EMBED_IMG_SIZE`` (224) px.
     """
 
+    # Each field's ``doc`` is also the comment of its trainer key MODEL.MOAT.<FIELD> (config.py
+    # generates the keys from these fields); [brackets]: the official value.
     # --- stem and stages (required for a new architecture)
-    stem_dims: Tuple[int, ...]  # stem conv widths; the first conv has stride 2
-    depths: Tuple[int, ...]  # blocks per stage
-    dims: Tuple[int, ...]  # output channels per stage
-    stage_types: Tuple[str, ...]  # 'mbconv' or 'moat' per stage
-    strides: Optional[Tuple[int, ...]] = None  # stride of each stage's first block; None: all 2
+    stem_dims: Tuple[int, ...] = _doc(
+        "Stem conv widths; the first conv has stride 2, a norm and activation sit between two convs. "
+        "[two convs, e.g. [64, 64] for moat_0]"
+    )
+    depths: Tuple[int, ...] = _doc("Blocks per stage; the number of entries is the number of stages (any, not only 4).")
+    dims: Tuple[int, ...] = _doc("Output channels per stage.")
+    stage_types: Tuple[str, ...] = _doc(
+        "Block type per stage: 'mbconv' (MBConv with squeeze-excite) or 'moat' (MBConv without SE, then "
+        "LayerNorm + multi-head self-attention). [mbconv, mbconv, moat, moat]"
+    )
+    strides: Optional[Tuple[int, ...]] = _doc(
+        "Stride of each stage's first block (TF 'SAME'); the total stride, 2 x their product, must divide "
+        "the input size. [2 per stage]",
+        None,
+    )
     # --- convolution (MBConv blocks and the MBConv half of MOAT blocks)
-    expand_ratio: float = 4.0  # expansion of the 1x1 conv, times the OUTPUT channels
-    se_ratio: float = 0.25  # squeeze-excite width, times the output channels; 0: no SE
-    kernel_size: int = 3  # depthwise kernel
-    pool_size: int = 2  # average pool of strided shortcuts: 2 (classification) or 3
+    expand_ratio: float = _doc("Width of the 1x1 expansion, times the block's OUTPUT channels. [4.0]", 4.0)
+    se_ratio: float = _doc(
+        "Squeeze-excite width in MBConv stages, times the output channels; 0 removes it. [0.25]", 0.25
+    )
+    kernel_size: int = _doc("Depthwise conv kernel (odd). [3]", 3)
+    pool_size: int = _doc("Average-pool size of the strided shortcut: 2 (classification) or 3 (dense tasks). [2]", 2)
     # --- attention (MOAT blocks)
-    head_dim: int = 32  # channels per head
-    window_size: Optional[Tuple[Optional[int], ...]] = None  # per stage; None: global
-    pos_embed: bool = True  # learned relative position bias
-    pos_embed_size: Optional[Tuple[Optional[int], ...]] = None  # native bias window P per stage
+    head_dim: int = _doc("Channels per attention head; every attention stage's width must divide by it. [32]", 32)
+    window_size: Optional[Tuple[Optional[int], ...]] = _doc(
+        "Attention window: one value per attention ('moat') stage, or one per stage (0 for 'mbconv' stages); "
+        "0 means global attention over the whole map. Each window must divide its stage's feature map (stage-3 "
+        "map 14 and stage-4 map 7 at 224 px for the official layout; [14, 0] is the authors' detection "
+        "setting). [global everywhere]",
+        None,
+    )
+    pos_embed: bool = _doc("Learned relative position bias in attention (the *_no_pe variants set false). [true]", True)
+    pos_embed_size: Optional[Tuple[Optional[int], ...]] = _doc(
+        "Native relative-bias window P per attention stage (or per stage, 0 for 'mbconv'): the table has "
+        "(2P-1)^2 entries per head and is resized to the actual window; 0 derives it from the stage's feature "
+        "map at 224 px. [14 at stride 16, 7 at stride 32]",
+        None,
+    )
     # --- layers, by timm name
-    norm_layer: str = "batchnorm2d"  # norm of the conv path and the stem
-    act_layer: str = "gelu"  # activation of the conv path and the stem (exact GELU)
-    se_act_layer: str = "silu"  # squeeze-excite hidden activation (swish)
-    bn_eps: float = 1e-3  # eps of the conv-path norm (Keras 1e-3)
-    bn_momentum: float = 0.01  # BatchNorm running-stat momentum, PyTorch sense (Keras 0.99)
-    ln_eps: float = 1e-5  # eps of the attention LayerNorm and the head LayerNorm
+    norm_layer: str = _doc(
+        "Norm of the stem and the conv path, a timm name: batchnorm2d, groupnorm, layernorm2d, ... "
+        "['batchnorm2d'; the trainer makes it SyncBatchNorm under DDP on CUDA]",
+        "batchnorm2d",
+    )
+    act_layer: str = _doc(
+        "Activation of the stem and the conv path, a timm name (gelu is the exact erf form). ['gelu']", "gelu"
+    )
+    se_act_layer: str = _doc("Activation inside squeeze-excite, a timm name. ['silu' (swish)]", "silu")
+    bn_eps: float = _doc("Epsilon of the conv-path norm. [0.001, Keras' BatchNormalization default]", 1e-3)
+    bn_momentum: float = _doc(
+        "BatchNorm running-stat momentum (PyTorch convention). 0.01 is the official value (Keras 0.99), right "
+        "for ImageNet-length schedules; runs of a few thousand steps need ~0.1, or the running statistics lag "
+        "the weights and eval accuracy collapses while train loss looks fine. [0.01]",
+        0.01,
+    )
+    ln_eps: float = _doc("Epsilon of the attention LayerNorm and of the head's LayerNorm. [1e-05]", 1e-5)
     # --- head and regularisation
-    head_hidden_size: int = 0  # 0: pool -> LayerNorm -> Linear; >0 adds Linear + tanh
-    drop_path_rate: float = 0.0  # block b of N drops with rate * b / N
+    head_hidden_size: int = _doc(
+        "Head: mean pool -> LayerNorm -> Linear; a width > 0 inserts Linear(width) + tanh before the "
+        "classifier (timm's NormMlpClassifierHead). [0]",
+        0,
+    )
+    drop_path_rate: float = _doc("Stochastic depth: block b of N drops with rate * b / N.", 0.0)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -181,6 +232,7 @@ class MoatCfg:
 
 
 FIELD_NAMES: Tuple[str, ...] = tuple(f.name for f in fields(MoatCfg))
+FIELD_DOCS: Dict[str, str] = {f.name: f.metadata["doc"] for f in fields(MoatCfg)}
 REQUIRED_FIELDS: Tuple[str, ...] = ("stem_dims", "depths", "dims", "stage_types")
 
 

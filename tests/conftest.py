@@ -28,16 +28,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from tools.make_shards import make_shards  # noqa: E402 (the repository is on sys.path from here)
+from tools.make_zip_dataset import make_zip_dataset  # noqa: E402
+
 CLASSES = ["red", "green", "blue"]
 COLORS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
 
-# Tiny but complete: RandAugment, random erasing, Mixup/CutMix and EMA stay on (the defaults),
-# so the bit-exact resume tests exercise every random stream. 8 train images per class at batch 4
-# give 6 steps per epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
+# Tiny but complete: RandAugment, Mixup and EMA stay on (the defaults), and random erasing and
+# CutMix, which the ImageNet recipe leaves off, are switched on, so the bit-exact resume tests
+# exercise every random stream; loader workers are on (persistent, as by default), so signals and
+# kills meet the processes a real run has. 8 train images per class at batch 4 give 6 steps per
+# epoch; 3 val images per class (9, odd) give unequal shards on 2 ranks.
 TINY_CONFIG = {
     "BASE": [os.path.join(REPO, "configs", "tiny_moat_0.yaml")],
-    "DATA": {"IMG_SIZE": 32, "NUM_WORKERS": 0, "DATASET": "imagefolder", "BATCH_SIZE": 4, "PIN_MEMORY": False},
+    # CROP_PCT: the 0.875 the tests count with (tiny_moat_0.yaml's 0.8888 is its crop at 256 px).
+    "DATA": {
+        "IMG_SIZE": 32,
+        "CROP_PCT": 0.875,
+        "NUM_WORKERS": 2,
+        "DATASET": "imagefolder",
+        "BATCH_SIZE": 4,
+        "PIN_MEMORY": False,
+    },
     "MODEL": {"NUM_CLASSES": 3},
+    "AUG": {"REPROB": 0.25, "CUTMIX": 1.0},
     # BASE_LR is per 512 images: 0.1 x 4 / 512 = 7.8e-4 at batch 4.
     "TRAIN": {"EPOCHS": 2, "WARMUP_EPOCHS": 1, "BASE_LR": 0.1, "MIN_LR": 1e-3, "WARMUP_LR": 1e-4},
     "AMP": "off",
@@ -94,15 +108,34 @@ def image_tree(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def zip_data(image_tree, tmp_path_factory) -> str:
+    """Swin's zip layout of ``image_tree`` (tools/make_zip_dataset.py)."""
+    out = str(tmp_path_factory.mktemp("zip"))
+    assert make_zip_dataset(image_tree, out) == {"train": 24, "val": 9}
+    return out
+
+
+@pytest.fixture(scope="session")
+def shard_data(image_tree, tmp_path_factory) -> str:
+    """Shards of 5 samples: 24 train samples in 5 shards (the last holds 4), 9 val in 2."""
+    out = str(tmp_path_factory.mktemp("shards"))
+    assert make_shards(image_tree, out, shard_size=5) == {"train": (5, 24), "val": (2, 9)}
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_cfg(tmp_path_factory):
-    """``tiny_cfg(**overrides)`` -> path of a YAML with TINY_CONFIG plus nested overrides."""
+    """``tiny_cfg(**overrides)`` -> path of a YAML with TINY_CONFIG plus nested overrides; a
+    section given as None is left out (its keys come from BASE)."""
     folder = tmp_path_factory.mktemp("cfg")
     counter = [0]
 
     def write(**sections) -> str:
         cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY_CONFIG.items()}
         for key, value in sections.items():
-            if isinstance(value, dict):
+            if value is None:
+                cfg.pop(key, None)
+            elif isinstance(value, dict):
                 cfg.setdefault(key, {}).update(value)
             else:
                 cfg[key] = value
@@ -186,3 +219,57 @@ def ddp_reference(tmp_path_factory, image_tree, tiny_cfg, run_cli):
     proc = run_cli(args + ["--output", out], launcher=["--nproc_per_node=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cfg, args, os.path.join(out, "tiny_moat_0", "default")
+
+
+# ------------------------------------------------------------------------------- launching ranks
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args, world_size: int = 2, **popen) -> list:
+    """``world_size`` ``main.py`` processes set up as ``torchrun`` sets up its workers (rank
+    variables in the environment, each in a session and process group of its own), without the
+    agent in between, so a test can signal each process and read each exit status."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = cli_env(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "main.py", *map(str, args)],
+                cwd=REPO,
+                env=env,
+                start_new_session=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+                **popen,
+            )
+        )
+    return procs
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Pids of the live processes in process group ``pgid`` (a trainer and its loader workers)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry))
+    return members

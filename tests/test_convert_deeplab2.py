@@ -20,12 +20,13 @@ import torch
 from PIL import Image
 
 import main as trainer
+from checkpoints import FORMAT_VERSION, load_for_inference
 from conftest import REPO, make_image_tree
+from data.transforms import build_transform
 from models.moat import MOAT, MOAT_CFGS, MoatCfg, create_moat, list_variants
 from tools import convert_deeplab2 as convert
 from tools import export, predict
 from tools.tf_bundle import BundleReader, write_bundle
-from utils.inference import build_eval_transform, load_model_for_inference
 
 FIXTURE = os.path.join(REPO, "tests", "data", "deeplab2_moat")
 PREFIX = os.path.join(FIXTURE, "model.ckpt")
@@ -167,7 +168,8 @@ def test_converted_weights_reproduce_the_official_logits(weights, size, pool, na
 # --------------------------------------------------------------------------------- CLI outputs
 def test_cli_writes_a_trainer_checkpoint_with_the_release_config_and_a_record(converted, capsys, tmp_path, registered):
     obj = torch.load(converted, map_location="cpu", weights_only=True)
-    assert set(obj) == {"model", "model_name", "model_cfg", "class_names", "config", "converted_from"}
+    assert set(obj) == {"format_version", "model", "model_name", "model_cfg", "class_names", "config", "converted_from"}
+    assert obj["format_version"] == FORMAT_VERSION
     assert obj["model_cfg"] == fixture_cfg().to_dict()
     assert obj["model_name"] == VARIANT and obj["class_names"] == [f"class_{i}" for i in range(10)]
     data = obj["config"]["DATA"]
@@ -246,7 +248,7 @@ def test_cli_reports_the_weights_used_and_that_bn_statistics_were_found(register
 def test_pool_size_is_recorded_and_used_by_the_inference_loader(registered, tmp_path, capsys):
     code, _, err = run([PREFIX, "--model", VARIANT, "--output", tmp_path / "p3.pth", "--pool-size", "3"], capsys)
     assert code == 0, err
-    model, meta = load_model_for_inference(str(tmp_path / "p3.pth"))
+    model, meta = load_for_inference(str(tmp_path / "p3.pth"))
     assert meta.model_cfg["pool_size"] == 3
     assert rel(logits(model), expected("logits_ema_224_pool3")) < 1e-4
 
@@ -276,7 +278,7 @@ def test_export_writes_safetensors_and_torchscript_that_match(converted, registe
         == 0
     )
     assert "check: reloaded weights equal" in capsys.readouterr().out
-    model, meta = load_model_for_inference(base + ".safetensors")
+    model, meta = load_for_inference(base + ".safetensors")
     assert meta.variant == VARIANT and meta.weights == "ema"
     assert meta.preprocessing["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert rel(logits(model), expected("logits_ema_224")) < 1e-4
@@ -288,14 +290,14 @@ def test_torch_hub_loads_the_converted_checkpoint(converted, registered):
     assert rel(logits(model), expected("logits_ema_224")) < 1e-4
     # The raw set was not converted: asking for it is an error, not a silent EMA.
     with pytest.raises(ValueError, match="holds the EMA weights only"):
-        load_model_for_inference(converted, use_ema=False)
+        load_for_inference(converted, use_ema=False)
 
 
 def test_safetensors_output_loads_for_inference_with_its_record(registered, tmp_path, capsys):
     path = tmp_path / "fixture.safetensors"
     code, out, _ = run([PREFIX, "--model", VARIANT, "--output", path, "--raw"], capsys)
     assert code == 0 and os.listdir(tmp_path) == ["fixture.safetensors"]
-    model, meta = load_model_for_inference(str(path))
+    model, meta = load_for_inference(str(path))
     assert meta.weights == "raw" and meta.variant == VARIANT
     assert rel(logits(model), expected("logits_raw_224")) < 1e-4
     from safetensors import safe_open
@@ -370,8 +372,8 @@ def test_main_eval_resume_validates_the_converted_checkpoint(converted, register
     log = (tmp_path / "out" / VARIANT / "default" / "log_rank0.txt").read_text()
     found = re.findall(r"\* (model|ema) Acc@1 ([\d.]+) Acc@5 [\d.]+ loss [\d.]+ \((\d+) images", log)
     assert [(name, n) for name, _, n in found] == [("model", "20")]  # one weight set: the EMA, as 'model'
-    model, meta = load_model_for_inference(converted)
-    transform = build_eval_transform(meta)
+    model, meta = load_for_inference(converted)
+    transform = build_transform(False, meta.config)
     with torch.no_grad():
         predicted = model(torch.stack([transform(Image.fromarray(im)) for im in images])).argmax(-1)
     want = 100.0 * float((predicted == torch.arange(20) % 10).float().mean())
@@ -617,8 +619,8 @@ def test_bn_calibration_recovers_a_release_without_moving_statistics(registered,
         capsys,
     )
     assert code == 0, err
-    reference, meta = load_model_for_inference(str(tmp_path / "intact.pth"))
-    transform = build_eval_transform(meta)
+    reference, meta = load_for_inference(str(tmp_path / "intact.pth"))
+    transform = build_transform(False, meta.config)
     with torch.no_grad():
         labels = reference(torch.stack([transform(Image.fromarray(im)) for im in images])).argmax(-1).numpy()
     folder = tmp_path / "train"
@@ -669,7 +671,7 @@ def test_bn_calibration_recovers_a_release_without_moving_statistics(registered,
     )
     assert code == 0, err
     assert "BatchNorm moving statistics: not in the checkpoint" in err
-    calibrated, calibrated_meta = load_model_for_inference(str(tmp_path / "calibrated.pth"))
+    calibrated, calibrated_meta = load_for_inference(str(tmp_path / "calibrated.pth"))
     assert calibrated_meta.preprocessing == meta.preprocessing
     record = torch.load(tmp_path / "calibrated.pth", weights_only=True)["converted_from"]
     assert record["bn_statistics"] == f"calibrated over {count} images of {folder}"

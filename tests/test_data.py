@@ -268,3 +268,13 @@ def test_mixup_gives_label_smoothed_soft_targets(tmp_path):
     mixed, soft = mixup_fn(x.clone(), y)
     assert soft.shape == (4, 3) and torch.allclose(soft.sum(1), torch.ones(4))
     assert not torch.equal(mixed, x)
+
+
+def test_a_class_folder_only_the_val_split_has_is_named_as_such_not_as_a_class_count(tmp_path):
+    root = make_tree(tmp_path)
+    os.makedirs(os.path.join(root, "val", "zebra"))
+    Image.new("RGB", (8, 8)).save(os.path.join(root, "val", "zebra", "0.png"))
+    with pytest.raises(DataError) as err:
+        build_loader(make_config(root))
+    assert "class folders differ between" in str(err.value) and "'zebra' is in" in str(err.value)
+    assert "MODEL.NUM_CLASSES" not in str(err.value)

@@ -22,6 +22,7 @@ import torch
 import webdataset as wds
 
 import main as trainer
+from checkpoints import Position
 from config import get_config
 from conftest import CLASSES
 from data import ShardDataset, ZipImageDataset, build_dataset, build_loader, part_cache_resume_note
@@ -29,7 +30,7 @@ from data.samplers import RankSubsetSampler, rank_subset
 from test_crash_safety import _start, _wait_for_log, assert_same_training_state
 from tools.make_shards import index_only, make_shards
 from tools.make_zip_dataset import make_zip_dataset
-from utils.errors import ConfigError, DataError
+from utils.errors import ConfigError, DataError, UserError
 
 RUN = ("tiny_moat_0", "default")
 FORMATS = {  # name -> (DATA.FORMAT, extra config keys)
@@ -38,21 +39,6 @@ FORMATS = {  # name -> (DATA.FORMAT, extra config keys)
     "zip-full": ("zip", {"CACHE_MODE": "full"}),
     "shards": ("shards", {}),
 }
-
-
-@pytest.fixture(scope="session")
-def zip_data(image_tree, tmp_path_factory) -> str:
-    out = str(tmp_path_factory.mktemp("zip"))
-    assert make_zip_dataset(image_tree, out) == {"train": 24, "val": 9}
-    return out
-
-
-@pytest.fixture(scope="session")
-def shard_data(image_tree, tmp_path_factory) -> str:
-    """Shards of 5 samples: 24 train samples in 5 shards (the last holds 4), 9 val in 2."""
-    out = str(tmp_path_factory.mktemp("shards"))
-    assert make_shards(image_tree, out, shard_size=5) == {"train": (5, 24), "val": (2, 9)}
-    return out
 
 
 def data_path_of(fmt: str, image_tree: str, zip_data: str, shard_data: str) -> str:
@@ -133,15 +119,15 @@ def test_part_mode_ranks_sample_disjoint_fixed_subsets_in_equal_numbers_resumabl
     assert sum(len(o) for o in orders) == num_items  # disjoint
 
 
-def test_resuming_zip_part_on_another_world_size_says_what_is_repeated_or_skipped(zip_data):
+def test_resuming_zip_part_on_another_world_size_notes_it_and_refuses_mid_epoch(zip_data):
     config = make_config(zip_data, "zip", CACHE_MODE="part")
-    mid_epoch = {"world_size": 2, "epoch": 3, "epoch_complete": False, "batches_done": 5}
-    assert part_cache_resume_note(config, mid_epoch, 2) is None  # same world size: exact
-    note = part_cache_resume_note(config, mid_epoch, 1)
-    assert "written by 2 process(es), this run has 1" in note
-    assert "the rest of epoch 3 skips the first 20 samples of each rank's new order" in note
-    assert "skips" not in part_cache_resume_note(config, {**mid_epoch, "epoch_complete": True}, 1)
-    assert part_cache_resume_note(make_config(zip_data, "zip", CACHE_MODE="full"), mid_epoch, 1) is None
+    mid_epoch = Position(3, False, 40, 15, 5)
+    assert part_cache_resume_note(config, 2, 2, mid_epoch) is None  # same world size: exact
+    with pytest.raises(UserError, match=r"inside epoch 3 with 2 process\(es\) and this run has 1.*finish it with 2"):
+        part_cache_resume_note(config, 2, 1, mid_epoch)
+    note = part_cache_resume_note(config, 2, 1, Position(3, True, 48, 18, 6))
+    assert "written by 2 process(es), this run has 1" in note and "another part" in note
+    assert part_cache_resume_note(make_config(zip_data, "zip", CACHE_MODE="full"), 2, 1, mid_epoch) is None
 
 
 def test_swin_flat_val_map_takes_the_class_names_of_the_train_map(zip_data, tmp_path):

@@ -46,8 +46,8 @@ def test_auto_means_cuda_only_and_on_off_force_it(image_tree):
 def test_device_normalised_batches_equal_the_float_path_without_random_erasing(image_tree, split):
     """Same per-sample seeds, same RandAugment and crops: only where the float conversion and
     normalisation happen differs, so the batches agree to float rounding."""
-    reference = build_loader(config_for(image_tree, AUG__REPROB=0.0), device=CPU)[split]
-    on_device = build_loader(config_for(image_tree, AUG__REPROB=0.0, DATA__NORMALIZE_ON_DEVICE="on"), device=CPU)
+    reference = build_loader(config_for(image_tree, AUG__REPROB=0.0))[split]
+    on_device = build_loader(config_for(image_tree, AUG__REPROB=0.0, DATA__NORMALIZE_ON_DEVICE="on"))
     image = on_device[split].loader.dataset[(0, 1)][0]  # a uint8 tensor (older timm: a uint8 array)
     assert str(image.dtype) in ("torch.uint8", "uint8")  # the workers stop at uint8
     want, got = batches(reference), batches(on_device[split])
@@ -61,7 +61,7 @@ def test_random_erasing_runs_on_the_device_batch(image_tree):
     """REPROB 1 in 'const' mode: every image gets an erased rectangle of zeros (the normalised mean)."""
     config = config_for(image_tree, AUG__REPROB=1.0, AUG__REMODE="const", DATA__NORMALIZE_ON_DEVICE="on")
     torch.manual_seed(0)
-    for images, _ in batches(build_loader(config, device=CPU)[2]):
+    for images, _ in batches(build_loader(config)[2]):
         assert all((image == 0).all(dim=0).sum() > 0 for image in images)
 
 

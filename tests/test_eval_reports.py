@@ -28,9 +28,9 @@ from config import get_config
 from conftest import make_image_tree
 from data import ClassFolderDataset, build_transform
 from models import MoatCfg, create_moat
-from utils import plots
-from utils.run_records import RunRecords
-from utils.trackers import build_trackers
+from reports import plots
+from reports.run_records import RunRecords
+from reports.trackers import build_trackers
 
 PROBE_ARCH = MoatCfg(
     stem_dims=(8, 8), depths=(1, 1, 1, 1), dims=(16, 16, 32, 32), stage_types=("mbconv", "mbconv", "moat", "moat")

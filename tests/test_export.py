@@ -8,6 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from checkpoints import load_for_inference
+from data.transforms import build_transform
 from inference_helpers import (
     CLASS_NAMES,
     CROP_PCT,
@@ -22,7 +24,6 @@ from inference_helpers import (
 )
 from models import create_moat
 from tools import export, predict
-from utils.inference import build_eval_transform, load_model_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def exported(tmp_path_factory):
 
 def test_safetensors_round_trip_is_equal_and_carries_metadata(exported):
     checkpoint, paths = exported
-    model, meta = load_model_for_inference(paths["safetensors"])
+    model, meta = load_for_inference(paths["safetensors"])
     want = torch.load(checkpoint, weights_only=True)["model_ema"]  # EMA by default
     got = model.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -61,8 +62,8 @@ def test_safetensors_round_trip_is_equal_and_carries_metadata(exported):
         raw_meta = f.metadata()
     assert json.loads(raw_meta["moat.class_names"]) == CLASS_NAMES
     # The eval transform rebuilt from the metadata equals the one from the checkpoint's config.
-    _, ckpt_meta = load_model_for_inference(checkpoint)
-    assert repr(build_eval_transform(meta)) == repr(build_eval_transform(ckpt_meta))
+    _, ckpt_meta = load_for_inference(checkpoint)
+    assert repr(build_transform(False, meta.config)) == repr(build_transform(False, ckpt_meta.config))
 
 
 def test_predict_from_safetensors_equals_predict_from_checkpoint(exported, tmp_path):
@@ -80,7 +81,7 @@ def test_no_ema_export_holds_the_raw_weights(exported, tmp_path):
     checkpoint, _ = exported
     path = str(tmp_path / "raw.safetensors")
     assert export.main([checkpoint, "--format", "safetensors", "--no-ema", "-o", path]) == 0
-    model, meta = load_model_for_inference(path)
+    model, meta = load_for_inference(path)
     want = torch.load(checkpoint, weights_only=True)["model"]
     assert meta.weights == "raw" and all(torch.equal(model.state_dict()[k], want[k]) for k in want)
 
@@ -178,13 +179,13 @@ def test_a_custom_architecture_rebuilds_from_the_file_alone_in_every_inference_p
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want = model(x)
-    loaded, meta = load_model_for_inference(path)
+    loaded, meta = load_for_inference(path)
     assert meta.variant == "my_moat_5stage" and len(loaded.stages) == 5
     with torch.no_grad():
         assert torch.equal(loaded(x), want)
     base = str(tmp_path / "custom")
     assert export.main([path, "--format", "safetensors", "-o", base]) == 0
-    again, meta2 = load_model_for_inference(base + ".safetensors")
+    again, meta2 = load_for_inference(base + ".safetensors")
     assert meta2.model_cfg == cfg.to_dict()
     with torch.no_grad():
         assert torch.equal(again(x), want)

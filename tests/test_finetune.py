@@ -1,7 +1,8 @@
 """The fine-tuning recipes of docs/finetune.md, end to end through ``main.py`` subprocesses.
 
 Each run takes a shipped config as its BASE and only swaps in the tiny model, tiny images and one
-epoch, so the configs' own keys (LAYER_DECAY, FREEZE_BACKBONE, augmentation, EMA) are what runs.
+epoch (and leaves out the test config's augmentation), so the configs' own keys (LAYER_DECAY,
+FREEZE_BACKBONE, augmentation, EMA) are what runs.
 The pretrained checkpoint is the shared 3-class, 32 px ``reference_run``.
 """
 
@@ -85,11 +86,14 @@ def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shape
         MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 3},
         DATA={"IMG_SIZE": 64},
         TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0},
+        AUG=None,
     )
     run_dir = _train(run_cli, cfg, image_tree, str(tmp_path), pretrained)
 
     log = read_log(run_dir)
-    assert f"loaded pretrained EMA weights from {pretrained}" in log and "dropped the head" not in log
+    # MaxViT's fine-tunes start a fresh head, also on the same classes (MODEL.PRETRAINED_HEAD drop).
+    dropped = "dropped the head (head.fc.weight, head.fc.bias): MODEL.PRETRAINED_HEAD drop, it starts fresh"
+    assert f"loaded pretrained EMA weights from {pretrained}; {dropped}" in log
     ckpt, old = load_checkpoint(os.path.join(run_dir, "last.pth")), load_checkpoint(pretrained)
     # Weights only: a fresh run (epoch 0, its own optimizer steps), not a resume of epoch 1.
     assert (ckpt["epoch"], ckpt["step"]) == (0, 6) and "resumed" not in log
@@ -97,7 +101,7 @@ def test_fine_tune_at_higher_resolution_loads_weights_only_and_keeps_table_shape
     assert {k: v.shape for k, v in new.items()} == {k: v.shape for k, v in old["model"].items()}
     assert any("relative_position_bias_table" in k for k in new)
     assert not torch.equal(new["head.fc.weight"], old["model"]["head.fc.weight"])
-    # The recipe chooses best.pth by the EMA's top-1 (TRAIN.EMA.SELECT_BEST).
+    # The recipe reports, and chooses best.pth by, the EMA's top-1 (TRAIN.REPORT.WEIGHTS).
     (row,) = read_summary(run_dir)
     assert float(row["max_accuracy"]) == float(row["ema_top1"]) == pytest.approx(ckpt["max_accuracy"], abs=1e-3)
 
@@ -107,7 +111,10 @@ def test_transfer_with_layer_decay_reinitialises_head_and_decays_lr_with_depth(
     pretrained, two_class_tree, tiny_cfg, run_cli, tmp_path
 ):
     cfg = tiny_cfg(
-        BASE=[TRANSFER_FT], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2}, TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0}
+        BASE=[TRANSFER_FT],
+        MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2},
+        TRAIN={"EPOCHS": 1, "WARMUP_EPOCHS": 0},
+        AUG=None,
     )
     run_dir = _train(run_cli, cfg, two_class_tree, str(tmp_path), pretrained)
 
@@ -148,7 +155,10 @@ def test_linear_probe_trains_only_the_new_head_and_keeps_backbone_bit_identical(
 ):
     # Two epochs so the head is seen changing between the saved epochs while the backbone is not.
     cfg = tiny_cfg(
-        BASE=[LINEAR_PROBE], MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2}, TRAIN={"EPOCHS": 2, "WARMUP_EPOCHS": 0}
+        BASE=[LINEAR_PROBE],
+        MODEL={"NAME": "tiny_moat_0", "NUM_CLASSES": 2},
+        TRAIN={"EPOCHS": 2, "WARMUP_EPOCHS": 0},
+        AUG=None,
     )
     run_dir = _train(run_cli, cfg, two_class_tree, str(tmp_path), pretrained)
 

@@ -9,7 +9,7 @@ import torch
 
 from inference_helpers import REPO, VARIANT, make_checkpoint, reference_model
 from models import list_variants
-from utils.inference import UserError
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -74,3 +74,40 @@ def test_layer_decay_scale_is_applied_to_every_value():
 def test_zero_warmup_starts_at_base_lr():
     lrs, _ = _run("cosine", warmup_epochs=0)
     assert lrs[0] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.001)
+
+
+def test_warmup_steps_replace_warmup_epochs_and_count_updates():
+    # 7 updates of warmup, not WARMUP_EPOCHS (2) x 10: the peak comes at update 7 exactly.
+    lrs, _ = _run("cosine", warmup_epochs=2, TRAIN__WARMUP_STEPS=7)
+    assert lrs[0] == pytest.approx(0.01)
+    assert lrs[7] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:7], lrs[1:8]))
+    assert all(a > b for a, b in zip(lrs[7:-1], lrs[8:]))
+    assert lrs[-1] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize(
+    "warmup_epochs, warmup_steps, expected",
+    [(2, 0, 20), (0, 0, 0), (0, 35, 35), (3, 5, 5), (0, 10_000, 99), (20, 0, 99)],
+)
+def test_warmup_updates_precedence_and_cap(warmup_epochs, warmup_steps, expected):
+    from lr_scheduler import warmup_updates
+
+    config = get_config().clone()
+    config.defrost()
+    config.merge_from_list(
+        ["TRAIN.EPOCHS", 10, "TRAIN.WARMUP_EPOCHS", warmup_epochs, "TRAIN.WARMUP_STEPS", warmup_steps]
+    )
+    # 100 updates in all: a warmup longer than the run stops one update short of the end.
+    assert warmup_updates(config, UPDATES_PER_EPOCH) == expected
+
+
+def test_negative_warmup_steps_is_a_config_error(tmp_path):
+    from config import ConfigError
+    from main import get_args_parser
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("MODEL:\n  NAME: tiny_moat_0\n")
+    args = get_args_parser().parse_args(["--cfg", str(cfg), "--opts", "TRAIN.WARMUP_STEPS", "-1"])
+    with pytest.raises(ConfigError, match="TRAIN.WARMUP_STEPS"):
+        get_config(args)

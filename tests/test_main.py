@@ -67,8 +67,9 @@ def test_two_epoch_run_writes_checkpoints_summary_logs_and_tensorboard(reference
         assert float(row["ema_top1"]) == pytest.approx(float(ema_top1), abs=1e-3)
         assert float(row["ema_top5"]) == float(ema_top5) == 100.0
         assert float(row["train_loss"]) == pytest.approx(train_loss[epoch], abs=1e-4)
-    top1 = [float(r["val_top1"]) for r in rows]
-    assert [float(r["max_accuracy"]) for r in rows] == [top1[0], max(top1)]  # best by the model's top-1
+    # best.pth by the top-1 of the reported weights: the EMA's (TRAIN.REPORT.WEIGHTS).
+    top1 = [float(r["ema_top1"]) for r in rows]
+    assert [float(r["max_accuracy"]) for r in rows] == [top1[0], max(top1)]
 
     ckpt = load_checkpoint(os.path.join(reference_run, "last.pth"))
     for key in (
@@ -182,25 +183,29 @@ def test_auto_resume_continues_after_the_last_finished_epoch(reference_run, imag
     assert "LR schedule differs" in log
 
 
-def test_resume_flag_wins_over_auto_resume(reference_run, tiny_cfg, image_tree):
+def test_resume_flag_wins_over_auto_resume(reference_run, tiny_cfg, image_tree, tmp_path):
     from config import get_config
     from logger import create_logger
     from utils.distributed import init_distributed
 
-    args = trainer.get_args_parser().parse_args(
-        ["--cfg", tiny_cfg(), "--data-path", image_tree, "--resume", os.path.join(reference_run, "epoch_0.pth")]
-    )
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference_run, run_dir)
+    older = str(tmp_path / "epoch_0.pth")
+    shutil.copyfile(os.path.join(run_dir, "epoch_0.pth"), older)
+    args = trainer.get_args_parser().parse_args(["--cfg", tiny_cfg(), "--data-path", image_tree, "--resume", older])
     config = get_config(args)
     info = init_distributed("cpu")
     logger = create_logger("", 0, name="test_resume_choice")
-    path, obj = trainer.choose_resume(config, reference_run, info, logger)
-    assert path.endswith("epoch_0.pth") and obj["epoch"] == 0
     config.defrost()
     config.MODEL.RESUME = ""
-    path, obj = trainer.choose_resume(config, reference_run, info, logger)
-    assert path.endswith("last.pth") and obj["epoch"] == 1
+    record = trainer.choose_resume(config, run_dir, info, logger)
+    assert record.path.endswith("last.pth") and record.position.epoch == 1
+    config.MODEL.RESUME = older
+    record = trainer.choose_resume(config, run_dir, info, logger)
+    assert record.path == older and record.position.epoch == 0
+    config.MODEL.RESUME = ""
     config.TRAIN.AUTO_RESUME = False
-    assert trainer.choose_resume(config, reference_run, info, logger) is None
+    assert trainer.choose_resume(config, run_dir, info, logger) is None
 
 
 def test_pretrained_fine_tunes_at_another_resolution_and_class_count(reference_run, tiny_cfg, tmp_path):

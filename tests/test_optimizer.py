@@ -43,10 +43,15 @@ def test_no_weight_decay_for_1d_params_biases_and_relative_bias_tables(model):
 
 
 def test_lr_scales_linearly_with_total_batch_over_512():
-    lrs = scaled_lrs(_config(DATA__BATCH_SIZE=64, TRAIN__ACCUMULATION_STEPS=2), world_size=8)
+    config = _config(
+        DATA__BATCH_SIZE=64, TRAIN__ACCUMULATION_STEPS=2, TRAIN__BASE_LR=1e-3, TRAIN__WARMUP_LR=1e-6, TRAIN__MIN_LR=1e-5
+    )
+    lrs = scaled_lrs(config, world_size=8)
     # 64 x 8 x 2 = 1024 images per update = 2 x the reference batch of 512.
     assert lrs.base == pytest.approx(2e-3) and lrs.warmup == pytest.approx(2e-6)
     assert lrs.min == pytest.approx(2e-5)
+    # The ImageNet recipe's 3.75e-4 per 512 is its official 3e-3 at a total batch of 4,096.
+    assert scaled_lrs(_config(DATA__BATCH_SIZE=128), world_size=32).base == pytest.approx(3e-3)
 
 
 @pytest.mark.parametrize("nesterov", [True, False])

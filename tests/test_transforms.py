@@ -139,7 +139,8 @@ def test_zero_bit_posterize_gives_a_black_image_and_other_bit_counts_equal_pillo
 
 
 def test_posterize_ops_keep_timm_magnitudes_only_the_op_function_changes():
-    ops = list(_augment_ops(build_transform(True, config_from(DATA__IMG_SIZE=32))))
+    config = config_from(AUG__AUTO_AUGMENT="rand-m9-mstd0.5-inc1", DATA__IMG_SIZE=32)
+    ops = list(_augment_ops(build_transform(True, config)))
     posterizers = [op for op in ops if op.name.startswith("Posterize")]
     assert posterizers and all(op.aug_fn is posterize for op in posterizers)
     # timm's level for magnitude 10 under inc1 is 0 bits: exactly the case made black.

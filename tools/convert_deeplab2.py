@@ -658,9 +658,9 @@ def calibrate_bn(
     """
     from torch.utils.data import DataLoader
 
+    from config import config_from_dict
     from data.transforms import build_transform
     from tools.predict import ImageFiles, find_images
-    from utils.inference import config_from_dict
 
     paths, _ = find_images([folder])
     if num_images < 1:
@@ -793,8 +793,9 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
     ``model``: an already-built MOAT to fill instead of ``create_moat(args.model)`` (custom
     architectures); ``args.model`` then only names it in the files.
     """
-    from utils.checkpoint import atomic_save
-    from utils.inference import ModelMeta, config_from_dict, preprocessing_from_config, save_safetensors
+    from checkpoints import ModelMeta, preprocessing_from_config, save_safetensors, weights_checkpoint
+    from config import config_from_dict
+    from utils.checkpoint_io import atomic_save
 
     release = RELEASES.get(args.model)
     img_size = args.img_size or (release.img_size if release else 224)
@@ -891,21 +892,10 @@ def convert(args: argparse.Namespace, model: Optional[nn.Module] = None) -> Dict
             "tool": "tools/convert_deeplab2.py",
         }
     )
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     written = {}
     if "pth" in outputs:
         os.makedirs(os.path.dirname(os.path.abspath(outputs["pth"])), exist_ok=True)
-        atomic_save(
-            {
-                "model": state,
-                "model_name": args.model,
-                "model_cfg": model.cfg.to_dict(),
-                "class_names": class_names,
-                "config": config_tree,
-                "converted_from": converted_from,
-            },
-            outputs["pth"],
-        )
+        atomic_save(weights_checkpoint(model, args.model, class_names, config_tree, converted_from), outputs["pth"])
         written["pth"] = outputs["pth"]
     if "safetensors" in outputs:
         config = config_from_dict(config_tree)

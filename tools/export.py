@@ -15,7 +15,7 @@ Weights: EMA when the checkpoint has them, unless ``--no-ema``.
   ``hf-hub:USER/REPO`` once pushed (``hf upload USER/REPO FOLDER .``).
 
 * safetensors: weights only, plus metadata (variant, class names JSON, preprocessing JSON:
-  img_size, crop_pct, interpolation, mean, std, crop; model args) that ``utils.inference``,
+  img_size, crop_pct, interpolation, mean, std, crop; model args) that ``checkpoints.py``,
   ``tools/predict.py`` and ``hubconf.py`` read back.
 * TorchScript: ``torch.jit.trace`` of the eval model; the same metadata rides along as the
   extra file ``moat_meta.json``. Like the ONNX graph below, the trace accepts any batch and,
@@ -58,14 +58,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoints import ModelMeta, add_weights_choice, load_for_inference, safetensors_metadata, save_safetensors
 from utils.errors import RunStoppedError, UserError, run_tool
-from utils.inference import (
-    ModelMeta,
-    add_weights_choice,
-    load_model_for_inference,
-    safetensors_metadata,
-    save_safetensors,
-)
 from utils.progress import progress_bar
 
 FORMATS = ("safetensors", "torchscript", "onnx", "timm-folder")
@@ -303,7 +297,7 @@ def check_export(
 
 def export(args: argparse.Namespace) -> Dict[str, str]:
     """Write the requested formats; returns ``{format: path}``."""
-    model, meta = load_model_for_inference(args.checkpoint, variant=args.variant, use_ema=args.use_ema)
+    model, meta = load_for_inference(args.checkpoint, variant=args.variant, use_ema=args.use_ema)
     img_size = args.img_size or meta.preprocessing["img_size"]
     if img_size <= 0 or img_size % 32:
         raise UserError(f"--img-size must be a positive multiple of 32 (MOAT's output stride), got {img_size}")
@@ -334,7 +328,7 @@ def export(args: argparse.Namespace) -> Dict[str, str]:
         bar.write(wrote, file=sys.stdout)
         if args.check and fmt in ("safetensors", "timm-folder"):
             if fmt == "safetensors":
-                new = load_model_for_inference(path)[0].state_dict()
+                new = load_for_inference(path)[0].state_dict()
             else:
                 from safetensors.torch import load_file
 

@@ -29,11 +29,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from checkpoints import add_weights_choice, load_for_inference
 from data.datasets import load_rgb
+from data.transforms import build_transform
 from utils.amp import autocast_factory, resolve_amp_dtype
 from utils.distributed import resolve_device
 from utils.errors import UserError, run_tool
-from utils.inference import add_weights_choice, build_eval_transform, load_model_for_inference
 from utils.progress import progress_bar
 
 
@@ -134,13 +135,13 @@ def predict(args: argparse.Namespace) -> List[Tuple[str, List[Tuple[str, float]]
         raise UserError("--topk and --batch-size must be >= 1 and --num-workers >= 0")
     paths, any_folder = find_images(args.inputs)
     device = resolve_device(args.device, 0)
-    model, meta = load_model_for_inference(args.checkpoint, variant=args.variant, device=device, use_ema=args.use_ema)
+    model, meta = load_for_inference(args.checkpoint, variant=args.variant, device=device, use_ema=args.use_ema)
     # Inference only: fold the BatchNorms into the convolutions and use the fast conv layout
     # (both equal to float rounding; docs/benchmarks.md has the measured gain).
     model = model.reparameterize().to(memory_format=torch.channels_last)
     autocast = autocast_factory(device, resolve_amp_dtype(args.amp, device))
     topk = min(args.topk, meta.num_classes)
-    dataset = ImageFiles(paths, build_eval_transform(meta), meta.preprocessing["img_size"])
+    dataset = ImageFiles(paths, build_transform(False, meta.config), meta.preprocessing["img_size"])
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,

@@ -6,6 +6,7 @@ from .errors import (
     DataError,
     MoatError,
     NonFiniteLossError,
+    PeerFailedError,
     RunStoppedError,
     UserError,
 )
@@ -16,6 +17,7 @@ __all__ = [
     "DataError",
     "MoatError",
     "NonFiniteLossError",
+    "PeerFailedError",
     "RunStoppedError",
     "UserError",
 ]

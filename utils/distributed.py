@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from . import UserError
+from .errors import MoatError, PeerFailedError, UserError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -127,3 +129,38 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier(group=info.control_group)
+
+
+def on_every_rank(action: Callable[[], T], info: DistInfo) -> T:
+    """Run ``action`` on every rank and agree on its failure (collective): when it raises a
+    ``MoatError`` on any rank, the lowest such rank re-raises its error (and prints it) and every
+    other rank raises ``PeerFailedError`` (and prints nothing), so a failure that every rank
+    meets, such as a bad output folder or checkpoint, is reported once, not once per process."""
+    error: Optional[MoatError] = None
+    result = None
+    try:
+        result = action()
+    except MoatError as e:
+        error = e
+    if not info.distributed:
+        if error is not None:
+            raise error
+        return result
+    failures = gather_to_primary(None if error is None else (type(error).__name__, error.exit_code), info)
+    first = next((rank for rank, failure in enumerate(failures) if failure is not None), None)
+    if first is None:
+        return result
+    if first == info.rank:
+        raise error
+    raise PeerFailedError(f"rank {first} failed ({failures[first][0]})", exit_code=failures[first][1])
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the errors a collective raises when another process of the job died or left (gloo's
+    closed connections, NCCL's aborted communicators): a consequence, reported by that process."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        needle in text for needle in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL")
+    )

@@ -8,8 +8,10 @@ exit with the class's ``exit_code``; anything else is a bug and keeps its traceb
     |   +-- ConfigError      a config key or value                              (exit code 2)
     |   +-- DataError        the data on disk                                   (exit code 2)
     +-- RunStoppedError      the run cannot go on safely                        (exit code 1)
-        +-- NonFiniteLossError   NaN/Inf loss or gradient
-        +-- CheckpointWriteError a checkpoint could not be written (disk full)
+    |   +-- NonFiniteLossError   NaN/Inf loss or gradient
+    |   +-- CheckpointWriteError a checkpoint could not be written (disk full)
+    +-- PeerFailedError      another process of the job failed and reported why (its exit code;
+                             this process prints nothing, so that report stays the last line)
 """
 
 from __future__ import annotations
@@ -70,6 +72,15 @@ class NonFiniteLossError(RunStoppedError):
 
 class CheckpointWriteError(RunStoppedError):
     """A checkpoint could not be written (disk full, quota); the previous files are intact."""
+
+
+class PeerFailedError(MoatError):
+    """This process stops because another process of the same job failed; that process prints
+    the one-line reason, this one leaves quietly with the same exit code."""
+
+    def __init__(self, message: str = "another process of this job failed", exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def run_tool(prog: str, action: Callable[[], Any]) -> int:

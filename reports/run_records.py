@@ -27,6 +27,7 @@ SUMMARY_FIELDS = [
     "ema_top1",
     "ema_top5",
     "max_accuracy",
+    "reported_top1",  # the run's number if it ended with this epoch (TRAIN.REPORT)
     "epoch_time_s",
 ]
 

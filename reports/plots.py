@@ -84,7 +84,7 @@ def plot_confusion(confusion: "torch.Tensor", class_names: Sequence[str], path: 
     ``MATRIX_MAX_CLASSES`` classes; beyond that, whose 1000x1000 cells nobody can read, a bar
     chart of the ``TOP_PAIRS`` most confused (true -> predicted) pairs. ``confusion`` is a
     ``[K, K]`` int64 tensor of counts."""
-    from .metrics import most_confused_pairs
+    from utils.metrics import most_confused_pairs
 
     counts = confusion.numpy()
     if len(class_names) <= MATRIX_MAX_CLASSES:

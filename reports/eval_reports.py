@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from yacs.config import CfgNode
 
-from .metrics import per_class_metrics
+from utils.metrics import per_class_metrics
+
 from .plots import plot_confusion
 
 EVAL_DIR = "eval"

@@ -1,5 +1,5 @@
-"""Checkpoint files: weights-only round trip, atomic saves, retention, auto-resume choice,
-refusal of pickled code, shape-mismatch reports, RNG state and config diffs."""
+"""Checkpoint files as files: weights-only round trip, atomic saves, retention, refusal of
+pickled code, shape-mismatch reports, RNG state."""
 
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ from config import get_config
 from conftest import Exploit
 from models import build_model
 from utils import UserError
-from utils.checkpoint import (
+from utils.checkpoint_io import (
     CheckpointSaver,
     atomic_save,
     capture_rng_state,
-    find_resumable,
     load_file,
     load_model_weights,
-    model_state_from,
     restore_rng_state,
 )
 
@@ -72,21 +70,6 @@ def test_saver_keeps_last_best_and_the_newest_k_epoch_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best.pth", "epoch_2.pth", "epoch_3.pth", "last.pth"]
 
 
-def test_auto_resume_skips_a_truncated_newest_checkpoint_with_one_line(tmp_path):
-    saver = CheckpointSaver(str(tmp_path), save_freq=1, keep=3)
-    saver.save({"epoch": 0, "optimizer": {}}, 0, epoch_done=True, is_best=False)
-    saver.save({"epoch": 1, "optimizer": {}}, 1, epoch_done=True, is_best=False)
-    last = tmp_path / "last.pth"
-    data = last.read_bytes()
-    os.unlink(last)  # break the hard link so epoch_1.pth stays good
-    last.write_bytes(data[: len(data) // 2])
-    os.utime(last, (os.path.getmtime(tmp_path / "epoch_1.pth") + 5,) * 2)
-    warnings = []
-    path, obj = find_resumable(str(tmp_path), warnings.append)
-    assert os.path.basename(path) == "epoch_1.pth" and obj["epoch"] == 1
-    assert len(warnings) == 1 and "last.pth" in warnings[0] and "\n" not in warnings[0]
-
-
 def test_a_checkpoint_carrying_code_is_refused_and_the_code_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pth"
@@ -132,13 +115,6 @@ def test_pretrained_head_of_another_class_count_is_dropped_and_the_rest_loads():
         load_model_weights(_model(num_classes=3), src.state_dict(), "src.pth")
 
 
-def test_model_state_from_strips_ddp_and_compile_prefixes(tmp_path):
-    sd = {"module._orig_mod.w": torch.zeros(1)}
-    assert list(model_state_from({"state_dict": sd}, "p")) == ["w"]
-    with pytest.raises(UserError, match="not a model checkpoint"):
-        model_state_from({"epoch": 3}, "p")
-
-
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     random.seed(1)
     np.random.seed(2)
@@ -150,3 +126,13 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     torch.manual_seed(9)
     restore_rng_state(load_file(str(tmp_path / "r.pth"))["rng"], torch.device("cpu"))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_text_file_given_as_a_checkpoint_says_what_it_is_without_cryptic_codes(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello, these are my notes\n")
+    with pytest.raises(UserError) as err:
+        load_file(str(path))
+    assert str(err.value) == (
+        f"{path}: not a PyTorch checkpoint (a file beginning b'hello, these are'; a checkpoint is a zip archive)"
+    )

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic saves, safe loads, retention, auto-resume choice, RNG state.
+"""Checkpoint files as files: atomic saves, safe loads, retention, RNG state. What a file holds
+(the format) is ``checkpoints.py``'s business; this module only moves bytes and tensors.
 
 Every load goes through ``load_file`` with ``torch.load(weights_only=True)`` (or safetensors), so
 a file carrying pickled code is refused instead of executed. Every failure a user can cause
@@ -9,7 +10,6 @@ a file carrying pickled code is refused instead of executed. Every failure a use
 from __future__ import annotations
 
 import errno
-import glob
 import os
 import pickle
 import random
@@ -45,13 +45,15 @@ def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to a temp file in the same directory, fsync, then rename over ``path``.
 
     A crash at any point leaves either the old file or the new one, never a torn file. A write
-    that fails (disk full, quota, file size limit) removes the temp file and raises
-    ``CheckpointWriteError`` saying how many bytes were needed and how many are free, instead of
+    that fails (disk full, quota, file size limit, a read-only file system, ``path`` taken by a
+    folder) removes the temp file and raises ``CheckpointWriteError`` naming the path and the
+    cause (for lack of space: how many bytes were needed and how many are free), instead of
     torch's ``inline_container.cc`` traceback.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
@@ -61,20 +63,22 @@ def atomic_save(obj: Any, path: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         os_error = _os_error_in(e)
-        if os_error is not None:
-            raise CheckpointWriteError(
-                f"could not write {path}: {os.strerror(os_error.errno)}; it needs about "
-                f"{_megabytes(tensor_bytes(obj))}, {_megabytes(shutil.disk_usage(directory).free)} "
-                f"free in {directory}"
-            ) from e
-        raise
+        if os_error is None:
+            raise
+        cause = os.strerror(os_error.errno)
+        if os_error.errno in _SPACE_ERRNOS:
+            cause += (
+                f"; it needs about {_megabytes(tensor_bytes(obj))}, "
+                f"{_megabytes(shutil.disk_usage(directory).free)} free in {directory}"
+            )
+        raise CheckpointWriteError(f"could not write {path}: {cause}") from e
     _fsync_dir(directory)
 
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 def _os_error_in(e: BaseException) -> Optional[OSError]:
@@ -83,7 +87,7 @@ def _os_error_in(e: BaseException) -> Optional[OSError]:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS:
+        if isinstance(e, OSError) and e.errno is not None:
             return e
         e = e.__cause__ or e.__context__
     return None
@@ -114,20 +118,24 @@ def _megabytes(n: int) -> str:
 
 
 def atomic_link(src: str, dst: str) -> None:
-    """Make ``dst`` a hard link to ``src`` (a copy where links are unsupported), atomically."""
+    """Make ``dst`` a hard link to ``src`` (a copy where links are unsupported), atomically; a
+    failure is a ``CheckpointWriteError`` naming ``dst`` (``src`` is intact)."""
     directory = os.path.dirname(os.path.abspath(dst))
     tmp = os.path.join(directory, f".{os.path.basename(dst)}.{os.getpid()}.tmp")
-    if os.path.exists(tmp):
-        os.unlink(tmp)
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    os.replace(tmp, dst)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    except OSError as e:
+        if os.path.isfile(tmp):
+            os.unlink(tmp)
+        raise CheckpointWriteError(f"could not write {dst}: {e.strerror}") from e
     _fsync_dir(directory)
 
 
@@ -144,13 +152,16 @@ class CheckpointSaver:
     def save(self, state: Dict[str, Any], epoch: int, epoch_done: bool, is_best: bool) -> List[str]:
         """Write ``state``; returns the paths written. A failed write names the newest intact
         checkpoint in the error (the files already there are untouched)."""
-        last = os.path.join(self.output_dir, LAST)
         try:
-            atomic_save(state, last)
+            return self._save(state, epoch, epoch_done, is_best)
         except CheckpointWriteError as e:
-            found = resume_candidates(self.output_dir)
-            intact = f"the newest intact checkpoint is {found[0]}" if found else "no checkpoint was written yet"
+            last = os.path.join(self.output_dir, LAST)
+            intact = f"the newest intact checkpoint is {last}" if os.path.isfile(last) else "none was written yet"
             raise CheckpointWriteError(f"{e}; {intact}") from e.__cause__
+
+    def _save(self, state: Dict[str, Any], epoch: int, epoch_done: bool, is_best: bool) -> List[str]:
+        last = os.path.join(self.output_dir, LAST)
+        atomic_save(state, last)
         written = [last]
         if epoch_done and is_best:
             atomic_link(last, os.path.join(self.output_dir, BEST))
@@ -174,8 +185,9 @@ class CheckpointSaver:
 
 
 # ---------------------------------------------------------------------------------------- loading
-def load_file(path: str) -> Dict[str, Any]:
-    """Load a checkpoint or weights file safely (``weights_only=True`` / safetensors) to CPU."""
+def load_file(path: str, mmap: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint or weights file safely (``weights_only=True`` / safetensors) to CPU;
+    ``mmap`` maps the tensors of a zip-format file instead of reading them."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
@@ -188,15 +200,16 @@ def load_file(path: str) -> Dict[str, Any]:
             return load_safetensors(path, device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
             raise UserError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    head = _file_head(path)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive (older: a pickle)
+        looks = "an empty file" if not head else f"a file beginning {head[:16]!r}"
+        raise UserError(f"{path}: not a PyTorch checkpoint ({looks}; a checkpoint is a zip archive)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and head.startswith(b"PK"))
     except pickle.UnpicklingError as e:
         text = str(e)
         if "Unsupported global" in text or "Unsupported class" in text:
-            raise UserError(
-                f"{path}: refused to load: it holds pickled Python objects beyond tensors and plain "
-                "containers, which could run code (checkpoints are loaded with weights_only=True)"
-            ) from None
+            raise PickledObjectsError(path, *_pickled_objects(path, text)) from None
         detail = text.split("WeightsUnpickler error:")[-1].strip() if "WeightsUnpickler" in text else text
         raise UserError(f"{path}: not a PyTorch checkpoint ({_first_line(detail)})") from None
     except Exception as e:  # noqa: BLE001 - parsing an arbitrary user file fails in arbitrary ways
@@ -210,31 +223,127 @@ def load_file(path: str) -> Dict[str, Any]:
     return obj
 
 
+class PickledObjectsError(UserError):
+    """A file refused because it pickles Python objects (``weights_only=True``): which classes
+    under which top-level keys (``culprits``: ``[(class, key)]``), and the weight names of its
+    ``model`` entry, so that the format's owner can recognise whose checkpoint it is."""
+
+    def __init__(self, path: str, culprits: List[Tuple[str, Optional[str]]], model_keys: List[str]) -> None:
+        self.path, self.culprits, self.model_keys = path, culprits, model_keys
+        super().__init__(
+            f"{path}: refused to load: it holds {self.describe()}, Python objects beyond tensors and plain "
+            "containers, which could run code (checkpoints are loaded with weights_only=True); if you trust the "
+            "file, load it with weights_only=False yourself and save it again without them"
+        )
+
+    def describe(self) -> str:
+        """``a pickled yacs.config.CfgNode under 'config'``."""
+        found = [f"{name} under {key!r}" if key is not None else name for name, key in self.culprits]
+        return "a pickled " + ", a pickled ".join(found) if found else "pickled Python objects"
+
+
+_UNSUPPORTED_RE = re.compile(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)")
+
+
+def _pickled_objects(path: str, error: str) -> Tuple[List[Tuple[str, Optional[str]]], List[str]]:
+    """Which refused classes a checkpoint pickles, under which of its top-level keys, and the weight
+    names of its ``model`` entry: its pickle is replayed with every class replaced by an inert
+    stand-in (nothing is imported or run, no tensor is read). Best effort: a file this cannot
+    replay gives the class torch named in ``error``."""
+    try:
+        refused = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - an older torch, or a legacy (non-zip) file
+        refused = set()
+    named = _UNSUPPORTED_RE.search(error)
+    if named:
+        refused.add(named.group(1))
+    try:
+        obj = _replay_pickle(path)
+    except Exception:  # noqa: BLE001 - a damaged or legacy file: name what torch named
+        return [(name, None) for name in sorted(refused)], []
+    culprits: List[Tuple[str, Optional[str]]] = []
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            for name in sorted(_stand_in_names(value) & refused):
+                culprits.append((name, str(key)))
+    model = obj.get("model") if isinstance(obj, dict) else None
+    model_keys = [k for k in model if isinstance(k, str)] if isinstance(model, dict) else []
+    return culprits or [(name, None) for name in sorted(refused)], model_keys
+
+
+class _StandIn(dict):
+    """What every pickled class becomes during a replay: records its name, accepts any arguments,
+    items and state, and does nothing."""
+
+    qualname = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_StandIn":
+        self = dict.__new__(cls)
+        self.state = list(args)  # NEWOBJ calls __new__ alone
+        return self
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state.append(state)
+
+    def append(self, item: Any) -> None:
+        self.state.append(item)
+
+    def extend(self, items: Any) -> None:
+        self.state.extend(items)
+
+
+class _ReplayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> type:
+        return type("StandIn", (_StandIn,), {"qualname": f"{module}.{name}"})
+
+    def persistent_load(self, pid: Any) -> None:  # tensor storages: not read
+        return None
+
+
+def _replay_pickle(path: str) -> Any:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+        data = archive.read(name)
+    return _ReplayUnpickler(io.BytesIO(data)).load()
+
+
+def _stand_in_names(value: Any, depth: int = 0) -> set:
+    """The class names of the stand-ins inside ``value`` (nested containers and their state)."""
+    if depth > 50:
+        return set()
+    names = set()
+    if isinstance(value, _StandIn):
+        names.add(value.qualname)
+        for item in value.state:
+            names |= _stand_in_names(item, depth + 1)
+    if isinstance(value, dict):
+        for item in value.values():
+            names |= _stand_in_names(item, depth + 1)
+    elif isinstance(value, (list, tuple, set)):
+        for item in value:
+            names |= _stand_in_names(item, depth + 1)
+    return names
+
+
+def _file_head(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror})") from None
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
-
-
-def model_state_from(obj: Dict[str, Any], path: str, prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """The model weights inside a loaded file: our checkpoints (``model``/``model_ema``), common
-    wrappers (``state_dict``), or a bare state dict; ``module.`` / ``_orig_mod.`` prefixes go."""
-    if prefer_ema and isinstance(obj.get("model_ema"), dict):
-        sd = obj["model_ema"]
-    elif isinstance(obj.get("model"), dict):
-        sd = obj["model"]
-    elif isinstance(obj.get("state_dict"), dict):
-        sd = obj["state_dict"]
-    else:
-        sd = obj
-    if not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise UserError(f"{path}: not a model checkpoint (no 'model' state dict of tensors inside)")
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
+    """The first line of ``e``'s message, with its type when the message alone says little
+    (``KeyError(101)`` from the unpickler reads "101")."""
+    text = (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+    return text if len(text) > 24 else f"{type(e).__name__}: {text}"
 
 
 def _classifier_keys(model: nn.Module) -> List[str]:
@@ -282,31 +391,6 @@ def load_model_weights(
         )
     model.load_state_dict(state_dict, strict=not dropped)
     return dropped
-
-
-# ---------------------------------------------------------------------------------- auto-resume
-def resume_candidates(output_dir: str) -> List[str]:
-    """Checkpoints in ``output_dir`` that could resume the run, newest first (``last`` wins ties)."""
-    if not os.path.isdir(output_dir):
-        return []
-    paths = [p for p in glob.glob(os.path.join(output_dir, "*.pth")) if os.path.isfile(p)]
-    rank = {LAST: 0, BEST: 2}
-    return sorted(paths, key=lambda p: (-os.path.getmtime(p), rank.get(os.path.basename(p), 1), p))
-
-
-def find_resumable(output_dir: str, warn) -> Optional[Tuple[str, Dict[str, Any]]]:
-    """The newest checkpoint in ``output_dir`` that loads; each unusable one is ``warn``-ed once."""
-    for path in resume_candidates(output_dir):
-        try:
-            obj = load_file(path)
-        except UserError as e:
-            warn(f"skipping unusable checkpoint: {e}")
-            continue
-        if "optimizer" not in obj or "epoch" not in obj:
-            warn(f"skipping {path}: weights only, not a resumable training checkpoint")
-            continue
-        return path, obj
-    return None
 
 
 # ----------------------------------------------------------------------------------------- RNG
