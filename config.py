@@ -165,6 +165,10 @@ _C.MODEL.MOAT.LN_EPS = -1.0
 # Head: mean pool -> LayerNorm -> Linear; a width > 0 inserts Linear(width) + tanh before the
 # classifier (timm's NormMlpClassifierHead). [0]
 _C.MODEL.MOAT.HEAD_HIDDEN_SIZE = -1
+# CUDA training: run each MBConv's depthwise conv -> BatchNorm -> GELU through fused Triton
+# kernels (models/fused_depthwise.py; same function, to float rounding). Off until a GPU
+# benchmark shows a gain (docs/benchmarks.md).
+_C.MODEL.FUSED_DEPTHWISE = False
 
 # -----------------------------------------------------------------------------
 # Training

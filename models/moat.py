@@ -40,6 +40,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
 from .config import FIELD_NAMES, MOAT_CFGS, MoatCfg, resolve_cfg
+from .fast_paths import flex_attention_padded_bias, use_linear_1x1
+from .fused_depthwise import dwconv_bn_gelu
 
 __all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "create_moat", "list_variants"]
 
@@ -202,7 +204,11 @@ class MBConvBlock(nn.Module):
 
     The shortcut of a strided block is a 'SAME' average pool followed by a 1x1 conv (bias) only
     when the channel count changes. ``se_ratio`` 0 drops the squeeze-excite (MOAT blocks).
+    ``fused_depthwise`` (``MOAT.set_fast_paths``) runs depthwise -> norm -> act through the fused
+    kernels of ``models/fused_depthwise.py`` on CUDA in training mode.
     """
+
+    fused_depthwise: bool = False
 
     def __init__(
         self,
@@ -251,9 +257,16 @@ class MBConvBlock(nn.Module):
         shortcut = self.shortcut(x)
         x = self.conv1_1x1(self.pre_norm(x))
         x = self.act1(self.norm1(x))
-        x = self.act2(self.norm2(self.conv2_kxk(x)))
+        if self.fused_depthwise:
+            x = self._fused_depthwise(x)
+        else:
+            x = self.act2(self.norm2(self.conv2_kxk(x)))
         x = self.conv3_1x1(self.se(x))
         return self.drop_path(x) + shortcut
+
+    @torch.jit.unused
+    def _fused_depthwise(self, x: torch.Tensor) -> torch.Tensor:
+        return dwconv_bn_gelu(x, self.conv2_kxk, self.norm2, self.act2)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -404,9 +417,11 @@ class Attention(nn.Module):
     channels, with bias), scale ``head_dim^-0.5``, optional relative bias as an additive float
     mask, output projection with bias. ``fused_attn`` selects
     ``F.scaled_dot_product_attention``; the explicit path (softmax in float32) is the reference.
+    ``flex_attn`` (``MOAT.set_fast_paths``) runs CUDA tensors through FlexAttention instead.
     """
 
     fused_attn: bool = True
+    flex_attn: bool = False
 
     def __init__(
         self,
@@ -444,7 +459,9 @@ class Attention(nn.Module):
         Bw, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.rel_pos(wh, ww, q.dtype) if self.rel_pos is not None else None
-        if self.fused_attn:
+        if self.flex_attn:
+            x = self._flex_attention(q, k, v, bias)
+        elif self.fused_attn:
             # A 4-D mask: torch's CPU flash kernel takes only 2-D / 4-D masks and silently falls
             # back to the (5x slower) math path for the 3-D one.
             mask = bias.unsqueeze(0) if bias is not None else None
@@ -453,6 +470,15 @@ class Attention(nn.Module):
             x = explicit_attention(q, k, v, bias, self.scale)
         x = self.proj(x.transpose(1, 2).reshape(Bw, N, C))
         return _window_reverse(x, wh, ww, B, H, W)
+
+    @torch.jit.unused
+    def _flex_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        if q.is_cuda:  # torch's CPU FlexAttention has no backward
+            return flex_attention_padded_bias(q, k, v, bias, self.scale)
+        mask = bias.unsqueeze(0) if bias is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
 def explicit_attention(
@@ -557,6 +583,8 @@ class MOAT(nn.Module):
         in_chans: input channels.
         drop_rate: dropout before the classifier.
         global_pool: 'avg' (the official head) or '' (no pooling).
+        fused_depthwise, flex_attention, linear_1x1: GPU speed options, off by default; see
+            :meth:`set_fast_paths`.
         **kwargs: :class:`~models.config.MoatCfg` fields that override ``cfg`` (``depths=``,
             ``dims=``, ``window_size=``, ``pool_size=``, ``bn_momentum=``, ``drop_path_rate=``,
             ...). ``drop_path_rate=None`` keeps the config's rate. ``window_size`` takes None / 0
@@ -571,6 +599,9 @@ class MOAT(nn.Module):
         in_chans: int = 3,
         drop_rate: float = 0.0,
         global_pool: str = "avg",
+        fused_depthwise: bool = False,
+        flex_attention: bool = False,
+        linear_1x1: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -666,6 +697,8 @@ class MOAT(nn.Module):
             elif isinstance(m, LayerNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if fused_depthwise or flex_attention or linear_1x1:
+            self.set_fast_paths(fused_depthwise, flex_attention, linear_1x1)
 
     # ----------------------------------------------------------------------------------- timm API
     @torch.jit.ignore
@@ -691,6 +724,30 @@ class MOAT(nn.Module):
         which calls the blocks' ``reparameterize``.
         """
         return reparameterize_model(self, inplace=True)
+
+    @torch.jit.ignore
+    def set_fast_paths(
+        self,
+        fused_depthwise: Optional[bool] = None,
+        flex_attention: Optional[bool] = None,
+        linear_1x1: Optional[bool] = None,
+    ) -> None:
+        """Switch the GPU speed options (None leaves one as it is); each computes the same
+        function as the default layers, to float rounding, and changes no parameter:
+
+        - ``fused_depthwise``: every MBConv's depthwise conv -> BatchNorm -> GELU through the
+          fused Triton kernels (``models/fused_depthwise.py``), for CUDA tensors in training mode;
+        - ``flex_attention``: attention through FlexAttention with a block-padded relative bias
+          (``models/fast_paths.py``), for CUDA tensors;
+        - ``linear_1x1``: every 1x1 convolution as a matrix product over the channel dim.
+        """
+        for m in self.modules():
+            if fused_depthwise is not None and isinstance(m, MBConvBlock):
+                m.fused_depthwise = fused_depthwise
+            if flex_attention is not None and isinstance(m, Attention):
+                m.flex_attn = flex_attention
+        if linear_1x1 is not None:
+            use_linear_1x1(self, linear_1x1)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
