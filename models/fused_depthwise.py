@@ -32,7 +32,6 @@ Importing this module never needs triton or a GPU; :func:`dwconv_bn_gelu` runs t
 only for CUDA tensors in training mode and otherwise the given modules unchanged.
 """
 
-import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -70,10 +69,11 @@ def tf_same_pad(size: int, kernel: int, stride: int) -> Tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------- kernels
-# Plain functions, made Triton kernels on first use (``_kernel``): ``triton.jit`` decides at
-# decoration time whether to compile or interpret, and tests turn the interpreter on after this
-# module may already have been imported (and no ``from __future__ import annotations`` here: the
-# interpreter needs the ``tl.constexpr`` annotations as objects). All arithmetic is float32, the
+# Plain functions, made Triton kernels on first use (``_kernel``), so that importing this module
+# compiles nothing. Triton's interpreter (``TRITON_INTERPRET=1``, which has to be set before
+# triton is first imported: its standard library is jitted then) runs them on CPU tensors; it needs
+# the ``tl.constexpr`` annotations as objects, hence no ``from __future__ import annotations``
+# in this module. All arithmetic is float32, the
 # GELU exact: 0.5 z (1 + erf(z / sqrt 2)), derivative Phi(z) + z phi(z) with the constants
 # 1 / sqrt(2) = 0.7071067811865476 and 1 / sqrt(2 pi) = 0.3989422804014327 written out (a kernel
 # reads no Python globals). Tensors are addressed through their strides, so NCHW and
@@ -289,17 +289,16 @@ def _dw_bwd_dx(
     tl.store(dx_ptr + xbase[:, None] + offs_c[None, :] * sxc, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-_JITTED: Dict[Tuple[str, bool], Callable] = {}
+_JITTED: Dict[str, Callable] = {}
 
 
 def _kernel(fn: Callable) -> Callable:
-    """``triton.jit(fn)``, cached per interpreter setting (read when first needed)."""
+    """``triton.jit(fn)``, made once."""
     if triton is None:
         raise RuntimeError("the fused depthwise kernels need triton (shipped with torch's CUDA wheels)")
-    key = (fn.__name__, os.environ.get("TRITON_INTERPRET", "0") == "1")
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
+    if fn.__name__ not in _JITTED:
+        _JITTED[fn.__name__] = triton.jit(fn)
+    return _JITTED[fn.__name__]
 
 
 # --------------------------------------------------------------------------------- launch geometry
