@@ -3,8 +3,8 @@ MOAT's ``conv2_kxk -> norm2 -> act2`` modules compute: output, the gradients of 
 depthwise weight and the BatchNorm affine, and the running-statistics update, in float32 and
 bfloat16, for the shapes MOAT uses. No GPU needed: Triton's interpreter (``TRITON_INTERPRET=1``)
 runs the same kernels on CPU tensors, one program at a time, so the exhaustive shape sweep is
-marked slow (and runs with larger tiles, which the interpreter executes many times faster; the
-tile edges are covered by the fast tests at the GPU tile sizes).
+marked slow (and runs with larger tiles, 1,024 pixels x 256 channels, which the interpreter
+executes many times faster; the tile edges are covered by the fast tests at the GPU tile sizes).
 """
 
 from __future__ import annotations
@@ -85,7 +85,20 @@ def run_fused(conv, norm, x, grad, dtype):
     return y.detach(), (x.grad, w.grad, g.grad, b.grad), (rm, rv, nbt), x
 
 
-def check(n: int, c: int, h: int, w: int, stride: int, dtype=torch.float32, channels_last: bool = True, k: int = 3):
+def check(
+    n: int,
+    c: int,
+    h: int,
+    w: int,
+    stride: int,
+    dtype=torch.float32,
+    channels_last: bool = True,
+    k: int = 3,
+    bf16_bound: float = 0.0,
+):
+    """Fused against float64 (and, in bf16, against the modules' own bf16 error, or with
+    ``bf16_bound`` against a fixed relative bound: the modules in bf16 on a CPU without bf16
+    kernels take seconds per shape)."""
     conv, norm, act = reference_modules(c, stride, k)
     x = torch.randn(n, c, h, w, device=DEVICE) * 1.5 + 0.3
     if channels_last:
@@ -104,6 +117,9 @@ def check(n: int, c: int, h: int, w: int, stride: int, dtype=torch.float32, chan
             assert rel(a, b) < 2e-5, (name, rel(a, b))
         for a, b in zip(stats[:2], truth[2][:2]):
             torch.testing.assert_close(a, b.float(), rtol=1e-5, atol=1e-6)
+    elif bf16_bound:
+        for name, a, b in zip(names, (y, *grads), (truth[0], *truth[1])):
+            assert rel(a, b) < bf16_bound, (name, rel(a, b))
     else:
         # No worse than the reference modules in the same precision (autocast), measured
         # against the float64 truth.
@@ -277,10 +293,12 @@ def moat_depthwise_shapes():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_depthwise_shape_of_every_variant_at_batch_1(monkeypatch, dtype):
     monkeypatch.setattr(fd, "_BLOCK_P", 1024)
+    monkeypatch.setattr(fd, "_block_c", lambda c: min(256, triton.next_power_of_2(c)))
     shapes = moat_depthwise_shapes()
-    assert len(shapes) > 50 and (384, 112, 2, 3) in shapes and (8192, 7, 1, 3) in shapes
+    assert len(shapes) == 96 and (384, 112, 2, 3) in shapes and (8192, 7, 1, 3) in shapes
     for c, size, stride, k in shapes:
-        check(1, c, size, size, stride, dtype, k=k)
+        # bf16: the fast test holds the fused errors to the modules' own; here a fixed bound.
+        check(1, c, size, size, stride, dtype, k=k, bf16_bound=2e-2)
 
 
 @pytest.mark.slow
