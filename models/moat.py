@@ -208,8 +208,6 @@ class MBConvBlock(nn.Module):
     kernels of ``models/fused_depthwise.py`` on CUDA in training mode.
     """
 
-    fused_depthwise: bool = False
-
     def __init__(
         self,
         in_chs: int,
@@ -225,6 +223,7 @@ class MBConvBlock(nn.Module):
         se_act_layer: Callable[[], nn.Module] = nn.SiLU,
     ) -> None:
         super().__init__()
+        self.fused_depthwise = False  # an instance attribute: TorchScript sees no class attributes
         mid_chs = int(out_chs * expand_ratio)
         if stride > 1:
             pool = AvgPool2dTFSame(pool_size, stride)
@@ -265,7 +264,9 @@ class MBConvBlock(nn.Module):
         return self.drop_path(x) + shortcut
 
     @torch.jit.unused
-    def _fused_depthwise(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_depthwise(self, x):
+        # type: (Tensor) -> Tensor
+        # (A type comment: TorchScript cannot resolve postponed annotations of an unused method.)
         return dwconv_bn_gelu(x, self.conv2_kxk, self.norm2, self.act2)
 
     @torch.no_grad()
@@ -421,7 +422,6 @@ class Attention(nn.Module):
     """
 
     fused_attn: bool = True
-    flex_attn: bool = False
 
     def __init__(
         self,
@@ -436,6 +436,7 @@ class Attention(nn.Module):
             raise ValueError(f"attention channels {dim} are not divisible by the head dim {head_dim}")
         if window_size is not None and window_size <= 0:
             raise ValueError(f"window_size must be a positive int or None (global), got {window_size}")
+        self.flex_attn = False
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
@@ -472,9 +473,8 @@ class Attention(nn.Module):
         return _window_reverse(x, wh, ww, B, H, W)
 
     @torch.jit.unused
-    def _flex_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
-    ) -> torch.Tensor:
+    def _flex_attention(self, q, k, v, bias):
+        # type: (Tensor, Tensor, Tensor, Optional[Tensor]) -> Tensor
         # CUDA only (torch's CPU FlexAttention has no backward), and only windows of at least one
         # whole kernel block: at 49 tokens FlexAttention measured 0.42x the efficient kernel.
         if q.is_cuda and q.shape[-2] >= FLEX_MIN_TOKENS:
