@@ -214,7 +214,7 @@ def fused_kernel_check(text: str) -> tuple:
         for shape in shapes
         for f, m in zip(rows[(shape, "fused")], rows[(shape, "modules")])
     )
-    return worst <= 1.0, f"fused errors at {worst:.2f} of the allowed bound ({len(shapes)} shapes)"
+    return worst <= 1.0, f"fused errors at {worst:.2g} of the allowed bound ({len(shapes)} shapes)"
 
 
 def summary_rows(run_dir: str) -> List[dict]:

@@ -433,7 +433,8 @@ def _bwd_op(
         *dy.stride(), *d.stride(), *x.stride(),
         K=k, S=stride, PAD_T=pad_t, PAD_L=pad_l, KK_PAD=kk_pad, BLOCK_P=_BLOCK_P, BLOCK_C=block_c,
     )  # fmt: skip
-    dweight = dw_parts.sum(0)[: k * k].t().reshape(weight.shape).to(weight.dtype)
+    # In weight's own layout, as the fake kernel promises (empty_like).
+    dweight = torch.empty_like(weight).copy_(dw_parts.sum(0)[: k * k].t().reshape(weight.shape))
     dx = torch.empty_like(x)
     _kernel(_dw_bwd_dx)[(triton.cdiv(nb * h * w, _BLOCK_P), grid_c)](
         dd, weight.contiguous(), dx, nb * h * w, c, h, w, ho, wo, *dd.stride(), *dx.stride(),

@@ -183,7 +183,9 @@ def test_one_value_per_channel_is_an_error_as_in_batchnorm():
 
 
 def test_custom_ops_pass_torch_opcheck():
-    """Schema, fake-tensor (meta) shapes and strides, autograd registration and AOT dispatch."""
+    """Schema, fake-tensor (meta) shapes and strides, autograd registration and AOT dispatch, of
+    both ops (the backward one with a channels_last weight, as ``model.to(channels_last)`` makes
+    it)."""
     torch.manual_seed(0)
     for stride in (1, 2):
         x = torch.randn(2, 8, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -191,6 +193,11 @@ def test_custom_ops_pass_torch_opcheck():
         g = torch.rand(8, device=DEVICE, requires_grad=True)
         b = torch.randn(8, device=DEVICE, requires_grad=True)
         torch.library.opcheck(torch.ops.moat.dw_bn_gelu_fwd.default, (x, w, g, b, stride, 1e-3))
+        with torch.no_grad():
+            y, d, mean, var = torch.ops.moat.dw_bn_gelu_fwd(x, w, g, b, stride, 1e-3)
+        w_cl = w.detach().contiguous(memory_format=torch.channels_last)
+        args = (torch.randn_like(y), x.detach(), w_cl, d, mean, var, g.detach(), b.detach(), stride, 1e-3)
+        torch.library.opcheck(torch.ops.moat.dw_bn_gelu_bwd.default, args)
 
 
 def test_compiles_into_one_graph_with_forward_and_backward(monkeypatch):
@@ -326,5 +333,7 @@ def test_inductor_compiles_a_block_with_the_op_on_the_cpu(monkeypatch):
     for f in (eager, fwd):
         f(x).square().mean().backward()
     torch._dynamo.reset()
+    total = torch.cat([p.grad.flatten() for p in eager.parameters()]).norm()
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        assert rel(q.grad, p.grad) < 1e-4, name
+        # (pre_norm's bias feeds a train-mode BatchNorm: zero gradient up to rounding.)
+        assert (q.grad - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-6 * total, name
