@@ -69,7 +69,7 @@ def variants(compile_ok: bool = True) -> Dict[str, Callable]:
 MOAT0_DEPTHWISE = "384x112s2,384x56s1,768x56s2,768x28s1,1536x28s2,1536x14s1,3072x14s2,3072x7s1"
 
 
-def fused_variants(compile_ok: bool = True) -> Dict[str, Callable]:
+def fused_variants(compile_ok: bool = True, device_ok: bool = True) -> Dict[str, Callable]:
     """``fn(x, conv, norm, act) -> y`` for each way of running conv -> norm -> act (training)."""
 
     def modules(x, conv, norm, act):
@@ -84,7 +84,8 @@ def fused_variants(compile_ok: bool = True) -> Dict[str, Callable]:
     out = {"modules": modules}
     if compile_ok:
         out["modules, compiled"] = torch.compile(modules, dynamic=False)
-    out["fused"] = fused
+    if device_ok:
+        out["fused"] = fused
     return out
 
 
@@ -94,11 +95,16 @@ def fused_table(args, device: torch.device, dtype: torch.dtype) -> None:
     print("\n| shape | variant | ms fwd+bwd | x modules | x floor | rel. error out | dx | dw | d gamma | d beta |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    table = fused_variants(not args.no_compile)
+    # Triton runs on CUDA, or on the CPU in its interpreter (set before triton is imported).
+    device_ok = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if not device_ok:
+        print("(no fused rows: on a CPU the kernels need TRITON_INTERPRET=1)")
+    table = fused_variants(not args.no_compile, device_ok)
     for shape in args.fused_shapes.split(","):
         dims, stride = shape.split("s")
         c, n = (int(v) for v in dims.split("x"))
         stride = int(stride)
+        torch._dynamo.reset()  # one compiled entry per shape: stay clear of dynamo's recompile limit
         torch.manual_seed(0)
         block = MBConvBlock(c, c, stride, expand_ratio=1.0, se_ratio=0.0).to(device)
         conv, norm, act = block.conv2_kxk, block.norm2, block.act2
