@@ -227,6 +227,10 @@ _C.MODEL.MOAT = _Node()
 MOAT_KEYS = {f"MODEL.MOAT.{name.upper()}": name for name in FIELD_DOCS if name != "drop_path_rate"}
 for _key in MOAT_KEYS:
     _C.MODEL.MOAT[_key.rsplit(".", 1)[1]] = _Declared(None, Rule(null=None))
+# CUDA training: run each MBConv's depthwise conv -> BatchNorm -> GELU through fused Triton
+# kernels (models/fused_depthwise.py; same function, to float rounding). Off until a GPU
+# benchmark shows a gain (docs/benchmarks.md).
+_C.MODEL.FUSED_DEPTHWISE = False
 
 # -----------------------------------------------------------------------------
 # Training

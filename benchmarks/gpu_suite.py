@@ -1,4 +1,4 @@
-"""One-shot GPU check: the throughput table, profiles, the trainer end to end, one summary.
+"""One-shot GPU check: the speed levers, the throughput table, profiles, the trainer end to end.
 
 Meant for a fresh GPU machine with torch, torchvision and timm preinstalled and no network
 (``benchmarks/gpu_suite.sh`` installs carried wheels such as yacs first). Every step runs as a
@@ -6,19 +6,26 @@ subprocess with its own time limit, so one failure is reported and the rest stil
 in order of what a short GPU lease most needs (speed first) and ``--budget`` skips those that
 would not fit; the last thing printed is one table of every step (status, seconds, result).
 
-    python benchmarks/gpu_suite.py                          # CUDA, about 9 minutes on an H100
-    python benchmarks/gpu_suite.py --budget 300 --logs $OUT # what fits in 5 minutes, logs kept
-    python benchmarks/gpu_suite.py --device cpu --quick     # the same plumbing in a minute (tests)
+    python benchmarks/gpu_suite.py --budget 570 --logs $OUT # the speed decisions first, ~9.5 minutes
+    python benchmarks/gpu_suite.py --only "lever 1: max-autotune" --logs $OUT   # one step
+    python benchmarks/gpu_suite.py --device cpu --quick     # the same plumbing at toy sizes (tests)
 
-Steps, in order: the card's copy bandwidth and matrix rate with the models' floors at them
-(``roofline.py --measure``); ``main.py`` on a synthetic folder of ImageNet-sized JPEGs with the shipped
-default recipe: MOAT-0 for an epoch with ``--amp auto`` (bf16) and ``--sync-debug`` (through
-``torchrun`` with NCCL and SyncBatchNorm on 2+ GPUs) and with ``--compile``, each giving the
-trainer's img/s; the model-only throughput table (MOAT vs CoAtNet, eager and compiled, bf16,
-channels_last, one drop-path rate for all), which the trainer's img/s are divided by;
-auto-resume to a second epoch; ``--eval`` of ``best.pth``; fp16 with the GradScaler; a profile
-of MOAT-0's training step; MOAT's attention through each kernel; the stride-2 depthwise
-convolutions with and without their pad copy; the compiled profile.
+Steps, in order of what a short GPU lease most needs (decisions first): the card's copy bandwidth
+and matrix rate with the models' floors at them (``roofline.py --measure``); the fused depthwise
+kernels against the model's modules, eager and compiled, per MOAT-0 shape (numerics checked:
+the step fails if a fused error exceeds twice the modules'); MOAT's attention through the
+efficient kernel and FlexAttention (unpadded and block-padded bias, the bias gradient checked);
+the levers table: MOAT-0 and CoAtNet-0 training, eager and compiled, and MOAT-0 compiled with each
+lever (fused depthwise, FlexAttention, 1x1 convs as linear), interleaved in one run; lever 1:
+MOAT-0 compiled with ``max-autotune-no-cudagraphs`` and ``max-autotune`` (compile time measured)
+and the 1x1-as-linear variant under autotuning; then the previous round's checks: ``main.py`` on a
+synthetic folder of ImageNet-sized JPEGs with the shipped default recipe (MOAT-0 for an epoch
+with ``--amp auto`` and ``--sync-debug``, through ``torchrun`` with NCCL and SyncBatchNorm on 2+
+GPUs, and with ``--compile``, each giving the trainer's img/s); the model-only throughput table
+(inference and the tiny models); auto-resume; ``--eval`` of ``best.pth``; fp16 with the
+GradScaler; profiles; the depthwise pad-copy table. Every throughput row is also printed with
+its distance from its byte floor (ms measured / ms floor, forward floor x 3 for training), and
+the summary ends with the lever decisions.
 """
 
 from __future__ import annotations
@@ -36,12 +43,19 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every model of the throughput table trains with MOAT-0's recipe rate, as the trainer rows do.
 DROP_PATH = "0.2"
 STEP_TIME_RE = re.compile(r"Train: \[(\d+)/\d+\]\[(\d+)/(\d+)\].*?time [\d.]+ \(([\d.]+)\)")
+CEILINGS_RE = re.compile(r"copy ([\d.]+) TB/s, bf16 matrix product ([\d.]+) TFLOP/s")
+# A lever is worth turning on when its row beats the plain compiled row of the same run by more
+# than run-to-run noise (interleaved rows on one card: about 1-2 %).
+LEVER_GAIN = 1.02
+# The fused kernels' errors against float64 may be at most this multiple of the modules' (plus
+# 1e-3 absolute, for errors at the float32 rounding level).
+FUSED_ERROR_FACTOR = 2.0
 
 
 @dataclass
@@ -62,6 +76,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--logs", help="folder to keep every step's log in (logs.tar.gz, refreshed after each step)")
     p.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader workers")
     p.add_argument("--skip", default="", help="comma list of step names to skip")
+    p.add_argument("--only", default="", help="comma list of step names: run only these")
     p.add_argument(
         "--budget", type=float, default=0, help="seconds: skip steps whose estimate no longer fits (0: no limit)"
     )
@@ -116,6 +131,92 @@ def make_jpeg_folder(root: str, classes: int, train: int, val: int, size: tuple,
     return root
 
 
+def model_base(name: str) -> str:
+    """``moat_0+fused_depthwise`` -> ``moat_0`` (options change kernels, not the function)."""
+    return name.split("+")[0]
+
+
+def floor_ms(model: str, mode: str, batch: int, img: int, width: int, tbps: float) -> float:
+    """The byte floor of one step (``roofline.py``: the forward's fewest bytes at ``tbps``; a
+    training step three times that)."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.roofline import tally
+
+    forward = tally(model_base(model), batch, img, width).bytes / (tbps * 1e12) * 1e3
+    return forward * (3 if mode == "train" else 1)
+
+
+def floor_table(rows: Iterable[dict], floors: Dict[tuple, float]) -> List[str]:
+    """Markdown lines: each throughput row's ms/step, its floor and the distance (measured /
+    floor). ``floors`` maps (model, mode) to floor ms."""
+    out = ["| row | ms/step | ms floor | x floor |", "|---|---:|---:|---:|"]
+    for r in rows:
+        floor = floors.get((r["model"], r["mode"]))
+        if floor:
+            out.append(f"| {r['label']} | {r['ms_step']:.1f} | {floor:.2f} | {r['ms_step'] / floor:.1f} |")
+    return out
+
+
+def _find(rows: List[dict], model: str, compiled: bool, compile_mode: str = "default") -> Optional[dict]:
+    for r in rows:
+        if r["model"] == model and r["mode"] == "train" and bool(r["compile"]) == compiled:
+            if not compiled or r.get("compile_mode", "default") == compile_mode:
+                return r
+    return None
+
+
+def lever_decisions(rows: List[dict], moat: str, coatnet: str = "") -> List[str]:
+    """The targets and each lever's verdict from training rows of one interleaved run: MOAT
+    compiled against CoAtNet eager (target >= 1.0, stretch 1.25) and compiled (>= 0.70); every
+    other compiled MOAT row against the plain MOAT row compiled in the same mode (a lever), or a
+    plain row in another mode against the default mode (lever 1). On when it gains more than
+    ``LEVER_GAIN`` - 1; peak memory and first-step (compile) time beside."""
+    out = []
+    base = _find(rows, moat, True)
+    for compiled, target in ((False, "target >= 1.00, stretch 1.25"), (True, "target >= 0.70")):
+        ref = _find(rows, coatnet, compiled) if coatnet else None
+        if base and ref:
+            what = "compiled" if compiled else "eager"
+            out.append(f"- {moat} compiled / {coatnet} {what}: {base['img_s'] / ref['img_s']:.2f}x ({target})")
+    for r in rows:
+        if r["mode"] != "train" or not r["compile"] or model_base(r["model"]) != moat or r is base:
+            continue
+        mode = r.get("compile_mode", "default")
+        ref = _find(rows, moat, True, mode) if r["model"] != moat else base
+        if ref is None:
+            continue
+        ratio = r["img_s"] / ref["img_s"]
+        mem = r.get("peak_mib", float("nan")) / ref.get("peak_mib", float("nan"))
+        verdict = "ON (gains)" if ratio >= LEVER_GAIN else "off (no gain beyond noise)"
+        out.append(
+            f"- {r['label']}: {ratio:.3f}x {ref['label']}, peak memory {mem:.2f}x, first step "
+            f"{r.get('first_step_s', float('nan')):.0f} s vs {ref.get('first_step_s', float('nan')):.0f} s: {verdict}"
+        )
+    return out
+
+
+def fused_kernel_check(text: str) -> tuple:
+    """(ok, message) from ``depthwise_variants.py``'s fused table: every error of the ``fused``
+    rows within ``FUSED_ERROR_FACTOR`` x the ``modules`` row's of the same shape + 1e-3."""
+    rows: Dict[tuple, List[float]] = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[1] in ("modules", "fused") and "failed" not in cells[2]:
+            try:
+                rows[(cells[0], cells[1])] = [float(c) for c in cells[5:]]
+            except ValueError:
+                continue
+    shapes = sorted({shape for shape, _ in rows})
+    if not shapes or not all((shape, "fused") in rows and (shape, "modules") in rows for shape in shapes):
+        return False, "no fused rows to compare (see the log)"
+    worst = max(
+        f / (FUSED_ERROR_FACTOR * m + 1e-3)
+        for shape in shapes
+        for f, m in zip(rows[(shape, "fused")], rows[(shape, "modules")])
+    )
+    return worst <= 1.0, f"fused errors at {worst:.2g} of the allowed bound ({len(shapes)} shapes)"
+
+
 def summary_rows(run_dir: str) -> List[dict]:
     path = os.path.join(run_dir, "summary.csv")
     if not os.path.isfile(path):
@@ -152,6 +253,7 @@ class Suite:
         self.steps: List[Step] = []
         self.started = time.time()
         self.skip = {s for s in args.skip.split(",") if s}
+        self.only = {s for s in args.only.split(",") if s}
         q = self.quick
         self.img = 32 if q else 224
         self.batch = 8 if q else 128
@@ -161,6 +263,8 @@ class Suite:
         self.out = os.path.join(self.work, "out")
         self.launcher = [f"--nproc_per_node={gpus}"] if gpus > 1 else None
         self.model_only: Dict[tuple, float] = {}  # (model, compiled) -> model-only train img/s
+        self.tbps: Optional[float] = None  # measured by the roofline step
+        self.decisions: List[str] = []
 
     # -- bookkeeping
     def remaining(self) -> float:
@@ -172,7 +276,7 @@ class Suite:
         """Run ``body(step, time_limit)`` unless skipped or out of budget; record the outcome."""
         s = Step(name)
         self.steps.append(s)
-        if name in self.skip:
+        if name in self.skip or (self.only and name not in self.only):
             return
         left = self.remaining()
         if estimate > left:
@@ -256,6 +360,9 @@ class Suite:
             text = f.read()
         measured = re.findall(r"measured on .*", text)
         self.done(s, proc.returncode == 0 and bool(measured), measured[-1] if measured else tail(log))
+        ceilings = CEILINGS_RE.findall(text)
+        if ceilings:
+            self.tbps = float(ceilings[-1][0])
         if proc.returncode == 0:
             print(text)
 
@@ -274,12 +381,14 @@ class Suite:
         self.done(s, True, f"{classes} classes x {n_train} train / {n_val} val JPEGs of {size[0]}x{size[1]}")
 
     def throughput(self, s: Step, limit: float) -> None:
+        """The previous round's table (inference and the tiny models; MOAT-0/CoAtNet-0 training
+        is the levers table's)."""
         log, table_json = self.log("throughput"), os.path.join(self.work, "throughput.json")
         if self.quick:
             models, compiled, base = "tiny_moat_0,coatnet_nano_rw_224", ["--compile", "off"], "coatnet_nano_rw_224"
         else:
             models, base = "moat_0,coatnet_0_rw_224,tiny_moat_0,coatnet_nano_rw_224", "coatnet_0_rw_224"
-            wanted = "moat_0:train,tiny_moat_0:train,coatnet_0_rw_224:infer,moat_0:infer"
+            wanted = "tiny_moat_0:train,coatnet_0_rw_224:infer,moat_0:infer"
             compiled = ["--compile", "off,on", "--compiled-models", wanted]
         cmd = [sys.executable, "benchmarks/model_throughput.py", "--device", self.args.device, "--models", models,
                "--modes", "train,infer", "--dtype", self.dtype,
@@ -294,9 +403,109 @@ class Suite:
             with open(log) as f:
                 print(f.read())
             with open(table_json) as f:
-                for r in json.load(f)["rows"]:
-                    if r["mode"] == "train":
-                        self.model_only[(r["model"], r["compile"])] = r["img_s"]
+                rows = json.load(f)["rows"]
+            for r in rows:
+                if r["mode"] == "train":
+                    self.model_only.setdefault((r["model"], r["compile"]), r["img_s"])
+            self.print_floors(rows, 224, 2 if self.quick else self.batch)
+
+    @property
+    def width(self) -> int:
+        return 4 if self.dtype == "fp32" else 2
+
+    def print_floors(self, rows: List[dict], img: int, batch: int) -> None:
+        """Each row's distance from its byte floor at the measured bandwidth."""
+        tbps = self.tbps or 3.0
+        floors = {}
+        for r in rows:
+            key = (r["model"], r["mode"])
+            if key not in floors:
+                floors[key] = floor_ms(r["model"], r["mode"], batch, img, self.width, tbps)
+        source = "measured" if self.tbps else "assumed (no roofline step)"
+        print(f"\nDistance from the byte floor ({tbps:.2f} TB/s {source}, {self.width}-byte activations):\n")
+        print("\n".join(floor_table(rows, floors)) + "\n")
+
+    def _throughput_step(self, s: Step, name: str, cmd: List[str], limit: float, img: int, batch: int) -> List[dict]:
+        """Run ``model_throughput.py`` (``cmd`` without --json), print its table and the floor
+        distances; returns its rows."""
+        log, table_json = self.log(name), os.path.join(self.work, name + ".json")
+        proc = run(cmd + ["--json", table_json], log, limit)
+        self.done(s, proc.returncode == 0, "see the table above" if proc.returncode == 0 else tail(log))
+        if proc.returncode != 0:
+            return []
+        with open(log) as f:
+            print(f.read())
+        with open(table_json) as f:
+            rows = json.load(f)["rows"]
+        self.print_floors(rows, img, batch)
+        for r in rows:
+            if r["mode"] == "train" and r.get("compile_mode", "default") == "default":
+                self.model_only.setdefault((r["model"], r["compile"]), r["img_s"])
+        return rows
+
+    def _models_cmd(self, models: str, extra: List[str]) -> List[str]:
+        img, batch = (224, 2) if self.quick else (224, self.batch)
+        return [sys.executable, "benchmarks/model_throughput.py", "--device", self.args.device, "--models", models,
+                "--modes", "train", "--dtype", self.dtype, "--channels-last", "on",
+                "--batch-size", str(batch), "--img-size", str(img), "--warmup", "1" if self.quick else "2",
+                "--steps", "1" if self.quick else "10", "--memory", "off" if self.quick else "on",
+                "--drop-path-rate", DROP_PATH, *extra]  # fmt: skip
+
+    def levers(self, s: Step, limit: float) -> None:
+        """MOAT-0 against CoAtNet-0 (eager and compiled) and MOAT-0 compiled with each lever, one
+        interleaved run; the decisions go to the summary."""
+        moat, coat = ("tiny_moat_0", "coatnet_nano_rw_224") if self.quick else ("moat_0", "coatnet_0_rw_224")
+        variants = [f"{moat}+fused_depthwise", f"{moat}+flex_attention", f"{moat}+linear_1x1"]
+        models = ",".join([coat, moat, *variants])
+        if self.quick:  # plumbing only: compiling takes minutes on a CPU
+            extra = ["--compile", "off", "--eager-models", f"{coat},{moat},{variants[0]}"]
+        else:
+            extra = ["--compile", "off,on", "--eager-models", f"{coat},{moat},{variants[0]}",
+                     "--compiled-models", models]  # fmt: skip
+        extra += ["--baseline", f"{coat}:train:eager", "--baseline", f"{coat}:train:compiled",
+                  "--baseline", f"{moat}:train:compiled"]  # fmt: skip
+        rows = self._throughput_step(
+            s, "levers", self._models_cmd(models, extra), limit, 224, 2 if self.quick else self.batch
+        )
+        self.decisions += lever_decisions(rows, moat, coat)
+
+    def autotune(self, s: Step, limit: float) -> None:
+        """Lever 1: ``max-autotune-no-cudagraphs`` and ``max-autotune`` against the default mode,
+        and the 1x1-as-linear variant under autotuning (where its matmuls get Triton templates)."""
+        moat = "tiny_moat_0" if self.quick else "moat_0"
+        modes = ["default", "max-autotune-no-cudagraphs", "max-autotune"]
+        wanted = [f"{moat}:train:{m}" for m in modes] + [f"{moat}+linear_1x1:train:max-autotune-no-cudagraphs"]
+        extra = ["--compile", "on", "--compile-mode", ",".join(modes), "--compiled-models", ",".join(wanted),
+                 "--baseline", f"{moat}:train:compiled:default"]  # fmt: skip
+        rows = self._throughput_step(
+            s,
+            "autotune",
+            self._models_cmd(f"{moat},{moat}+linear_1x1", extra),
+            limit,
+            224,
+            2 if self.quick else self.batch,
+        )
+        self.decisions += [
+            line for line in lever_decisions(rows, moat, "") if not line.startswith(f"- {moat} compiled /")
+        ]
+
+    def fused_kernels(self, s: Step, limit: float) -> None:
+        """The fused depthwise kernels against the modules per MOAT-0 shape: time, distance from
+        the floor, and the numerics (the step fails on a fused error beyond the bound)."""
+        cmd = [sys.executable, "benchmarks/depthwise_variants.py", "--device", self.args.device, "--dtype", self.dtype,
+               "--tables", "fused", "--tbps", f"{self.tbps or 3.0:.3f}"]  # fmt: skip
+        if self.quick:
+            cmd += ["--batch-size", "2", "--steps", "1", "--fused-shapes", "16x9s1,16x8s2", "--no-compile"]
+        log = self.log("fused_kernels")
+        # On a CPU the kernels run only in Triton's interpreter, set before triton is imported.
+        env = dict(os.environ, TRITON_INTERPRET="1") if self.args.device == "cpu" else None
+        proc = run(cmd, log, limit, env=env)
+        with open(log, errors="replace") as f:
+            text = f.read()
+        ok, message = fused_kernel_check(text)
+        self.done(s, proc.returncode == 0 and ok, message if proc.returncode == 0 else tail(log))
+        self.decisions.append(f"- fused depthwise numerics on this card: {message}")
+        print(text)
 
     def _table_step(self, s: Step, name: str, cmd: List[str], limit: float) -> None:
         """Run a benchmark script whose output is a table, and print the table."""
@@ -319,13 +528,17 @@ class Suite:
         self._table_step(s, "profile_compiled" if compiled else "profile", cmd, limit)
 
     def attention(self, s: Step, limit: float) -> None:
-        cmd = [sys.executable, "benchmarks/attention_variants.py", "--device", self.args.device, "--dtype", self.dtype]
+        """The efficient kernel (the model's) and FlexAttention with the unpadded and the
+        block-padded bias: lever 4's speed and its bias gradient."""
+        cmd = [sys.executable, "benchmarks/attention_variants.py", "--device", self.args.device, "--dtype", self.dtype,
+               "--only", "efficient aligned,math,flex,flex, padded bias"]  # fmt: skip
         if self.quick:
-            cmd += ["--batch-size", "2", "--steps", "1", "--shapes", "2x49", "--only", "math"]
+            cmd = cmd[:-2] + ["--batch-size", "2", "--steps", "1", "--shapes", "2x49", "--only", "math"]
         self._table_step(s, "attention", cmd, limit)
 
     def depthwise(self, s: Step, limit: float) -> None:
-        cmd = [sys.executable, "benchmarks/depthwise_variants.py", "--device", self.args.device, "--dtype", self.dtype]
+        cmd = [sys.executable, "benchmarks/depthwise_variants.py", "--device", self.args.device, "--dtype", self.dtype,
+               "--tables", "pad"]  # fmt: skip
         if self.quick:
             cmd += ["--batch-size", "2", "--steps", "1", "--shapes", "8x14", "--no-compile"]
         self._table_step(s, "depthwise", cmd, limit)
@@ -407,18 +620,23 @@ class Suite:
 
     # -- the plan
     def run_all(self) -> None:
+        """The steps in priority order, with estimated seconds on one H100 (CUDA) or at toy
+        sizes on a CPU: the speed decisions first (about 9 minutes), then the trainer checks."""
         cuda = self.args.device == "cuda"
         self.attempt("environment", 5, self.environment)
         self.attempt("roofline", 20, self.roofline)
+        self.attempt("fused depthwise kernels", 90 if cuda else 60, self.fused_kernels)
+        self.attempt("attention kernels", 40 if cuda else 30, self.attention)
+        self.attempt("levers: compiled training", 330 if cuda else 120, self.levers)
+        self.attempt("lever 1: max-autotune", 360 if cuda else 600, self.autotune)
         self.attempt("synthetic data", 30, self.synthetic_data)
         self.attempt("train bf16 (amp auto)", 70 if cuda else 60, self.train_bf16)
         self.attempt("train --compile", 130 if cuda else 300, self.train_compiled)
-        self.attempt("throughput table", 210 if cuda else 60, self.throughput)
+        self.attempt("throughput table", 180 if cuda else 60, self.throughput)
         self.attempt("resume to epoch 2", 40, self.resume)
         self.attempt("eval best.pth", 20, self.eval_best)
         self.attempt("train fp16 (GradScaler)", 40, self.train_fp16)
         self.attempt("profile moat_0 train", 40 if cuda else 30, lambda s, t: self.profile(s, t, compiled=False))
-        self.attempt("attention kernels", 60 if cuda else 30, self.attention)
         self.attempt("depthwise pad variants", 60 if cuda else 30, self.depthwise)
         self.attempt("profile moat_0 train compiled", 60 if cuda else 300, lambda s, t: self.profile(s, t, True))
 
@@ -428,6 +646,9 @@ class Suite:
         print("|---|---|---:|---|")
         for st in self.steps:
             print(f"| {st.name} | {st.status} | {st.seconds:.0f} | {st.result} |")
+        if self.decisions:
+            print("\nTargets and lever decisions (ratios between rows of one interleaved run):\n")
+            print("\n".join(self.decisions))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

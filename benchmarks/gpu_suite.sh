@@ -3,9 +3,10 @@
 # installs the pure-Python requirements carried as wheels in .whl/ (if any), then runs
 # benchmarks/gpu_suite.py and prints its summary table last. Extra arguments go to gpu_suite.py.
 #
-#   bash benchmarks/gpu_suite.sh                 # CUDA, ~9 minutes on one H100
-#   bash benchmarks/gpu_suite.sh --budget 470    # what fits in 8 minutes
+#   bash benchmarks/gpu_suite.sh --budget 570 --logs $OUT   # the speed decisions first, ~9.5 minutes
+#   bash benchmarks/gpu_suite.sh --only "lever 1: max-autotune"
 #   bash benchmarks/gpu_suite.sh --skip "train --compile"
+# Without --budget every step runs (about 25 minutes on one H100: levers, then the trainer checks).
 #
 # Carrying the wheels (on a machine with network, in the repository root):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \

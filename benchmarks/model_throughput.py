@@ -9,6 +9,11 @@ Example (the CPU numbers in docs/benchmarks.md):
     python benchmarks/model_throughput.py --models moat_0,coatnet_0_rw_224 --modes train \\
         --dtype fp32,bf16 --batch-size 8 --threads 2 --baseline coatnet_0_rw_224
 
+Model names take ``+option`` suffixes, boolean keyword arguments of the model set to True, so two
+formulations of one model are rows of one run: ``moat_0+fused_depthwise``, ``moat_0+flex_attention``,
+``moat_0+linear_1x1`` (``MOAT.set_fast_paths``). ``--compile-mode`` adds compiled rows per
+``torch.compile`` mode.
+
 Columns: img/s = batch / median step time; GMACs/img from ``FlopCounterMode`` on one forward
 (MACs = FLOPs / 2, attention counted through the math SDPA backend because the CPU flash kernel
 has no FLOP formula); GMAC/s = GMACs/img x img/s (for train rows still the *forward* MACs, so
@@ -17,7 +22,10 @@ less what the other rows keep resident (so each row reads as if alone on the car
 CPU the growth of the process's peak RSS (``ru_maxrss``) over warm-up steps run in a fresh
 subprocess per row (RSS includes allocator caching, so it is an upper bound on tensor memory);
 ratio columns divide img/s by that of the ``--baseline`` row (fields the spec leaves out are
-taken from the row itself, so ``--baseline coatnet_0_rw_224`` compares like with like).
+taken from the row itself, so ``--baseline coatnet_0_rw_224`` compares like with like; a compile
+mode the baseline model has no row for falls back to its default-mode row); ``first step s``: the
+wall time of each row's first warm-up step, which for compiled rows is the compile time (plus one
+step).
 
 Not a unit test: numbers depend on the machine and its load.
 """
@@ -35,7 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List
 
 import torch
@@ -50,6 +58,13 @@ import models  # noqa: F401 (registers the MOAT variants with timm)
 MODES = ("train", "infer")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ONOFF = {"on": True, "off": False}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def split_model(name: str):
+    """``'moat_0+fused_depthwise'`` -> ``('moat_0', {'fused_depthwise': True})``."""
+    base, *options = name.split("+")
+    return base, {opt: True for opt in options if opt}
 
 
 @dataclass(frozen=True)
@@ -60,12 +75,14 @@ class RowSpec:
     channels_last: bool
     compile: bool
     reparam: bool = False
+    compile_mode: str = "default"
 
     @property
     def label(self) -> str:
+        mode = f" {self.compile_mode}" if self.compile and self.compile_mode != "default" else ""
         return (
             f"{self.model} {self.mode} {self.dtype}"
-            f"{' CL' if self.channels_last else ''}{' compiled' if self.compile else ''}"
+            f"{' CL' if self.channels_last else ''}{' compiled' if self.compile else ''}{mode}"
             f"{' reparam' if self.reparam else ''}"
         )
 
@@ -77,6 +94,7 @@ class Row:
     times: List[float] = field(default_factory=list)
     gmacs: float = float("nan")
     peak_mib: float = float("nan")
+    first_step_s: float = float("nan")
 
     batch: int = 0
     stat: Callable[[List[float]], float] = statistics.median
@@ -93,7 +111,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         default="moat_0,coatnet_0_rw_224",
-        help="comma list: MOAT variants (moat_0, tiny_moat_0, ...) or any timm model name",
+        help="comma list: MOAT variants (moat_0, tiny_moat_0, ...) or any timm model name, each with "
+        "optional +option suffixes (boolean model arguments set to True, e.g. moat_0+fused_depthwise)",
     )
     p.add_argument("--modes", default="train,infer", help="comma list of train, infer")
     p.add_argument("--batch-size", type=int, default=8)
@@ -102,10 +121,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--channels-last", default="off", help="comma list of on, off")
     p.add_argument("--compile", default="off", help="comma list of on, off (torch.compile)")
     p.add_argument(
+        "--compile-mode",
+        default="default",
+        help="comma list of torch.compile modes for the compiled rows: " + ", ".join(COMPILE_MODES),
+    )
+    p.add_argument(
         "--compiled-models",
         default=None,
         help="comma list of model or model:mode (e.g. moat_0,coatnet_0_rw_224:infer): build compiled "
-        "rows only for these (default: every row); compiling takes a minute or more per row on a GPU",
+        "rows only for these (default: every row); compiling takes a minute or more per row on a GPU; "
+        "model:mode:compile-mode limits a compile mode other than default to those rows",
+    )
+    p.add_argument(
+        "--eager-models",
+        default=None,
+        help="comma list of model or model:mode: build eager rows only for these (default: every row)",
     )
     p.add_argument(
         "--reparam",
@@ -141,8 +171,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--baseline",
         action="append",
         default=[],
-        help="row spec model[:mode][:dtype][:cl|nocl][:compiled|eager][:reparam|plain]; repeatable, one "
-        "ratio column each; omitted fields match the row being compared",
+        help="row spec model[:mode][:dtype][:cl|nocl][:compiled|eager][:<compile mode>][:reparam|plain]; "
+        "repeatable, one ratio column each; omitted fields match the row being compared",
     )
     p.add_argument(
         "--memory", default="on", choices=["on", "off"], help="peak-memory column (CPU: one subprocess per row)"
@@ -176,8 +206,21 @@ def _split(value: str, allowed=None, what="value") -> List[str]:
     return items
 
 
+def _wanted(filter_list, model: str, mode: str, compile_mode: str = "default") -> bool:
+    """Whether ``--compiled-models`` / ``--eager-models`` (None: all) select this row: entries
+    ``model``, ``model:mode`` or ``model:mode:compile-mode`` (a compile mode other than the
+    default must be named)."""
+    if filter_list is None:
+        return True
+    wanted = _split(filter_list)
+    if compile_mode != "default":
+        return f"{model}:{mode}:{compile_mode}" in wanted
+    return model in wanted or f"{model}:{mode}" in wanted or f"{model}:{mode}:default" in wanted
+
+
 def row_specs(args) -> List[RowSpec]:
     specs = []
+    compile_modes = _split(args.compile_mode, COMPILE_MODES, "--compile-mode")
     for model, mode, dtype, cl, comp, rep in itertools.product(
         _split(args.models),
         _split(args.modes, MODES, "mode"),
@@ -188,13 +231,15 @@ def row_specs(args) -> List[RowSpec]:
     ):
         if dtype == "fp16" and args.device != "cuda":
             raise SystemExit("fp16 autocast is only benchmarked on cuda; use fp32 or bf16 on cpu")
-        if ONOFF[rep] and (mode == "train" or not has_reparameterization(model)):
+        if ONOFF[rep] and (mode == "train" or not has_reparameterization(split_model(model)[0])):
             continue  # a folded model cannot train; a model without a fold would repeat its plain row
-        if ONOFF[comp] and args.compiled_models is not None:
-            wanted = _split(args.compiled_models)
-            if model not in wanted and f"{model}:{mode}" not in wanted:
-                continue
-        specs.append(RowSpec(model, mode, dtype, ONOFF[cl], ONOFF[comp], ONOFF[rep]))
+        if not ONOFF[comp]:
+            if _wanted(args.eager_models, model, mode):
+                specs.append(RowSpec(model, mode, dtype, ONOFF[cl], False, ONOFF[rep]))
+            continue
+        for cmode in compile_modes:
+            if _wanted(args.compiled_models, model, mode, cmode):
+                specs.append(RowSpec(model, mode, dtype, ONOFF[cl], True, ONOFF[rep], cmode))
     return specs
 
 
@@ -211,8 +256,10 @@ def has_reparameterization(name: str) -> bool:
 def build_row(spec: RowSpec, args, device: torch.device) -> Row:
     """Model, optimizer and a fixed batch for one row; returns a closure running one step."""
     torch.manual_seed(0)
-    kwargs = {} if args.drop_path_rate is None else {"drop_path_rate": args.drop_path_rate}
-    model = timm.create_model(spec.model, num_classes=1000, **kwargs).to(device)
+    name, kwargs = split_model(spec.model)
+    if args.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = args.drop_path_rate
+    model = timm.create_model(name, num_classes=1000, **kwargs).to(device)
     fmt = torch.channels_last if spec.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
@@ -221,7 +268,8 @@ def build_row(spec: RowSpec, args, device: torch.device) -> Row:
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
     if spec.reparam:
         model = timm.utils.reparameterize_model(model.eval(), inplace=True)
-    fwd = torch.compile(model) if spec.compile else model
+    cmode = None if spec.compile_mode == "default" else spec.compile_mode
+    fwd = torch.compile(model, mode=cmode) if spec.compile else model
 
     if spec.mode == "train":
         model.train()
@@ -327,6 +375,7 @@ def _matches(base: str, row: RowSpec) -> RowSpec:
         channels_last=row.channels_last,
         compile=row.compile,
         reparam=row.reparam,
+        compile_mode=row.compile_mode,
     )
     for part in parts[1:]:
         if part in MODES:
@@ -339,10 +388,23 @@ def _matches(base: str, row: RowSpec) -> RowSpec:
             fields["compile"] = part == "compiled"
         elif part in ("reparam", "plain"):
             fields["reparam"] = part == "reparam"
+        elif part in COMPILE_MODES:
+            fields["compile"], fields["compile_mode"] = True, part
         else:
-            accepted = MODES + tuple(DTYPES) + ("cl", "nocl", "compiled", "eager", "reparam", "plain")
+            accepted = MODES + tuple(DTYPES) + ("cl", "nocl", "compiled", "eager", "reparam", "plain") + COMPILE_MODES
             raise SystemExit(f"bad baseline field {part!r} in {base!r}; accepted: {', '.join(accepted)}")
+    if not fields["compile"]:
+        fields["compile_mode"] = "default"
     return RowSpec(**fields)
+
+
+def find_baseline(rows: Dict[RowSpec, "Row"], base: str, spec: RowSpec):
+    """The row ``base`` names for ``spec``; a compile mode taken from the row that the baseline
+    model was not run in falls back to its default-mode compiled row."""
+    ref = rows.get(_matches(base, spec))
+    if ref is None and spec.compile_mode != "default" and not any(p in COMPILE_MODES for p in base.split(":")):
+        ref = rows.get(replace(_matches(base, spec), compile_mode="default"))
+    return ref
 
 
 def machine_line(args, device: torch.device) -> str:
@@ -397,17 +459,24 @@ def main(args) -> None:
         rows[spec] = build_row(spec, args, device)
     gmacs_by_model: Dict[str, float] = {}
     for row in rows.values():
-        key = row.spec.model
+        key, options = split_model(row.spec.model)
         if key not in gmacs_by_model:
-            gmacs_by_model[key] = count_gmacs(row.model, row.input)
+            # Options change the kernels, not the arithmetic: counted on the plain model.
+            model = row.model if not options else timm.create_model(key, num_classes=1000).to(device)
+            gmacs_by_model[key] = count_gmacs(model, row.input)
         row.gmacs = gmacs_by_model[key]
     if args.memory == "on" and device.type == "cpu":
         for row in rows.values():
             row.peak_mib = measure_memory_subprocess(row.spec, args)
     start_load = os.getloadavg()[0]
     for row in rows.values():
-        for _ in range(args.warmup):
+        for i in range(args.warmup):
+            t0 = time.perf_counter()
             row.step()
+            if i == 0:
+                _sync(device)
+                row.first_step_s = time.perf_counter() - t0
+                print(f"{row.spec.label}: first step {row.first_step_s:.1f} s", file=sys.stderr, flush=True)
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -448,7 +517,7 @@ def main(args) -> None:
     )
     print()
     bases = args.baseline
-    head = ["row", "img/s", "ms/step (median)", "ms/step (min)", "GMACs/img", "GMAC/s", "peak MiB"]
+    head = ["row", "img/s", "ms/step (median)", "ms/step (min)", "GMACs/img", "GMAC/s", "peak MiB", "first step s"]
     head += [f"x {b}" for b in bases]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
@@ -457,7 +526,7 @@ def main(args) -> None:
         med = statistics.median(row.times)
         ratios = []
         for b in bases:
-            ref = rows.get(_matches(b, spec))
+            ref = find_baseline(rows, b, spec)
             ratios.append(row.img_s / ref.img_s if ref else float("nan"))
         cells = [
             spec.label,
@@ -467,6 +536,7 @@ def main(args) -> None:
             f"{row.gmacs:.2f}",
             f"{row.gmacs * row.img_s:.1f}",
             f"{row.peak_mib:.0f}",
+            f"{row.first_step_s:.1f}",
         ] + ["-" if r != r else f"{r:.2f}" for r in ratios]
         print("| " + " | ".join(cells) + " |")
         results.append(
@@ -476,6 +546,8 @@ def main(args) -> None:
                 ms_step=med * 1e3,
                 gmacs=row.gmacs,
                 peak_mib=row.peak_mib,
+                first_step_s=row.first_step_s,
+                label=spec.label,
                 ratios=dict(zip(bases, ratios)),
                 times=row.times,
             )

@@ -54,6 +54,7 @@ def build_model(config) -> nn.Module:
         cfg=moat_cfg_from_config(config),
         num_classes=config.MODEL.NUM_CLASSES,
         drop_rate=config.MODEL.DROP_RATE,
+        fused_depthwise=config.MODEL.FUSED_DEPTHWISE,
     )
     if config.TRAIN.USE_CHECKPOINT:
         model.set_grad_checkpointing(True)

@@ -47,6 +47,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
 from .config import FIELD_NAMES, MOAT_CFGS, MoatCfg, resolve_cfg
+from .fast_paths import FLEX_MIN_TOKENS, flex_attention_padded_bias, use_linear_1x1
+from .fused_depthwise import dwconv_bn_gelu
 
 __all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "checkpoint_filter_fn", "create_moat", "list_variants"]
 
@@ -210,6 +212,8 @@ class MBConvBlock(nn.Module):
 
     The shortcut of a strided block is a 'SAME' average pool followed by a 1x1 conv (bias) only
     when the channel count changes. ``se_ratio`` 0 drops the squeeze-excite (MOAT blocks).
+    ``fused_depthwise`` (``MOAT.set_fast_paths``) runs depthwise -> norm -> act through the fused
+    kernels of ``models/fused_depthwise.py`` on CUDA in training mode.
     """
 
     def __init__(
@@ -227,6 +231,7 @@ class MBConvBlock(nn.Module):
         se_act_layer: Callable[[], nn.Module] = nn.SiLU,
     ) -> None:
         super().__init__()
+        self.fused_depthwise = False  # an instance attribute: TorchScript sees no class attributes
         mid_chs = int(out_chs * expand_ratio)
         if stride > 1:
             pool = AvgPool2dTFSame(pool_size, stride)
@@ -259,9 +264,18 @@ class MBConvBlock(nn.Module):
         shortcut = self.shortcut(x)
         x = self.conv1_1x1(self.pre_norm(x))
         x = self.act1(self.norm1(x))
-        x = self.act2(self.norm2(self.conv2_kxk(x)))
+        if self.fused_depthwise:
+            x = self._fused_depthwise(x)
+        else:
+            x = self.act2(self.norm2(self.conv2_kxk(x)))
         x = self.conv3_1x1(self.se(x))
         return self.drop_path(x) + shortcut
+
+    @torch.jit.unused
+    def _fused_depthwise(self, x):
+        # type: (Tensor) -> Tensor
+        # (A type comment: TorchScript cannot resolve postponed annotations of an unused method.)
+        return dwconv_bn_gelu(x, self.conv2_kxk, self.norm2, self.act2)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -433,6 +447,7 @@ class Attention(nn.Module):
     channels, with bias), scale ``head_dim^-0.5``, optional relative bias as an additive float
     mask, output projection with bias. ``fused_attn`` (default True) selects
     ``F.scaled_dot_product_attention``; the explicit path (softmax in float32) is the reference.
+    ``flex_attn`` (``MOAT.set_fast_paths``) runs CUDA tensors through FlexAttention instead.
     """
 
     def __init__(
@@ -449,6 +464,7 @@ class Attention(nn.Module):
         if window_size is not None and window_size <= 0:
             raise ValueError(f"window_size must be a positive int or None (global), got {window_size}")
         self.fused_attn = True
+        self.flex_attn = False
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
@@ -464,7 +480,9 @@ class Attention(nn.Module):
         Bw, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(Bw, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         bias = self.rel_pos(wh, ww, q.dtype) if self.rel_pos is not None else None
-        if self.fused_attn:
+        if self.flex_attn:
+            x = self._flex_attention(q, k, v, bias)
+        elif self.fused_attn:
             # A 4-D mask: torch's CPU flash kernel takes only 2-D / 4-D masks and silently falls
             # back to the (5x slower) math path for the 3-D one.
             mask = bias.unsqueeze(0) if bias is not None else None
@@ -473,6 +491,16 @@ class Attention(nn.Module):
             x = explicit_attention(q, k, v, bias, self.scale)
         x = self.proj(x.transpose(1, 2).reshape(Bw, N, C))
         return window_reverse(x, wh, ww, B, H, W)
+
+    @torch.jit.unused
+    def _flex_attention(self, q, k, v, bias):
+        # type: (Tensor, Tensor, Tensor, Optional[Tensor]) -> Tensor
+        # CUDA only (torch's CPU FlexAttention has no backward), and only windows of at least one
+        # whole kernel block: at 49 tokens FlexAttention measured 0.42x the efficient kernel.
+        if q.is_cuda and q.shape[-2] >= FLEX_MIN_TOKENS:
+            return flex_attention_padded_bias(q, k, v, bias, self.scale)
+        mask = bias.unsqueeze(0) if bias is not None else None
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
 
 
 def explicit_attention(
@@ -597,6 +625,8 @@ class MOAT(nn.Module):
         global_pool: 'avg' (the official head) or '' (no pooling).
         device, dtype: where and in which dtype to create the parameters (``device='meta'``
             allocates nothing), as every timm model takes them.
+        fused_depthwise, flex_attention, linear_1x1: GPU speed options, off by default; see
+            :meth:`set_fast_paths`.
         **kwargs: :class:`~models.config.MoatCfg` fields that override ``cfg`` (``depths=``,
             ``dims=``, ``window_size=``, ``pool_size=``, ``bn_momentum=``, ``drop_path_rate=``,
             ...). ``drop_path_rate=None`` keeps the config's rate. ``window_size`` takes None / 0
@@ -613,6 +643,9 @@ class MOAT(nn.Module):
         global_pool: str = "avg",
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[torch.dtype] = None,
+        fused_depthwise: bool = False,
+        flex_attention: bool = False,
+        linear_1x1: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -628,6 +661,8 @@ class MOAT(nn.Module):
             self._build(cfg, num_classes, in_chans, drop_rate, global_pool)
         if dtype is not None:
             self.to(dtype=dtype)
+        if fused_depthwise or flex_attention or linear_1x1:
+            self.set_fast_paths(fused_depthwise, flex_attention, linear_1x1)
 
     def _build(self, cfg: MoatCfg, num_classes: int, in_chans: int, drop_rate: float, global_pool: str) -> None:
         self.cfg = cfg
@@ -748,6 +783,30 @@ class MOAT(nn.Module):
         return reparameterize_model(self, inplace=True)
 
     @torch.jit.ignore
+    def set_fast_paths(
+        self,
+        fused_depthwise: Optional[bool] = None,
+        flex_attention: Optional[bool] = None,
+        linear_1x1: Optional[bool] = None,
+    ) -> None:
+        """Switch the GPU speed options (None leaves one as it is); each computes the same
+        function as the default layers, to float rounding, and changes no parameter:
+
+        - ``fused_depthwise``: every MBConv's depthwise conv -> BatchNorm -> GELU through the
+          fused Triton kernels (``models/fused_depthwise.py``), for CUDA tensors in training mode;
+        - ``flex_attention``: attention through FlexAttention with a block-padded relative bias
+          (``models/fast_paths.py``), for CUDA tensors and windows of at least 128 tokens;
+        - ``linear_1x1``: every 1x1 convolution as a matrix product over the channel dim.
+        """
+        for m in self.modules():
+            if fused_depthwise is not None and isinstance(m, MBConvBlock):
+                m.fused_depthwise = fused_depthwise
+            if flex_attention is not None and isinstance(m, Attention):
+                m.flex_attn = flex_attention
+        if linear_1x1 is not None:
+            use_linear_1x1(self, linear_1x1)
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
         for stage in self.stages:
@@ -838,7 +897,7 @@ class MOAT(nn.Module):
         return take_indices
 
 
-_MOAT_ARGS = "num_classes, in_chans, drop_rate, global_pool, device, dtype"
+_MOAT_ARGS = "num_classes, in_chans, drop_rate, global_pool, device, dtype, fused_depthwise, flex_attention, linear_1x1"
 
 
 # torch.fx records the check as one call (it branches on the input shape); TorchScript compiles it.

@@ -1,6 +1,7 @@
 """Fast checks of what the benchmark scripts compute besides timings: the roofline's FLOP and
-byte counts, the throughput table's row selection, how the GPU suite reads trainer logs, and that
-the pad-free depthwise variant computes the model's function."""
+byte counts, the throughput table's row selection (model options, compile modes, baselines), how
+the GPU suite reads trainer logs, floors and lever tables, and that the pad-free depthwise
+variant computes the model's function."""
 
 from __future__ import annotations
 
@@ -79,3 +80,84 @@ def test_zero_bordered_4x4_kernel_is_tf_same_stride_2_with_its_gradients():
             grads.append((out.detach(), x.grad.clone(), w.grad.clone()))
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_model_options_and_compile_modes_make_their_own_rows_and_baselines():
+    compiled = "tiny_moat_0,tiny_moat_0:train:max-autotune,tiny_moat_0+linear_1x1"
+    specs = _specs("--models", "tiny_moat_0,tiny_moat_0+linear_1x1", "--modes", "train", "--compile", "off,on",
+                   "--compile-mode", "default,max-autotune", "--eager-models", "tiny_moat_0",
+                   "--compiled-models", compiled)  # fmt: skip
+    labels = sorted(s.label for s in specs)
+    assert labels == [
+        "tiny_moat_0 train fp32",
+        "tiny_moat_0 train fp32 compiled",
+        "tiny_moat_0 train fp32 compiled max-autotune",
+        "tiny_moat_0+linear_1x1 train fp32 compiled",
+    ]
+    assert model_throughput.split_model("moat_0+fused_depthwise+linear_1x1") == (
+        "moat_0",
+        {"fused_depthwise": True, "linear_1x1": True},
+    )
+    rows = {s: s for s in specs}
+    autotuned = next(s for s in specs if s.compile_mode == "max-autotune")
+    # Omitted fields come from the row; a compile mode the baseline model lacks falls back to default.
+    assert model_throughput.find_baseline(rows, "tiny_moat_0", autotuned) is autotuned
+    plain = model_throughput.find_baseline(rows, "tiny_moat_0:compiled:default", autotuned)
+    assert plain.compile and plain.compile_mode == "default" and plain.model == "tiny_moat_0"
+    option = next(s for s in specs if s.model == "tiny_moat_0+linear_1x1")
+    assert model_throughput.find_baseline(rows, "tiny_moat_0:eager", option).compile is False
+
+
+def _row(model, compile_, img_s, mode="default", peak=1000.0, first=60.0):
+    label = f"{model} train bf16 CL" + (" compiled" if compile_ else "") + (f" {mode}" if mode != "default" else "")
+    return dict(model=model, mode="train", compile=compile_, compile_mode=mode, img_s=img_s, peak_mib=peak,
+                first_step_s=first, label=label, ms_step=128 / img_s * 1e3)  # fmt: skip
+
+
+def test_lever_decisions_compare_within_one_run():
+    rows = [
+        _row("coatnet_0_rw_224", False, 1800.0),
+        _row("coatnet_0_rw_224", True, 2400.0),
+        _row("moat_0", True, 1600.0),
+        _row("moat_0+fused_depthwise", True, 1700.0, peak=900.0),
+        _row("moat_0+flex_attention", True, 1610.0),
+        _row("moat_0", True, 1650.0, mode="max-autotune-no-cudagraphs", first=300.0),
+        _row("moat_0+linear_1x1", True, 1600.0, mode="max-autotune-no-cudagraphs"),
+    ]
+    lines = gpu_suite.lever_decisions(rows, "moat_0", "coatnet_0_rw_224")
+    assert lines[0].startswith("- moat_0 compiled / coatnet_0_rw_224 eager: 0.89x")
+    assert lines[1].startswith("- moat_0 compiled / coatnet_0_rw_224 compiled: 0.67x")
+    by_row = {line.split(":")[0][2:]: line for line in lines[2:]}
+    assert (
+        "1.062x moat_0 train bf16 CL compiled, peak memory 0.90x"
+        in by_row["moat_0+fused_depthwise train bf16 CL compiled"]
+    )
+    assert by_row["moat_0+fused_depthwise train bf16 CL compiled"].endswith("ON (gains)")
+    assert by_row["moat_0+flex_attention train bf16 CL compiled"].endswith("off (no gain beyond noise)")
+    # An option under another compile mode is compared with the plain row of that mode.
+    linear = by_row["moat_0+linear_1x1 train bf16 CL compiled max-autotune-no-cudagraphs"]
+    assert "0.970x moat_0 train bf16 CL compiled max-autotune-no-cudagraphs" in linear
+    assert "first step 300 s vs 60 s" in by_row["moat_0 train bf16 CL compiled max-autotune-no-cudagraphs"]
+
+
+def test_floor_table_divides_each_row_by_its_models_floor():
+    floors = {("moat_0", "train"): 20.0}
+    rows = [_row("moat_0", True, 1600.0), _row("coatnet_0_rw_224", True, 2400.0)]
+    lines = gpu_suite.floor_table(rows, floors)
+    assert lines[2] == "| moat_0 train bf16 CL compiled | 80.0 | 20.00 | 4.0 |" and len(lines) == 3
+    # The floor of a training step is three forward floors, options do not change it.
+    one = gpu_suite.floor_ms("tiny_moat_0+fused_depthwise", "infer", 8, 64, 2, 3.0)
+    assert gpu_suite.floor_ms("tiny_moat_0", "train", 8, 64, 2, 3.0) == 3 * one > 0
+
+
+def test_fused_kernel_check_compares_each_shape_with_the_modules():
+    head = "| shape | variant | ms fwd+bwd | x modules | x floor | rel. error out | dx | dw | d gamma | d beta |"
+    ok_rows = [
+        "| 8x9s1 | modules | 1.0 | 1.00 | 3.0 | 2.0e-03 | 3.0e-03 | 4.0e-03 | 3.0e-03 | 2.0e-03 |",
+        "| 8x9s1 | fused | 0.5 | 2.00 | 1.5 | 3.0e-03 | 6.0e-03 | 8.0e-03 | 4.0e-03 | 2.0e-03 |",
+    ]
+    assert gpu_suite.fused_kernel_check("\n".join([head, *ok_rows]))[0]
+    bad = ok_rows[1].replace("6.0e-03", "2.0e-02")
+    assert not gpu_suite.fused_kernel_check("\n".join([head, ok_rows[0], bad]))[0]
+    failed = "| 8x9s1 | fused | failed: no CUDA | | | | | | | |"
+    assert not gpu_suite.fused_kernel_check("\n".join([head, ok_rows[0], failed]))[0]

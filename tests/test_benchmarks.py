@@ -101,21 +101,25 @@ def test_profile_model_prints_the_op_table_of_a_folded_model():
 
 
 def test_gpu_suite_runs_every_step_on_the_cpu_at_toy_sizes_and_ends_with_its_summary(tmp_path):
-    """The one-shot GPU script's plumbing (trainer runs, resume, eval, fp16, throughput table,
-    profile, summary), so a lent GPU's minutes are not lost to a typo. Compiling is tested
-    elsewhere and takes minutes on a CPU."""
+    """The one-shot GPU script's plumbing (fused kernels through Triton's interpreter, lever
+    table, trainer runs, resume, eval, fp16, throughput table, profile, summary with floors and
+    decisions), so a lent GPU's minutes are not lost to a typo. Compiling is tested elsewhere
+    and takes minutes on a CPU."""
     summary = tmp_path / "summary.json"
-    skip = "train --compile,profile moat_0 train compiled"
-    _run("benchmarks/gpu_suite.py", "--device", "cpu", "--quick", "--workers", "1", "--skip", skip,
-         "--json", str(summary))  # fmt: skip
+    skip = "train --compile,profile moat_0 train compiled,lever 1: max-autotune"
+    out = _run("benchmarks/gpu_suite.py", "--device", "cpu", "--quick", "--workers", "1", "--skip", skip,
+               "--json", str(summary))  # fmt: skip
     import json
 
     steps = {s["name"]: s for s in json.loads(summary.read_text())}
-    compiling = ("train --compile", "profile moat_0 train compiled")
+    compiling = ("train --compile", "profile moat_0 train compiled", "lever 1: max-autotune")
     assert all(steps[name]["status"] == "skipped" for name in compiling)
     assert all(s["status"] == "ok" for name, s in steps.items() if name not in compiling), steps
     assert steps["resume to epoch 2"]["result"] == "auto-resumed after epoch 0"
     assert "x the model-only train row" in steps["train bf16 (amp auto)"]["result"]
+    assert steps["fused depthwise kernels"]["result"].startswith("fused errors at")
+    assert "Distance from the byte floor" in out and "| tiny_moat_0+fused_depthwise train fp32 CL |" in out
+    assert "Targets and lever decisions" in out and "- fused depthwise numerics on this card:" in out
 
 
 def test_loader_throughput_prints_a_row_per_format_and_worker_count():
