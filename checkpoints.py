@@ -36,6 +36,7 @@ from yacs.config import CfgNode
 
 from config import config_from_dict, config_to_dict
 from models import MoatCfg, create_moat, list_variants, moat_cfg_from_config, resolve_cfg
+from models.moat import strip_wrapper_prefixes
 from utils.checkpoint_io import BEST, LAST, PickledObjectsError, load_file, load_model_weights
 from utils.errors import UserError
 
@@ -193,7 +194,7 @@ def read_checkpoint(path: str, variant: Optional[str] = None, mmap: bool = False
 def _read_torch_file(path: str, obj: Dict[str, Any]) -> CheckpointRecord:
     state_dicts = {"model": _state_dict(obj, path)}
     if isinstance(obj.get("model_ema"), dict):
-        state_dicts["ema"] = _strip_prefixes(obj["model_ema"])
+        state_dicts["ema"] = strip_wrapper_prefixes(obj["model_ema"])
     saved = obj.get("config") if isinstance(obj.get("config"), dict) else None
     provenance = obj.get("converted_from") if isinstance(obj.get("converted_from"), dict) else None
     resumable = "optimizer" in obj and "epoch" in obj
@@ -264,7 +265,7 @@ def _read_safetensors(path: str, tensors: Dict[str, torch.Tensor]) -> Checkpoint
         kind="export",
         format_version=int(metadata.get(META_FORMAT, "1") or 1),
         model_name=variant,
-        state_dicts={"model": _strip_prefixes(tensors)},
+        state_dicts={"model": strip_wrapper_prefixes(tensors)},
         class_names=_json_field(metadata, META_CLASS_NAMES, path, None),
         model_cfg=_json_field(metadata, META_MODEL_CFG, path, None),
         preprocessing=preprocessing,
@@ -302,18 +303,7 @@ def _state_dict(obj: Dict[str, Any], path: str) -> Dict[str, torch.Tensor]:
         sd = obj
     if not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise UserError(f"{path}: not a model checkpoint (no 'model' state dict of tensors inside)")
-    return _strip_prefixes(sd)
-
-
-def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Without the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
-    return out
+    return strip_wrapper_prefixes(sd)
 
 
 def _json_field(metadata: Dict[str, str], key: str, path: str, default: Any) -> Any:

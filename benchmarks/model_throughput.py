@@ -48,12 +48,12 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm
 
 import models  # noqa: F401 (registers the MOAT variants with timm)
+from benchmarks.timing import train_step
 
 MODES = ("train", "infer")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -275,13 +275,7 @@ def build_row(spec: RowSpec, args, device: torch.device) -> Row:
         model.train()
         opt_kwargs = {"fused": True} if args.adamw == "fused" else {"foreach": args.adamw == "foreach"}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **opt_kwargs)
-
-        def step() -> None:
-            with autocast():
-                loss = F.cross_entropy(fwd(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = train_step(fwd, opt, x, y, autocast)
     else:
         model.eval()
 

@@ -19,13 +19,13 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm
 
 import models  # noqa: F401 (registers the MOAT variants with timm)
+from benchmarks.timing import train_step
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,13 +59,7 @@ def main(argv=None) -> None:
         model.train()
         fwd = torch.compile(model) if args.compile else model
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-
-        def step() -> None:
-            with autocast():
-                loss = F.cross_entropy(fwd(x), y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        step = train_step(fwd, opt, x, y, autocast)
     else:
         model.eval()
         if args.reparam:

@@ -1,12 +1,14 @@
-"""Median time of a callable on CPU or CUDA, shared by the kernel-level benchmarks."""
+"""Timing helpers shared by the benchmarks: the median time of a callable on CPU or CUDA, and
+one training step of a model as a callable."""
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 
 
 def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
@@ -28,3 +30,22 @@ def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int 
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def train_step(
+    fwd: Callable[[torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Callable[[], ContextManager],
+) -> Callable[[], None]:
+    """One optimizer step of a classifier on ``(x, y)`` (cross-entropy), as a callable to time."""
+
+    def step() -> None:
+        with autocast():
+            loss = F.cross_entropy(fwd(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step

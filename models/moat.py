@@ -1013,6 +1013,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         if isinstance(state_dict.get(key), dict):
             state_dict = state_dict[key]
             break
+    return strip_wrapper_prefixes(state_dict)
+
+
+def strip_wrapper_prefixes(state_dict: Dict[str, Any]) -> Dict[str, Any]:
+    """``state_dict`` without the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
     out = {}
     for k, v in state_dict.items():
         for prefix in ("module.", "_orig_mod."):
