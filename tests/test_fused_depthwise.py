@@ -297,12 +297,29 @@ def moat_depthwise_shapes():
     return sorted(shapes)
 
 
+def bf16_shapes(shapes):
+    """One shape per (map size, stride) of ``shapes``, the one with the fewest channels, plus the
+    most channels at the smallest map: every way the pixel tiles and the TF-SAME padding fall,
+    and the longest channel tiling, at a tenth of the full sweep's element count."""
+    chosen = {}
+    for c, size, stride, k in shapes:
+        chosen.setdefault((size, stride), (c, size, stride, k))
+    widest = max(shapes, key=lambda s: (s[0], -s[1]))
+    return sorted(set(chosen.values()) | {widest})
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_depthwise_shape_of_every_variant_at_batch_1(monkeypatch, dtype):
+    """fp32: every shape; bf16 (the same arithmetic, other loads and stores): ``bf16_shapes``."""
     monkeypatch.setattr(fd, "_block_c", lambda c: min(256, triton.next_power_of_2(c)))
     shapes = moat_depthwise_shapes()
     assert len(shapes) == 96 and (384, 112, 2, 3) in shapes and (8192, 7, 1, 3) in shapes
+    if dtype == torch.bfloat16:
+        shapes = bf16_shapes(shapes)
+        assert (8192, 7, 1, 3) in shapes and {(s[1], s[2]) for s in shapes} == {
+            (s[1], s[2]) for s in moat_depthwise_shapes()
+        }
     for c, size, stride, k in shapes:
         out_pixels = math.ceil(size / stride) ** 2
         monkeypatch.setattr(fd, "_BLOCK_P", min(1024, triton.next_power_of_2(out_pixels)))
