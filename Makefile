@@ -42,10 +42,12 @@ dataset-package:
 demo: setup dataset-package
 	$(PY) tools/demo_fashion_mnist.py --python $(PY)
 
-# The test suite, exactly as CI runs it (`pytest -m "not slow"` is the fast tier for everyday work).
+# The test suite, exactly as CI runs it (`pytest -m "not slow"` is the fast tier for everyday work),
+# in TEST_JOBS processes (pytest-xdist): most tests use one core, so two halve the time on 2 cores.
+TEST_JOBS ?= 2
 test: setup dataset-package
 	@$(PY) $(SHOW_VERSIONS)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider -n $(TEST_JOBS)
 
 # ruff lint and format check (settings in pyproject.toml); `ruff format .` fixes the formatting.
 lint: setup
@@ -55,7 +57,7 @@ lint: setup
 # The fast tier of the suite on the oldest supported versions (what .ci/run runs second).
 test-floors: setup-floors dataset-package
 	@$(PY_FLOORS) $(SHOW_VERSIONS)
-	$(PY_FLOORS) -m pytest tests -q -p no:cacheprovider -m "not slow"
+	$(PY_FLOORS) -m pytest tests -q -p no:cacheprovider -m "not slow" -n $(TEST_JOBS)
 
 clean-demo:
 	rm -rf output/demo data_cache
