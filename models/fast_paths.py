@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["Conv1x1AsLinear", "FLEX_BLOCK", "FLEX_MIN_TOKENS", "flex_attention_padded_bias", "use_linear_1x1"]
+__all__ = [
+    "Conv1x1AsLinear",
+    "FLEX_BLOCK",
+    "FLEX_MIN_TOKENS",
+    "flex_attention_padded_bias",
+    "flex_available",
+    "use_linear_1x1",
+]
 
 
 class Conv1x1AsLinear(nn.Conv2d):
@@ -63,6 +70,15 @@ FLEX_BLOCK = 128
 # than the efficient kernel (0.42x at 49 tokens, 1.55x at 196; H100, torch 2.11).
 FLEX_MIN_TOKENS = FLEX_BLOCK
 _compiled_flex: Optional[Callable] = None
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _flex() -> Callable:

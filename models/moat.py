@@ -47,7 +47,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.utils.checkpoint import checkpoint
 
 from .config import FIELD_NAMES, MOAT_CFGS, MoatCfg, resolve_cfg
-from .fast_paths import FLEX_MIN_TOKENS, flex_attention_padded_bias, use_linear_1x1
+from .fast_paths import FLEX_MIN_TOKENS, flex_attention_padded_bias, flex_available, use_linear_1x1
 from .fused_depthwise import dwconv_bn_gelu
 
 __all__ = ["MOAT", "MoatCfg", "MOAT_CFGS", "checkpoint_filter_fn", "create_moat", "list_variants"]
@@ -798,6 +798,10 @@ class MOAT(nn.Module):
           (``models/fast_paths.py``), for CUDA tensors and windows of at least 128 tokens;
         - ``linear_1x1``: every 1x1 convolution as a matrix product over the channel dim.
         """
+        if flex_attention and not flex_available():
+            raise ValueError(
+                f"flex_attention needs FlexAttention, which torch {torch.__version__} lacks (torch >= 2.5)"
+            )
         for m in self.modules():
             if fused_depthwise is not None and isinstance(m, MBConvBlock):
                 m.fused_depthwise = fused_depthwise

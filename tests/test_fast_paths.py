@@ -19,6 +19,10 @@ import torch.nn.functional as F
 from models import fast_paths
 from models.moat import MOAT, Attention, MoatCfg, explicit_attention
 
+needs_flex = pytest.mark.skipif(
+    not fast_paths.flex_available(), reason=f"torch {torch.__version__} has no FlexAttention"
+)
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
@@ -98,6 +102,7 @@ def _qkvb(batch: int, heads: int, n: int, dim: int = 32, seed: int = 0, grad: bo
     return q, k, v, bias
 
 
+@needs_flex
 @pytest.mark.parametrize("n", [49, 196])
 def test_flex_with_padded_bias_gradients_equal_the_reference_through_the_eager_path(monkeypatch, n):
     """FlexAttention's own eager implementation (a dense computation that calls the score_mod
@@ -121,6 +126,7 @@ def test_flex_with_padded_bias_gradients_equal_the_reference_through_the_eager_p
         assert rel(a, t.grad) < 1e-5
 
 
+@needs_flex
 def test_flex_forward_traces_without_graph_breaks_and_matches_on_the_cpu():
     q, k, v, bias = _qkvb(2, 3, 49)
     torch._dynamo.reset()
@@ -141,6 +147,7 @@ def test_attention_flag_leaves_cpu_tensors_on_sdpa():
 
 
 @pytest.mark.slow
+@needs_flex
 def test_flex_forward_compiled_for_the_cpu_matches():
     """torch's CPU FlexAttention kernel (inductor C++, inference only), 49 and 196 tokens."""
     torch._dynamo.reset()
@@ -153,6 +160,7 @@ def test_flex_forward_compiled_for_the_cpu_matches():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's Triton kernels need a GPU")
+@needs_flex
 @pytest.mark.parametrize("n", [49, 196])
 def test_flex_with_padded_bias_matches_the_efficient_kernel_on_cuda(n):
     """The Triton kernels: output and every gradient, bias included, against SDPA's efficient
@@ -176,3 +184,10 @@ def test_flex_with_padded_bias_matches_the_efficient_kernel_on_cuda(n):
         results[name] = [rel(out, truth)] + [rel(t.grad, r.grad) for t, r in zip(leaves, truth_in)]
     for f, e in zip(results["flex"], results["efficient"]):
         assert f <= 2 * e + 1e-3, results
+
+
+def test_asking_for_flex_attention_without_it_is_one_line(monkeypatch):
+    monkeypatch.setattr("models.moat.flex_available", lambda: False)
+    model = MOAT(MoatCfg(stem_dims=(8,), depths=(1, 1), dims=(16, 32), stage_types=("mbconv", "moat")))
+    with pytest.raises(ValueError, match=r"flex_attention needs FlexAttention, which torch .* lacks"):
+        model.set_fast_paths(flex_attention=True)
