@@ -34,7 +34,7 @@ from reports.eval_reports import (
 from utils import UserError
 from utils.checkpoint_io import load_model_weights
 from utils.class_subset import ClassSubset, match_classes, present_labels
-from utils.distributed import DistInfo
+from utils.distributed import DistInfo, on_every_rank
 from utils.metrics import ConfusionMatrix
 
 
@@ -55,11 +55,13 @@ def run_eval(
     A val set with fewer classes than the model is scored on its own classes, matched by name
     to the checkpoint's (``utils.class_subset``).
     """
-    record = checkpoint_to_evaluate(config, output_dir, logger)
+    # Every rank reads the same checkpoint: an error they all meet is reported once.
+    record = on_every_rank(lambda: checkpoint_to_evaluate(config, output_dir, logger), info)
     source = record.path
     config = with_checkpoint_preprocessing(config, record, logger)
-    config = with_checkpoint_classes(config, record, logger)
-    loaders = build_loader(config, info, with_train=False)
+    config = on_every_rank(lambda: with_checkpoint_classes(config, record, logger), info)
+    # Every rank reads the same folder: a data error they all meet is reported once.
+    loaders = on_every_rank(lambda: build_loader(config, info, with_train=False), info)
     dataset_val, loader_val = loaders.val_dataset, loaders.val
     model = build_model_for(config, record).to(info.device, memory_format=feed.memory_format)
     n_params = sum(p.numel() for p in model.parameters())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -208,6 +209,11 @@ def run(
             code = _run_in_folder(config, mode, info, output_dir, eval_sizes or EvalSizes(), notes)
         clean = True
         return code
+    except MoatError as e:
+        # A failure every rank agreed on (``on_every_rank``) leaves them all at the same point: they
+        # leave the group as on success, so none aborts in the middle of the others' teardown.
+        clean = getattr(e, "agreed_by_every_rank", False)
+        raise
     except RuntimeError as e:
         if info.distributed and is_peer_failure(e):
             logging.getLogger(f"moat.rank{info.rank}").error(f"stopped: a collective failed ({str(e)[:300]})")
@@ -264,7 +270,8 @@ def _run_in_folder(
 
     if mode == "eval":
         return run_eval(config, info, logger, output_dir, eval_sizes, feed, precision)
-    loaders = build_loader(config, info)
+    # Every rank reads the same folders: a data error they all meet is reported once.
+    loaders = on_every_rank(lambda: build_loader(config, info), info)
     model = build_model(config).to(info.device, memory_format=feed.memory_format)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -401,4 +408,9 @@ def choose_resume(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # An error's traceback can keep a process group (or a DDP model holding one) alive in a
+    # reference cycle; freed during interpreter shutdown, gloo may abort the process with
+    # "terminate called without an active exception". Free it now, while the interpreter is whole.
+    gc.collect()
+    sys.exit(code)

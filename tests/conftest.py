@@ -21,6 +21,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 # Without a GPU, Triton kernels (models/fused_depthwise.py) run on CPU tensors through Triton's
 # interpreter; triton reads this when it is first imported (timm imports it), so it is set here.
@@ -238,9 +239,11 @@ def free_port() -> int:
 
 def launch_ranks(args, world_size: int = 2, **popen) -> list:
     """``world_size`` ``main.py`` processes set up as ``torchrun`` sets up its workers (rank
-    variables in the environment, each in a session and process group of its own), without the
-    agent in between, so a test can signal each process and read each exit status."""
-    port = free_port()
+    variables in the environment, each in a session and process group of its own, the
+    rendezvous store served by the launching process as torchrun's agent serves it), without
+    the agent in between, so a test can signal each process and read each exit status."""
+    # torchrun's agent hosts the rendezvous store and its workers are only clients of it.
+    store = dist.TCPStore("127.0.0.1", 0, world_size=None, is_master=True, wait_for_workers=False)
     procs = []
     for rank in range(world_size):
         env = cli_env(
@@ -249,20 +252,21 @@ def launch_ranks(args, world_size: int = 2, **popen) -> list:
             WORLD_SIZE=str(world_size),
             LOCAL_WORLD_SIZE=str(world_size),
             MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
+            MASTER_PORT=str(store.port),
+            TORCHELASTIC_USE_AGENT_STORE="True",
         )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "main.py", *map(str, args)],
-                cwd=REPO,
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-                **popen,
-            )
+        proc = subprocess.Popen(
+            [sys.executable, "main.py", *map(str, args)],
+            cwd=REPO,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            **popen,
         )
+        proc.agent_store = store  # served as long as the processes are referenced
+        procs.append(proc)
     return procs
 
 

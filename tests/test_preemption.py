@@ -189,6 +189,39 @@ def test_a_failing_rank_reports_one_line_and_the_other_rank_leaves_without_a_tra
     assert reported[0].startswith(f"error: unreadable image {bad}")
 
 
+def _one_line_from_one_rank(args) -> str:
+    errors = []
+    for p in launch_ranks(args):
+        _, err = p.communicate(timeout=180)
+        assert p.returncode != 0 and "Traceback" not in err, err[-3000:]
+        errors.append(err.strip())
+    reported = [e for e in errors if e]
+    assert len(reported) == 1 and reported[0].count("\n") == 0, errors
+    return reported[0]
+
+
+def test_a_data_error_every_rank_meets_is_reported_once(image_tree, tiny_cfg, tmp_path):
+    """A class count that does not match the folders: both ranks find it, one line says so."""
+    cfg = tiny_cfg(MODEL={"NUM_CLASSES": 5}, TRAIN={"EPOCHS": 1})
+    line = _one_line_from_one_rank(["--cfg", cfg, "--data-path", image_tree, "--output", tmp_path / "out"])
+    assert line.startswith("error: found 3 class folders"), line
+
+
+def test_eval_errors_every_rank_meets_are_reported_once(reference_run, image_tree, tiny_cfg, tmp_path):
+    """``--eval`` under torchrun: a missing checkpoint, then a data folder without a val split."""
+    cfg = tiny_cfg()
+    base = ["--cfg", cfg, "--output", tmp_path / "out", "--eval"]
+    line = _one_line_from_one_rank(base + ["--data-path", image_tree, "--resume", tmp_path / "none.pth"])
+    assert line.startswith("error: checkpoint not found"), line
+    train_only = tmp_path / "train_only"
+    train_only.mkdir()
+    subprocess.run(["cp", "-r", os.path.join(image_tree, "train"), str(train_only)], check=True)
+    line = _one_line_from_one_rank(
+        base + ["--data-path", train_only, "--resume", os.path.join(reference_run, "last.pth")]
+    )
+    assert line.startswith("error: ") and "val" in line, line
+
+
 # --------------------------------------------------------------------------------- loader workers
 class _Numbers(torch.utils.data.Dataset):
     def __len__(self) -> int:

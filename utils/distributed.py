@@ -90,6 +90,7 @@ def teardown(info: DistInfo, clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+        info.control_group = None  # nothing may use (or keep alive) a destroyed group
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,9 +151,10 @@ def on_every_rank(action: Callable[[], T], info: DistInfo) -> T:
     first = next((rank for rank, failure in enumerate(failures) if failure is not None), None)
     if first is None:
         return result
-    if first == info.rank:
-        raise error
-    raise PeerFailedError(f"rank {first} failed ({failures[first][0]})", exit_code=failures[first][1])
+    name, code = failures[first]
+    agreed = error if first == info.rank else PeerFailedError(f"rank {first} failed ({name})", exit_code=code)
+    agreed.agreed_by_every_rank = True  # every rank stops here: they can still leave the group together
+    raise agreed
 
 
 def is_peer_failure(error: BaseException) -> bool:
