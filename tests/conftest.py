@@ -35,8 +35,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+import main as trainer_cli  # noqa: E402
+from config import get_config, with_values  # noqa: E402
+from data import build_loader  # noqa: E402
+from engine import Feed  # noqa: E402
+from logger import close_logger, create_logger  # noqa: E402
+from models import build_model  # noqa: E402
 from tools.make_shards import make_shards  # noqa: E402 (the repository is on sys.path from here)
 from tools.make_zip_dataset import make_zip_dataset  # noqa: E402
+from utils.amp import autocast_factory  # noqa: E402
+from utils.distributed import init_distributed  # noqa: E402
 
 CLASSES = ["red", "green", "blue"]
 COLORS = [(220, 40, 40), (40, 220, 40), (40, 40, 220)]
@@ -153,6 +161,32 @@ def tiny_cfg(tmp_path_factory):
         return path
 
     return write
+
+
+@pytest.fixture
+def trainer_parts(tiny_cfg, image_tree, tmp_path):
+    """``build(**config updates) -> (trainer, loaders, config)``: a single-process CPU trainer
+    assembled as ``main.py`` assembles it (TINY_CONFIG, one epoch, output in ``tmp_path``)."""
+    info = init_distributed("cpu")
+    built = []
+
+    def build(**updates):
+        args = trainer_cli.get_args_parser().parse_args(
+            ["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", image_tree, "--output", str(tmp_path)]
+        )
+        config = with_values(get_config(args), updates)
+        logger = create_logger(str(tmp_path / "logs"), 0, name="trainer_parts")
+        feed = Feed.of(config, info.device, autocast_factory(info.device, None))
+        loaders = build_loader(config, info)
+        model = build_model(config)
+        trainer = trainer_cli.build_trainer(config, info, logger, str(tmp_path), model, loaders, None, feed)
+        built.append(trainer)
+        return trainer, loaders, config
+
+    yield build
+    for trainer in built:
+        trainer.records.close()
+    close_logger("trainer_parts")
 
 
 def read_summary(run_dir) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The training story without the CLI: a ``Trainer`` built from its parts trains, saves a
+"""The training story without the CLI: a ``Trainer`` built from its trainer_parts trains, saves a
 checkpoint whose record says where it stopped, and restores it into a fresh trainer; ``run_eval``
 scores it directly."""
 
@@ -7,54 +7,25 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 import torch
 
-import main as trainer_cli
 from checkpoints import Position, read_checkpoint
-from config import get_config, with_values
-from data import build_loader
+from config import with_values
 from engine import Feed, ResumePoint
 from evaluation import EvalSizes, run_eval
-from logger import close_logger, create_logger
-from models import build_model
+from logger import create_logger
 from utils.amp import autocast_factory
 from utils.distributed import init_distributed
 
 
-@pytest.fixture
-def parts(tiny_cfg, image_tree, tmp_path):
-    """``build(**config updates) -> (trainer, loaders, config)`` for a single CPU process."""
-    info = init_distributed("cpu")
-    built = []
-
-    def build(**updates):
-        args = trainer_cli.get_args_parser().parse_args(
-            ["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", image_tree, "--output", str(tmp_path)]
-        )
-        config = with_values(get_config(args), updates)
-        logger = create_logger(str(tmp_path / "logs"), 0, name="test_engine")
-        feed = Feed.of(config, info.device, autocast_factory(info.device, None))
-        loaders = build_loader(config, info)
-        model = build_model(config)
-        trainer = trainer_cli.build_trainer(config, info, logger, str(tmp_path), model, loaders, None, feed)
-        built.append(trainer)
-        return trainer, loaders, config
-
-    yield build
-    for trainer in built:
-        trainer.records.close()
-    close_logger("test_engine")
-
-
-def test_a_trainer_built_from_its_parts_trains_saves_and_restores_its_position(parts, tmp_path):
-    trainer, loaders, _ = parts()
+def test_a_trainer_built_from_its_parts_trains_saves_and_restores_its_position(trainer_parts, tmp_path):
+    trainer, loaders, _ = trainer_parts()
     assert trainer.fit(loaders.train, loaders.val, ResumePoint(0)) == 0
     record = read_checkpoint(str(tmp_path / "last.pth"))
     assert record.position == Position(0, True, 24, 6)
     assert record.training["max_accuracy"] == trainer.progress.max_accuracy
 
-    fresh, _, _ = parts(**{"TRAIN.EPOCHS": 2})
+    fresh, _, _ = trainer_parts(**{"TRAIN.EPOCHS": 2})
     start = fresh.restore(record)
     assert (start.epoch, start.batch, fresh.progress.step) == (1, 0, 6)
     for name, value in fresh.model.state_dict().items():
@@ -62,8 +33,8 @@ def test_a_trainer_built_from_its_parts_trains_saves_and_restores_its_position(p
     assert fresh.optimizer.state_dict()["state"].keys() == trainer.optimizer.state_dict()["state"].keys()
 
 
-def test_state_dict_is_the_record_a_reader_sees(parts):
-    trainer, _, config = parts()
+def test_state_dict_is_the_record_a_reader_sees(trainer_parts):
+    trainer, _, config = trainer_parts()
     state = trainer.state_dict(epoch=0, batches_done=3, epoch_complete=False)
     assert state["data_order"] == {
         "seed": 0,
@@ -77,8 +48,8 @@ def test_state_dict_is_the_record_a_reader_sees(parts):
     assert state["model_cfg"] == trainer.model.cfg.to_dict() and state["class_names"] == ["blue", "green", "red"]
 
 
-def test_run_eval_scores_a_checkpoint_directly(parts, tmp_path):
-    trainer, loaders, config = parts()
+def test_run_eval_scores_a_checkpoint_directly(trainer_parts, tmp_path):
+    trainer, loaders, config = trainer_parts()
     trainer.fit(loaders.train, loaders.val, ResumePoint(0))
     info = init_distributed("cpu")
     config = with_values(config, {"MODEL.RESUME": str(tmp_path / "last.pth")})

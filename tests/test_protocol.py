@@ -17,7 +17,6 @@ import torch.nn as nn
 import yaml
 from test_data_formats import make_config
 
-import main as trainer_cli
 from checkpoints import load_pretrained, read_checkpoint, weights_checkpoint
 from config import RULES, config_from_dict, config_to_dict, get_config, run_config_changes, with_values
 from conftest import load_checkpoint, make_image_tree, read_log, read_summary
@@ -112,36 +111,10 @@ def test_the_tf_ramp_averages_the_weights_as_tensorflow_does():
     assert not torch.allclose(ema.module.fc.weight, model.fc.weight)
 
 
-@pytest.fixture
-def parts(tiny_cfg, image_tree, tmp_path):
-    """``build(**config updates) -> (trainer, loaders, config)``: a single-process CPU trainer."""
-    info = init_distributed("cpu")
-    built = []
-
-    def build(**updates):
-        args = trainer_cli.get_args_parser().parse_args(
-            ["--cfg", tiny_cfg(TRAIN={"EPOCHS": 1}), "--data-path", image_tree, "--output", str(tmp_path)]
-        )
-        config = with_values(get_config(args), updates)
-        logger = create_logger(str(tmp_path / "logs"), 0, name="test_protocol")
-        feed = Feed.of(config, info.device, autocast_factory(info.device, None))
-        loaders = build_loader(config, info)
-        trainer = trainer_cli.build_trainer(
-            config, info, logger, str(tmp_path), build_model(config), loaders, None, feed
-        )
-        built.append(trainer)
-        return trainer, loaders, config
-
-    yield build
-    for trainer in built:
-        trainer.records.close()
-    close_logger("test_protocol")
-
-
-def test_the_trainer_passes_the_update_count_the_tf_ramp_is_written_for(parts):
+def test_the_trainer_passes_the_update_count_the_tf_ramp_is_written_for(trainer_parts):
     """The EMA the trainer keeps after an epoch is TensorFlow's average of the weights after each
     of its 6 updates, from the weights the run started with."""
-    trainer, loaders, _ = parts(**{"TRAIN.EMA.DECAY": 0.99})
+    trainer, loaders, _ = trainer_parts(**{"TRAIN.EMA.DECAY": 0.99})
     assert trainer.config.TRAIN.EMA.RAMP == "tf"
     initial = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
     steps, states = [], []
@@ -179,8 +152,8 @@ def test_a_run_reports_the_last_epochs_ema_top1_and_still_writes_best(reference_
     assert load_checkpoint(os.path.join(reference_run, "best.pth"))["epoch"] == best_epoch
 
 
-def test_the_best_mode_reports_the_best_epoch_and_the_model_weights_when_asked(parts):
-    trainer, loaders, _ = parts(**{"TRAIN.REPORT.CHECKPOINT": "best", "TRAIN.REPORT.WEIGHTS": "model"})
+def test_the_best_mode_reports_the_best_epoch_and_the_model_weights_when_asked(trainer_parts):
+    trainer, loaders, _ = trainer_parts(**{"TRAIN.REPORT.CHECKPOINT": "best", "TRAIN.REPORT.WEIGHTS": "model"})
     trainer.fit(loaders.train, loaders.val, ResumePoint(0))
     (row,) = read_summary(trainer.saver.output_dir)
     assert float(row["reported_top1"]) == float(row["max_accuracy"]) == float(row["val_top1"])
@@ -191,8 +164,8 @@ def test_the_best_mode_reports_the_best_epoch_and_the_model_weights_when_asked(p
     )
 
 
-def test_without_an_ema_the_reported_weights_are_the_models(parts):
-    trainer, _, _ = parts(**{"TRAIN.EMA.ENABLE": False})
+def test_without_an_ema_the_reported_weights_are_the_models(trainer_parts):
+    trainer, _, _ = trainer_parts(**{"TRAIN.EMA.ENABLE": False})
     assert trainer.config.TRAIN.REPORT.WEIGHTS == "ema" and trainer.report_weights == "model"
 
 
