@@ -288,6 +288,7 @@ def launch_ranks(args, world_size: int = 2, **popen) -> list:
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(store.port),
             TORCHELASTIC_USE_AGENT_STORE="True",
+            TORCHELASTIC_RESTART_COUNT="0",  # older torch reads it in this mode, as torchrun sets it
         )
         proc = subprocess.Popen(
             [sys.executable, "main.py", *map(str, args)],
