@@ -18,7 +18,7 @@ efficient kernel and FlexAttention (unpadded and block-padded bias, the bias gra
 the levers table: MOAT-0 and CoAtNet-0 training, eager and compiled, and MOAT-0 compiled with each
 lever (fused depthwise, FlexAttention, 1x1 convs as linear), interleaved in one run; lever 1:
 MOAT-0 compiled with ``max-autotune-no-cudagraphs`` and ``max-autotune`` (compile time measured)
-and the 1x1-as-linear variant under autotuning; then the previous round's checks: ``main.py`` on a
+and the 1x1-as-linear variant under autotuning; then the standing checks: ``main.py`` on a
 synthetic folder of ImageNet-sized JPEGs with the shipped default recipe (MOAT-0 for an epoch
 with ``--amp auto`` and ``--sync-debug``, through ``torchrun`` with NCCL and SyncBatchNorm on 2+
 GPUs, and with ``--compile``, each giving the trainer's img/s); the model-only throughput table
@@ -381,7 +381,7 @@ class Suite:
         self.done(s, True, f"{classes} classes x {n_train} train / {n_val} val JPEGs of {size[0]}x{size[1]}")
 
     def throughput(self, s: Step, limit: float) -> None:
-        """The previous round's table (inference and the tiny models; MOAT-0/CoAtNet-0 training
+        """The model-only throughput table (inference and the tiny models; MOAT-0/CoAtNet-0 training
         is the levers table's)."""
         log, table_json = self.log("throughput"), os.path.join(self.work, "throughput.json")
         if self.quick:

@@ -34,6 +34,7 @@ def _interpreting() -> bool:
 
 
 if DEVICE.type == "cpu" and not _interpreting():
+    # reason: without a GPU the kernels run only through Triton's interpreter, set before triton's import
     pytest.skip(
         "no GPU and triton was imported without TRITON_INTERPRET=1 (tests/conftest.py sets it)",
         allow_module_level=True,

@@ -139,7 +139,8 @@ def test_two_processes_to_one_continues_the_epoch_at_the_next_sample(image_tree,
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-2000:]
     stopped = load_checkpoint(os.path.join(run_dir, "last.pth"))
-    if stopped["epoch_complete"]:  # reason: the signal landed at an epoch's end; nothing mid-epoch to test
+    if stopped["epoch_complete"]:
+        # reason: the signal landed at an epoch's end; nothing mid-epoch to test
         pytest.skip("the signal arrived at the end of an epoch")
     batches = stopped["batches_done"]
     resumed = run_cli(args)

@@ -55,7 +55,8 @@ def read_only_folder(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:  # reason: mounting needs root and a kernel that allows it
+    if mounted.returncode != 0:
+        # reason: mounting needs root and a kernel that allows it
         pytest.skip(f"cannot mount a read-only file system here: {mounted.stderr.decode().strip()}")
     yield folder
     subprocess.run(["umount", str(folder)], check=True)

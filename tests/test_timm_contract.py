@@ -125,6 +125,7 @@ def timm_test_file() -> str:
         return fetch_timm_tests(timm.__version__, cache_dir())
     except FetchError as e:
         if os.environ.get("MOAT_ALLOW_OFFLINE_SKIP") == "1":
+            # reason: the user opted out of fetching timm's tests (no network); otherwise this fails
             pytest.skip(f"timm's test_models.py not available offline (MOAT_ALLOW_OFFLINE_SKIP=1): {e}")
         pytest.fail(f"{e}; set MOAT_ALLOW_OFFLINE_SKIP=1 to skip timm's model tests without network")
 
