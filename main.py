@@ -212,7 +212,7 @@ def run(
     except MoatError as e:
         # A failure every rank agreed on (``on_every_rank``) leaves them all at the same point: they
         # leave the group as on success, so none aborts in the middle of the others' teardown.
-        clean = getattr(e, "agreed_by_every_rank", False)
+        clean = e.agreed_by_every_rank
         raise
     except RuntimeError as e:
         if info.distributed and is_peer_failure(e):

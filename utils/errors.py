@@ -25,6 +25,8 @@ class MoatError(Exception):
     """Base of the errors reported as one line; ``exit_code`` is the process's exit status."""
 
     exit_code = 2
+    # Set by ``utils.distributed.on_every_rank`` when every rank stops on this failure together.
+    agreed_by_every_rank = False
 
 
 class UserError(MoatError, ValueError):
